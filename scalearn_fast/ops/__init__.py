@@ -1,0 +1,16 @@
+"""Ops: the composition functional, its backends and input packing."""
+
+from .packing import PackedSources, pack_sources
+from .scaled_adapter_sum import (
+    scaled_adapter_sum,
+    scaled_adapter_sum_folded,
+    scaled_adapter_sum_packed,
+)
+
+__all__ = [
+    "PackedSources",
+    "pack_sources",
+    "scaled_adapter_sum",
+    "scaled_adapter_sum_folded",
+    "scaled_adapter_sum_packed",
+]
