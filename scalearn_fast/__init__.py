@@ -4,8 +4,17 @@ ScaLearn's composition of N frozen bottleneck adapters as two GEMMs (torch) or
 fused Triton kernels, behind autograd-aware ``torch.library`` custom ops.
 """
 
+from .layers import VARIANTS, ScaLearnLayer, init_omega
 from .ops import PackedSources, pack_sources, scaled_adapter_sum
 
 __version__ = "0.1.0"
 
-__all__ = ["PackedSources", "pack_sources", "scaled_adapter_sum", "__version__"]
+__all__ = [
+    "VARIANTS",
+    "PackedSources",
+    "ScaLearnLayer",
+    "__version__",
+    "init_omega",
+    "pack_sources",
+    "scaled_adapter_sum",
+]

@@ -34,7 +34,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}; got {backend!r}")
     if backend == "triton":
         if not triton_available():
-            raise ValueError("backend='triton' needs the triton package (pip install 'scalearn-fast[triton]')")
+            raise ValueError(
+                "backend='triton' needs the triton package (pip install 'scalearn-fast[triton]')"
+            )
         if device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
             raise ValueError(
                 f"backend='triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "

@@ -41,6 +41,19 @@ class PackedSources:
     def num_sources(self) -> int:
         return len(self.ranks)
 
+    def to(self, dtype: torch.dtype) -> PackedSources:
+        """The same sources in another dtype (mixed precision); differentiable."""
+        if self.w_down.dtype == dtype:
+            return self
+        return PackedSources(
+            self.w_down.to(dtype),
+            self.b_down.to(dtype),
+            self.w_up.to(dtype),
+            self.b_up.to(dtype),
+            self.source_index,
+            self.ranks,
+        )
+
     @property
     def hidden_size(self) -> int:
         return self.w_down.shape[1]
@@ -167,7 +180,7 @@ def check_inputs(
     if not isinstance(z, torch.Tensor):
         raise ValueError(f"z must be a tensor; got {type(z).__name__}")
     if z.dim() < 1:
-        raise ValueError(f"z must have shape [..., d]; got a 0-d tensor")
+        raise ValueError("z must have shape [..., d]; got a 0-d tensor")
     if not z.is_floating_point():
         raise ValueError(f"z must be a floating-point tensor; got dtype {z.dtype}")
     d = packed.hidden_size

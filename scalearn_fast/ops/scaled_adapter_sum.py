@@ -66,7 +66,9 @@ def _scaled_adapter_sum_backward_op(
 @_scaled_adapter_sum_backward_op.register_fake
 def _(grad_out, z, pre, w_down, w_up, b_up, omega, source_index, row_scale, activation, backend, needs):
     like = (z, w_down, w_down[:, 0], w_up, b_up, omega, row_scale)
-    return [t.new_empty(t.shape) if need else grad_out.new_empty(0) for t, need in zip(like, needs)]
+    return [
+        t.new_empty(t.shape) if need else grad_out.new_empty(0) for t, need in zip(like, needs, strict=True)
+    ]
 
 
 # positions of the differentiable inputs of the forward op, in backward-op order
@@ -94,7 +96,9 @@ def _backward(ctx, grad_out, _grad_pre):
         grad_out.contiguous(), z, pre, w_down, w_up, b_up, omega, source_index, row_scale,
         ctx.activation, ctx.backend, needs,
     )
-    d_z, d_wd, d_bd, d_wu, d_bu, d_omega, d_rs = (g if need else None for g, need in zip(grads, needs))
+    d_z, d_wd, d_bd, d_wu, d_bu, d_omega, d_rs = (
+        g if need else None for g, need in zip(grads, needs, strict=True)
+    )
     d_residual = grad_out if ctx.needs_input_grad[7] else None
     return d_z, d_wd, d_bd, d_wu, d_bu, d_omega, None, d_residual, d_rs, None, None, None
 

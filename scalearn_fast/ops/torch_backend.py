@@ -93,7 +93,6 @@ def backward(
     need_z, need_wd, need_bd, need_wu, need_bu, need_omega, need_rs = needs
     g = grad_out
     n = omega.shape[0]
-    empty = g.new_empty(0)
     u, _ = fold_omega(w_up, b_up, omega, source_index)
     act = activation_fn(activation, pre)
     scale_cols = None if row_scale is None else row_scale.index_select(1, source_index)
@@ -101,7 +100,7 @@ def backward(
     # sum over tokens of g, weighted per source by row_scale: [N, d]
     g_rows = g.sum(0, keepdim=True).expand(n, -1) if row_scale is None else row_scale.T @ g
 
-    d_z = d_wd = d_bd = d_wu = d_bu = d_omega = d_rs = empty
+    d_z = d_wd = d_bd = d_wu = d_bu = d_omega = d_rs = None
     if need_z or need_wd or need_bd or need_rs:
         g_u = g @ u  # [T, R]
         if need_rs:
@@ -130,4 +129,5 @@ def backward(
             d_wu = (m * omega.index_select(0, source_index)).T
     if need_bu:
         d_bu = omega * g_rows
-    return [d_z, d_wd, d_bd, d_wu, d_bu, d_omega, d_rs]
+    grads = [d_z, d_wd, d_bd, d_wu, d_bu, d_omega, d_rs]
+    return [g.new_empty(0) if t is None else t for t in grads]  # one fresh empty each: no aliasing
