@@ -135,9 +135,7 @@ class ScaLearnLayer(nn.Module):
         return self.w_down.shape[1]
 
     def packed(self) -> PackedSources:
-        return PackedSources(
-            self.w_down, self.b_down, self.w_up, self.b_up, self.source_index, self.ranks
-        )
+        return PackedSources(self.w_down, self.b_down, self.w_up, self.b_up, self.source_index, self.ranks)
 
     def effective_omega(self) -> torch.Tensor:
         """ω with dropout applied in training (each call draws its own mask)."""

@@ -129,9 +129,7 @@ def pack_sources(
                 )
         ranks.append(r)
     device = wd[0].device
-    source_index = torch.repeat_interleave(
-        torch.arange(n, device=device), torch.tensor(ranks, device=device)
-    )
+    source_index = torch.repeat_interleave(torch.arange(n, device=device), torch.tensor(ranks, device=device))
     return PackedSources(
         w_down=torch.cat(wd, 0),
         b_down=torch.cat(bd, 0),

@@ -93,8 +93,18 @@ def _backward(ctx, grad_out, _grad_pre):
         )
     needs = [ctx.needs_input_grad[i] for i in _GRAD_INPUTS.values()]
     grads = torch.ops.scalearn_fast.scaled_adapter_sum_backward(
-        grad_out.contiguous(), z, pre, w_down, w_up, b_up, omega, source_index, row_scale,
-        ctx.activation, ctx.backend, needs,
+        grad_out.contiguous(),
+        z,
+        pre,
+        w_down,
+        w_up,
+        b_up,
+        omega,
+        source_index,
+        row_scale,
+        ctx.activation,
+        ctx.backend,
+        needs,
     )
     d_z, d_wd, d_bd, d_wu, d_bu, d_omega, d_rs = (
         g if need else None for g, need in zip(grads, needs, strict=True)
