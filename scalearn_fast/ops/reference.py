@@ -15,15 +15,16 @@ import torch.nn.functional as F
 from .packing import PackedSources
 
 
-def activation_fn(name: str, x: torch.Tensor) -> torch.Tensor:
+def activation_fn(name: str, x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """``act(x)``; with ``inplace=True`` it may overwrite ``x`` (the inference path)."""
     if name == "relu":
-        return F.relu(x)
+        return x.relu_() if inplace else F.relu(x)
     if name == "gelu":
         return F.gelu(x)
     if name == "silu":
-        return F.silu(x)
+        return F.silu(x, inplace=inplace)
     if name == "tanh":
-        return torch.tanh(x)
+        return x.tanh_() if inplace else torch.tanh(x)
     if name == "identity":
         return x
     raise ValueError(f"activation must be one of relu/gelu/silu/tanh/identity; got {name!r}")

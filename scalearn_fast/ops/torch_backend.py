@@ -57,19 +57,20 @@ def forward(
     ``b_up`` the folded bias ``[1, d]`` (see ``fold_omega``); no row_scale.
     """
     pre = torch.addmm(b_down, z, w_down.T)
-    hidden = activation_fn(activation, pre)
+    # Inference never needs P again, so the activation (and row scaling) may overwrite it.
+    hidden = activation_fn(activation, pre, inplace=not save_pre)
     if omega is None:
         u, bias = w_up, b_up.reshape(-1)
-        out = torch.addmm(bias, hidden, u.T)
     else:
-        u, _ = fold_omega(w_up, b_up, omega, source_index)
-        if row_scale is None:
-            out = torch.addmm((omega * b_up).sum(0), hidden, u.T)
-        else:
-            hidden = hidden * row_scale.index_select(1, source_index)
-            out = torch.addmm(row_scale @ (omega * b_up), hidden, u.T)
+        u, bias = fold_omega(w_up, b_up, omega, source_index)
+    if row_scale is not None:
+        scale_cols = row_scale.index_select(1, source_index)
+        keeps_pre = save_pre and hidden is pre  # identity activation: P itself must survive
+        hidden = hidden * scale_cols if keeps_pre else hidden.mul_(scale_cols)
+        bias = row_scale @ (omega * b_up)  # [T, d]: Σ_i w[t, i]·ω_i ⊙ b_up_i
+    out = torch.addmm(bias, hidden, u.T)
     if residual is not None:
-        out = out + residual
+        out.add_(residual)
     return out, (pre if save_pre else pre.new_empty(0))
 
 
