@@ -1,0 +1,97 @@
+"""One benchmark case end to end: build the timed step, warm up (compilation and autotuning
+stay out of the timings), measure peak memory once, time with pytest-benchmark's ``pedantic``,
+fill ``extra_info`` and print a progress line."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .device import DeviceRecord
+from .flops import OpCost
+from .providers import Provider
+from .timing import fill_extra_info, peak_memory, synced
+
+MODES = ("fwd", "fwdbwd")
+
+
+def layer_step(p: Provider, z: torch.Tensor, residual: torch.Tensor, mode: str) -> Callable[[], Any]:
+    """fwd: inference under no_grad. fwdbwd: forward + backward for z and the trainable
+    parameters (ω for ScaLearn, the fusion weights for AdapterFusion), sources frozen."""
+    if mode == "fwd":
+
+        def fwd() -> torch.Tensor:
+            with torch.no_grad():
+                return p.module(z, residual)
+
+        return fwd
+    if mode != "fwdbwd":
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    zg = z.detach().clone().requires_grad_(True)
+    grad_out = torch.randn_like(z)
+    inputs = [zg, *p.trainable]
+
+    def fwdbwd() -> tuple[torch.Tensor, ...]:
+        out = p.module(zg, residual)
+        return torch.autograd.grad(out, inputs, grad_out)
+
+    return fwdbwd
+
+
+def rounds_for(estimate_s: float, device: torch.device, quick: bool) -> int:
+    """Enough rounds for a stable median within a per-case time budget."""
+    budget, lo, hi = (0.3, 2, 5) if quick else ((1.0, 10, 200) if device.type == "cuda" else (2.0, 3, 15))
+    if estimate_s <= 0:
+        return hi
+    return max(lo, min(hi, int(budget / estimate_s)))
+
+
+def run_case(
+    benchmark: Any,
+    fn: Callable[[], Any],
+    *,
+    device: torch.device,
+    warmup: int,
+    params: dict[str, Any],
+    tokens: int,
+    cost: OpCost,
+    record: DeviceRecord,
+    dtype: torch.dtype,
+    quick: bool = False,
+) -> dict[str, Any]:
+    timed = synced(fn, device)
+    for _ in range(max(1, warmup)):
+        timed()
+    t0 = time.perf_counter()
+    timed()
+    estimate = time.perf_counter() - t0
+    peak, method = peak_memory(fn, device)
+    rounds = rounds_for(estimate, device, quick)
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+    info = fill_extra_info(
+        benchmark,
+        params=params,
+        tokens=tokens,
+        cost=cost,
+        record=record,
+        dtype=dtype,
+        peak_bytes=peak,
+        peak_method=method,
+    )
+    info["rounds"] = rounds
+    benchmark.extra_info["rounds"] = rounds
+    roof = info["roofline_pct"]
+    mem = "n/a" if peak is None else f"{peak / 2**20:.1f} MiB"
+    print(
+        f"\n[bench] {params.get('kind')}/{params.get('mode')}/{params.get('provider')} {params.get('case')}: "
+        f"median {info['median_s'] * 1e3:.3f} ms, {info['tokens_per_s']:.3g} tok/s, "
+        f"{info['tflops']:.3g} TFLOP/s, roofline {'n/a' if roof is None else f'{roof:.1f}%'}, "
+        f"peak mem {mem} ({rounds} rounds)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return info

@@ -1,0 +1,100 @@
+"""Which shapes the suite runs: the full matrix on a GPU, a reduced one on CPU, a smoke one
+with ``--bench-quick`` (or ``SCALEARN_BENCH_QUICK=1``).
+
+Tokens T = batch x seq with seq 128 (GLUE-style), so T sweeps change the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SEQ = 128
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    d: int
+    r: int
+    n: int
+    batch: int
+    seq: int
+    dtype: torch.dtype
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def id(self) -> str:
+        return f"d{self.d}-r{self.r}-N{self.n}-T{self.tokens}-{str(self.dtype).removeprefix('torch.')}"
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    layers: int
+    d: int
+    heads: int
+    ffn: int
+    n: int
+    batch: int
+    seq: int
+    dtype: torch.dtype
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def id(self) -> str:
+        dt = str(self.dtype).removeprefix("torch.")
+        return f"L{self.layers}-d{self.d}-N{self.n}-B{self.batch}xS{self.seq}-{dt}"
+
+
+def _case(d: int, n: int, tokens: int, dtype: torch.dtype, seq: int = SEQ) -> LayerCase:
+    seq = min(seq, tokens)
+    return LayerCase(d, d // 16, n, tokens // seq, seq, dtype)
+
+
+def _dedup(cases: list[LayerCase]) -> list[LayerCase]:
+    return list(dict.fromkeys(cases))
+
+
+def scalearn_cases(cuda: bool, quick: bool) -> list[LayerCase]:
+    if quick:
+        return _dedup([_case(64, n, t, torch.float32) for n in (2, 4) for t in (128, 256)])
+    if cuda:
+        dt = torch.bfloat16
+        cases = [_case(768, 8, 4096, dt)]
+        cases += [_case(768, n, 4096, dt) for n in (2, 4, 8, 16, 32)]
+        cases += [_case(768, 8, t, dt) for t in (128, 512, 2048, 4096, 16384, 65536)]
+        cases += [_case(d, 8, t, dt) for d in (768, 1024, 4096) for t in (4096, 16384)]
+        return _dedup(cases)
+    dt = torch.float32
+    cases = [_case(768, 8, 4096, dt)]
+    cases += [_case(768, n, 4096, dt) for n in (2, 4, 16)]
+    cases += [_case(768, 8, t, dt) for t in (512, 1024, 2048)]
+    return _dedup(cases)
+
+
+def fusion_cases(cuda: bool, quick: bool) -> list[LayerCase]:
+    if quick:
+        return [_case(64, 2, 128, torch.float32)]
+    if cuda:
+        dt = torch.bfloat16
+        cases = [_case(768, 8, 4096, dt)]
+        cases += [_case(768, n, 4096, dt) for n in (2, 4, 16, 32)]
+        cases += [_case(768, 8, t, dt) for t in (512, 2048, 16384, 65536)]
+        cases += [_case(d, 8, 4096, dt) for d in (1024, 4096)]
+        return _dedup(cases)
+    # the library's fusion costs ~20x ScaLearn's FLOPs: two shapes keep the CPU run short
+    return [_case(768, 8, 4096, torch.float32), _case(768, 8, 1024, torch.float32)]
+
+
+def model_cases(cuda: bool, quick: bool) -> list[ModelCase]:
+    if quick:
+        return [ModelCase(1, 64, 2, 256, 2, 2, 32, torch.float32)]
+    if cuda:
+        return [ModelCase(12, 768, 12, 3072, 8, 32, 128, torch.bfloat16)]  # RoBERTa-base, GLUE batch
+    return [ModelCase(2, 768, 12, 3072, 8, 8, 128, torch.float32)]  # RoBERTa-base width, 2 layers

@@ -1,0 +1,155 @@
+"""Model-level variants: a RoBERTa-shaped encoder (random weights from a config, no download)
+plain, with ScaLearn (naive loop or fused) after every FFN output, or with AdapterFusion.
+
+Every variant runs with dropout off (config dropout 0, eval mode) so that the timings differ
+only by the composition. A training step is forward + cross-entropy on a 2-way head over the
+first token + backward + AdamW step over the trainable parameters; the base weights are frozen:
+- plain: the head and every LayerNorm train (so gradients flow through the whole depth, as they
+  must for ω; without any trainable encoder parameter the backward would stop at the head);
+- ScaLearn: ω of every layer + the head;  AdapterFusion: the fusion layers + the head.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .matrix import ModelCase
+from .providers import FusedScaLearn, NaiveScaLearn, ProviderUnavailable, adapters_installed, make_sources
+
+MODEL_VARIANTS = ("plain", "scalearn_naive", "scalearn_fused", "fusion_adapters")
+
+
+def _config(case: ModelCase):
+    from transformers import RobertaConfig
+
+    return RobertaConfig(
+        vocab_size=50265,
+        hidden_size=case.d,
+        num_hidden_layers=case.layers,
+        num_attention_heads=case.heads,
+        intermediate_size=case.ffn,
+        max_position_embeddings=max(514, case.seq + 2),
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
+class PatchedOutput(nn.Module):
+    """A RobertaOutput (dense -> dropout -> LN(h + x)) with a composition in front of the LN:
+    ``LN(compose(LN(h + x), h + x))`` (DESIGN.md §1)."""
+
+    def __init__(self, orig: nn.Module, composer: nn.Module) -> None:
+        super().__init__()
+        self.dense, self.dropout, self.LayerNorm = orig.dense, orig.dropout, orig.LayerNorm
+        self.composer = composer
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        pre = self.dropout(self.dense(hidden_states)) + input_tensor
+        return self.LayerNorm(self.composer(self.LayerNorm(pre), pre))
+
+
+def local_attach(model: nn.Module, case: ModelCase, make: Callable[..., nn.Module]) -> list[nn.Parameter]:
+    """LOCAL PATCHER, to be replaced by ``scalearn_fast.models.attach_scalearn`` (issue 4) for
+    the fused variant once it lands: swaps every layer's FFN output module. Returns ω's."""
+    omegas = []
+    for i, layer in enumerate(model.encoder.layer):
+        src = make_sources(case.n, case.d, case.d // 16, dtype=case.dtype, device="cpu", seed=100 + i)
+        composer = make(src)
+        layer.output = PatchedOutput(layer.output, composer)
+        omegas.append(composer.omega if hasattr(composer, "omega") else composer.layer.omega)
+    return omegas
+
+
+def _attach_scalearn_fn() -> Callable | None:
+    """``scalearn_fast.models.attach_scalearn`` when this build has it (issue 4), else None."""
+    if importlib.util.find_spec("scalearn_fast.models") is None:
+        return None
+    return getattr(importlib.import_module("scalearn_fast.models"), "attach_scalearn", None)
+
+
+def _add_fusion(model: nn.Module, case: ModelCase) -> list[nn.Parameter]:
+    if not adapters_installed():
+        raise ProviderUnavailable("the adapters package is not installed (pip install adapters)")
+    import adapters
+    from adapters.composition import Fuse
+
+    adapters.init(model)
+    names = [f"src{i}" for i in range(case.n)]
+    for name in names:
+        model.add_adapter(name, config="seq_bn")
+    fuse = Fuse(*names)
+    model.add_adapter_fusion(fuse, config="dynamic")
+    model.set_active_adapters(fuse)
+    model.requires_grad_(False)
+    params = [p for n, p in model.named_parameters() if "adapter_fusion_layer" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+@dataclass
+class ModelUnderTest:
+    encoder: nn.Module
+    head: nn.Linear
+    trainable: list[nn.Parameter]
+    attach: str  # how the composition was attached
+
+
+def build_model(variant: str, case: ModelCase, device: torch.device) -> ModelUnderTest:
+    """The encoder for ``variant`` with frozen base weights and its trainable parameters."""
+    from transformers import RobertaModel
+
+    torch.manual_seed(0)
+    model = RobertaModel(_config(case), add_pooling_layer=False)
+    model.requires_grad_(False)
+    attach = "none"
+    if variant == "plain":
+        trainable = [p for n, p in model.named_parameters() if "LayerNorm" in n]
+        for p in trainable:
+            p.requires_grad_(True)
+    elif variant == "scalearn_naive":
+        trainable = local_attach(model, case, NaiveScaLearn)
+        attach = "local patcher (NaiveScaLearn)"
+    elif variant == "scalearn_fused":
+        # TODO(issue 4): use scalearn_fast.models.attach_scalearn(model, sources, backend="auto")
+        # here once its in-memory sources format is settled; _attach_scalearn_fn() finds it.
+        backend = "auto"
+        trainable = local_attach(model, case, lambda src: FusedScaLearn(src, backend))
+        attach = f"local patcher (ScaLearnLayer, backend={backend})"
+    elif variant == "fusion_adapters":
+        trainable = _add_fusion(model, case)
+        attach = "adapters library (Fuse, dynamic)"
+    else:
+        raise ValueError(f"variant must be one of {MODEL_VARIANTS}; got {variant!r}")
+    model = model.to(device=device, dtype=case.dtype).eval()
+    head = nn.Linear(case.d, 2).to(device=device, dtype=case.dtype)
+    return ModelUnderTest(model, head, [*trainable, *head.parameters()], attach)
+
+
+def inference_step(m: ModelUnderTest, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def step() -> torch.Tensor:
+        with torch.no_grad():
+            return m.encoder(input_ids=ids).last_hidden_state
+
+    return step
+
+
+def train_step(m: ModelUnderTest, ids: torch.Tensor, labels: torch.Tensor) -> Callable[[], torch.Tensor]:
+    opt = torch.optim.AdamW(m.trainable, lr=1e-5)
+
+    def step() -> torch.Tensor:
+        hidden = m.encoder(input_ids=ids).last_hidden_state
+        loss = F.cross_entropy(m.head(hidden[:, 0]).float(), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step

@@ -1,0 +1,143 @@
+"""Synchronised timing, peak memory and the ``extra_info`` every benchmark result carries.
+
+GPU: the timed call ends with ``torch.cuda.synchronize()`` so pytest-benchmark's wall clock
+covers the kernels; peak memory is ``torch.cuda.max_memory_allocated`` above what was
+allocated before the call. CPU: peak memory is the process RSS high-water mark above the RSS
+before the call, after resetting the mark (``/proc/self/clear_refs``, Linux). So that freed
+tensors give their pages back instead of staying in glibc's heap, ``cpu_memory_setup`` fixes
+glibc's mmap threshold at 128 KiB (``mallopt``); the figure is then close to the torch tensors'
+own peak (plus small allocator noise).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .device import DeviceRecord
+from .flops import OpCost
+
+_M_MMAP_THRESHOLD = -3
+
+
+def cpu_memory_setup(threshold: int = 128 * 1024) -> bool:
+    """Pin glibc's mmap threshold so large frees unmap (RSS tracks live tensors)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold))
+    except OSError:
+        return False
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synced(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """``fn`` followed by a device synchronisation: what pytest-benchmark times."""
+    if device.type != "cuda":
+        return fn
+
+    def call() -> Any:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
+def _proc_status(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[int | None, str]:
+    """(peak bytes above the pre-call level during one ``fn()``, how it was measured)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return int(peak), "torch.cuda.max_memory_allocated"
+    if not _reset_rss_peak():
+        return None, "unavailable (no /proc/self/clear_refs)"
+    base = _proc_status("VmRSS")
+    out = fn()
+    hwm = _proc_status("VmHWM")
+    del out
+    if base is None or hwm is None:
+        return None, "unavailable (no /proc/self/status)"
+    return max(0, hwm - base), "rss_high_water_delta"
+
+
+def median_seconds(benchmark: Any) -> float:
+    """The median of the rounds pytest-benchmark just timed."""
+    stats = benchmark.stats
+    inner = getattr(stats, "stats", stats)
+    med = getattr(inner, "median", None)
+    if med is None:
+        med = statistics.median(inner.data)
+    return float(med)
+
+
+def derived_metrics(
+    median_s: float, tokens: int, cost: OpCost, record: DeviceRecord, dtype: torch.dtype
+) -> dict[str, float | None]:
+    """tokens/s, TFLOP/s, GB/s and % of the roofline bound max(FLOPs/peak, bytes/bandwidth)."""
+    roof = cost.roofline_time(record.peak_for(dtype), record.peak_bw_tbps)
+    return {
+        "median_s": median_s,
+        "tokens_per_s": tokens / median_s if median_s > 0 else None,
+        "tflops": cost.flops / median_s / 1e12 if median_s > 0 else None,
+        "gbps": cost.min_bytes / median_s / 1e9 if median_s > 0 else None,
+        "roofline_s": roof or None,
+        "roofline_pct": 100.0 * roof / median_s if roof and median_s > 0 else None,
+        "flops": cost.flops,
+        "min_bytes": cost.min_bytes,
+        "intensity": cost.intensity,
+    }
+
+
+def fill_extra_info(
+    benchmark: Any,
+    *,
+    params: dict[str, Any],
+    tokens: int,
+    cost: OpCost,
+    record: DeviceRecord,
+    dtype: torch.dtype,
+    peak_bytes: int | None,
+    peak_method: str,
+) -> dict[str, Any]:
+    """Write the result's extra_info (shape, metrics, memory, device record); returns it."""
+    info: dict[str, Any] = dict(params)
+    info["dtype"] = str(dtype).removeprefix("torch.")
+    info["tokens"] = tokens
+    info.update(derived_metrics(median_seconds(benchmark), tokens, cost, record, dtype))
+    info["peak_mem_bytes"] = peak_bytes
+    info["peak_mem_method"] = peak_method
+    info["device"] = record.as_dict()
+    benchmark.extra_info.update(info)
+    return info
