@@ -115,7 +115,7 @@ def _inputs(d: int = 32, n: int = 3) -> tuple:
     return src, z, res
 
 
-@pytest.mark.parametrize("provider", ["torch"])
+@pytest.mark.parametrize("provider", ["reference", "torch"])
 def test_scalearn_providers_agree_with_naive(provider: str) -> None:
     src, z, res = _inputs()
     naive = SCALEARN_PROVIDERS["naive"](src).module

@@ -151,6 +151,13 @@ def _compile(src: Sources) -> Provider:
     return Provider(torch.compile(m, dynamic=False), [m.omega], warmup=3)
 
 
+def _reference(src: Sources) -> Provider:
+    """scalearn_fast's own oracle loop (``backend="reference"``): per-source slices of the packed
+    weights, plain autograd; close to ``naive`` but without nn.Module dispatch."""
+    m = FusedScaLearn(src, "reference").eval()
+    return Provider(m, [m.layer.omega])
+
+
 def _torch(src: Sources) -> Provider:
     m = FusedScaLearn(src, "torch").eval()
     return Provider(m, [m.layer.omega])
@@ -180,6 +187,7 @@ def _triton(src: Sources) -> Provider:
 
 SCALEARN_PROVIDERS: dict[str, ProviderFactory] = {
     "naive": _naive,
+    "reference": _reference,
     "compile": _compile,
     "torch": _torch,
     "triton": _triton,

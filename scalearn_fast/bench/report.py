@@ -18,7 +18,7 @@ from typing import Any
 from .device import device_slug
 
 DEFAULT = {"d": 768, "n": 8, "tokens": 4096}
-PROVIDER_ORDER = ("naive", "compile", "adapters", "torch", "triton")
+PROVIDER_ORDER = ("naive", "reference", "compile", "adapters", "torch", "triton")
 MODEL_ORDER = ("plain", "scalearn_naive", "scalearn_fused", "fusion_adapters")
 
 
@@ -48,11 +48,14 @@ def load_rows(paths: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             rows[(row["kind"], row["mode"], row["case"], row["provider"])] = row
     if device is None:
         raise ValueError(f"no scalearn_fast benchmark results (extra_info with a device) in {paths}")
-    out = sorted(
-        rows.values(), key=lambda r: (r["kind"], r["mode"], r["case"], _order(r["kind"], r["provider"]))
-    )
+    out = sorted(rows.values(), key=_row_key)
     _add_relative(out)
     return device, out
+
+
+def _row_key(r: dict[str, Any]) -> tuple:
+    shape = tuple(r.get(k) or 0 for k in ("layers", "d", "n", "tokens"))
+    return (r["kind"], r["mode"], shape, r["case"], _order(r["kind"], r["provider"]))
 
 
 def _add_relative(rows: list[dict[str, Any]]) -> None:
@@ -71,10 +74,10 @@ def _add_relative(rows: list[dict[str, Any]]) -> None:
             r["speedup_vs_compile"] = comp / r["median_s"] if comp and r["median_s"] > 0 else None
 
 
-def _fmt(v: Any, spec: str = ".3g", none: str = "–") -> str:
+def _fmt(v: Any, spec: str = ".3g", none: str = "–", suffix: str = "") -> str:
     if v is None:
         return none
-    return format(v, spec)
+    return format(v, spec) + suffix
 
 
 def _mib(v: Any) -> str:
@@ -98,7 +101,8 @@ def layer_table(rows: list[dict[str, Any]], kind: str) -> list[str]:
             f"| {r['mode']} | {r['case']} | {r['provider']} | {r['median_s'] * 1e3:.3f} | "
             f"{_fmt(r.get('tokens_per_s'))} | {_fmt(r.get('tflops'))} | {_fmt(r.get('gbps'))} | "
             f"{_fmt(r.get('roofline_pct'), '.1f')} | {_mib(r.get('peak_mem_bytes'))} | "
-            f"{_fmt(r.get('speedup_vs_naive'), '.2f')}x | {_fmt(r.get('speedup_vs_compile'), '.2f')}x |"
+            f"{_fmt(r.get('speedup_vs_naive'), '.2f', suffix='x')} | "
+            f"{_fmt(r.get('speedup_vs_compile'), '.2f', suffix='x')} |"
         )
     return lines
 
@@ -113,7 +117,7 @@ def model_table(rows: list[dict[str, Any]]) -> list[str]:
             continue
         lines.append(
             f"| {r['mode']} | {r['case']} | {r['provider']} | {r['median_s'] * 1e3:.2f} | "
-            f"{_fmt(r.get('tokens_per_s'))} | {_fmt(r.get('overhead_pct'), '+.1f')}% | "
+            f"{_fmt(r.get('tokens_per_s'))} | {_fmt(r.get('overhead_pct'), '+.1f', suffix='%')} | "
             f"{_mib(r.get('peak_mem_bytes'))} | {r.get('attach', '')} |"
         )
     return lines
@@ -136,9 +140,10 @@ def headline_table(rows: list[dict[str, Any]]) -> list[str]:
         f, b = by[prov].get("fwd", {}), by[prov].get("fwdbwd", {})
         lines.append(
             f"| {prov} | {_fmt(f.get('median_s') and f['median_s'] * 1e3, '.2f')} | "
-            f"{_fmt(f.get('speedup_vs_naive'), '.2f')}x | {_fmt(f.get('speedup_vs_compile'), '.2f')}x | "
+            f"{_fmt(f.get('speedup_vs_naive'), '.2f', suffix='x')} | "
+            f"{_fmt(f.get('speedup_vs_compile'), '.2f', suffix='x')} | "
             f"{_fmt(b.get('median_s') and b['median_s'] * 1e3, '.2f')} | "
-            f"{_fmt(b.get('speedup_vs_naive'), '.2f')}x | {_mib(b.get('peak_mem_bytes'))} |"
+            f"{_fmt(b.get('speedup_vs_naive'), '.2f', suffix='x')} | {_mib(b.get('peak_mem_bytes'))} |"
         )
     return lines
 
