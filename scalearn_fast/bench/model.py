@@ -4,8 +4,9 @@ plain, with ScaLearn (naive loop or fused) after every FFN output, or with Adapt
 Every variant runs with dropout off (config dropout 0, eval mode) so that the timings differ
 only by the composition. A training step is forward + cross-entropy on a 2-way head over the
 first token + backward + AdamW step over the trainable parameters; the base weights are frozen:
-- plain: the head and every LayerNorm train (so gradients flow through the whole depth, as they
-  must for ω; without any trainable encoder parameter the backward would stop at the head);
+- plain: the head and each layer's FFN-output LayerNorm train: the backward then reaches as deep
+  as ω's does (layer 0's FFN output) and no deeper, so the overhead compares like with like
+  (with no trainable encoder parameter the backward would stop at the head);
 - ScaLearn: ω of every layer + the head;  AdapterFusion: the fusion layers + the head.
 """
 
@@ -111,7 +112,8 @@ def build_model(variant: str, case: ModelCase, device: torch.device) -> ModelUnd
     model.requires_grad_(False)
     attach = "none"
     if variant == "plain":
-        trainable = [p for n, p in model.named_parameters() if "LayerNorm" in n]
+        trainable = [layer.output.LayerNorm.weight for layer in model.encoder.layer]
+        trainable += [layer.output.LayerNorm.bias for layer in model.encoder.layer]
         for p in trainable:
             p.requires_grad_(True)
     elif variant == "scalearn_naive":

@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import ScaLearnLayer
+from ..ops.packing import pack_sources
+from ..ops.reference import scaled_adapter_sum_reference
 
 
 class ProviderUnavailable(RuntimeError):
@@ -151,11 +153,23 @@ def _compile(src: Sources) -> Provider:
     return Provider(torch.compile(m, dynamic=False), [m.omega], warmup=3)
 
 
+class ReferenceScaLearn(nn.Module):
+    """scalearn_fast's oracle loop (``scaled_adapter_sum_reference``): per-source slices of the
+    packed weights, plain autograd. Called directly: ``ScaLearnLayer`` in eval mode would take
+    its ω-folded inference path instead, whatever the backend."""
+
+    def __init__(self, src: Sources) -> None:
+        super().__init__()
+        self.packed = pack_sources(src.w_down, src.b_down, src.w_up, src.b_up)
+        self.omega = nn.Parameter(src.omega.detach().clone())
+
+    def forward(self, z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return scaled_adapter_sum_reference(z, self.packed, self.omega, residual)
+
+
 def _reference(src: Sources) -> Provider:
-    """scalearn_fast's own oracle loop (``backend="reference"``): per-source slices of the packed
-    weights, plain autograd; close to ``naive`` but without nn.Module dispatch."""
-    m = FusedScaLearn(src, "reference").eval()
-    return Provider(m, [m.layer.omega])
+    m = ReferenceScaLearn(src).eval()
+    return Provider(m, [m.omega])
 
 
 def _torch(src: Sources) -> Provider:

@@ -231,7 +231,7 @@ def _plot_roofline(device: dict[str, Any], rows, path: Path) -> bool:
     bw = device.get("peak_bw_tbps", 0.0)
     if not pts or bw <= 0:
         return False
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(9.5, 5))
     xs = [r["intensity"] for r in pts]
     lo, hi = min(xs) / 2, max(xs) * 2
     for dt, peak in device.get("peak_tflops", {}).items():
@@ -260,7 +260,7 @@ def _plot_roofline(device: dict[str, Any], rows, path: Path) -> bool:
     ax.set_ylabel("achieved TFLOP/s")
     ax.set_title(f"Roofline: {device['name']} ({device.get('peak_source')})")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
