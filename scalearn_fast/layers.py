@@ -165,7 +165,13 @@ class ScaLearnLayer(nn.Module):
     def compose(self, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``Σ_i ω_i ⊙ A_i(z) + residual`` for ``z [..., d]``."""
         packed = self.packed().to(z.dtype)
-        if not self.training and not self._needs_grad(z, residual) and not torch.compiler.is_compiling():
+        fold = self.backend != "reference"  # the reference backend stays the literal loop
+        if (
+            fold
+            and not self.training
+            and not self._needs_grad(z, residual)
+            and not torch.compiler.is_compiling()
+        ):
             u, bias = self._folded_up(z.dtype)
             return scaled_adapter_sum_folded(
                 z, packed, u, bias, residual, activation=self.activation, backend=self.backend

@@ -172,3 +172,10 @@ def test_layer_compiles_without_graph_breaks():
     layer.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(h, x), layer(h, x))
+
+
+def test_reference_backend_layer_runs_the_loop_in_eval():
+    layer = ScaLearnLayer(*sources(), backend="reference").eval()
+    with torch.no_grad():
+        layer.compose(torch.randn(3, D))
+    assert layer._folded is None  # no ω folding: the oracle stays the literal per-adapter loop

@@ -176,7 +176,7 @@ def scaled_adapter_sum_folded(
         raise RuntimeError("scaled_adapter_sum_folded is inference-only; call it under torch.no_grad()")
     backend = resolve_backend(backend, z.device)
     if backend == "reference":
-        backend = "torch"
+        raise ValueError("scaled_adapter_sum_folded has no reference backend; use scaled_adapter_sum_packed")
     d = packed.hidden_size
     lead = z.shape[:-1]
     out, _ = torch.ops.scalearn_fast.scaled_adapter_sum(
