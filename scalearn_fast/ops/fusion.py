@@ -72,7 +72,9 @@ def _check_tensor(name: str, t: torch.Tensor | None, shape: tuple[int, ...], z: 
         raise ValueError(f"{name} is on {t.device} but z is on {z.device}; move them to one device")
 
 
-def scaling_as_omega(scaling: float | torch.Tensor, packed: PackedSources, like: torch.Tensor) -> torch.Tensor:
+def scaling_as_omega(
+    scaling: float | torch.Tensor, packed: PackedSources, like: torch.Tensor
+) -> torch.Tensor:
     """The adapters' output ``scaling`` as the core op's ω: ``[N, 1]`` or ``[N, d]``."""
     n, d = packed.num_sources, packed.hidden_size
     if not isinstance(scaling, torch.Tensor):
@@ -83,7 +85,9 @@ def scaling_as_omega(scaling: float | torch.Tensor, packed: PackedSources, like:
         return scaling.reshape(n, 1)
     if scaling.dim() == 2 and scaling.shape[0] == n and scaling.shape[1] in (1, d):
         return scaling
-    raise ValueError(f"scaling has shape {_shape(scaling)}, expected a float, [N={n}], [N={n}, 1] or [N, d={d}]")
+    raise ValueError(
+        f"scaling has shape {_shape(scaling)}, expected a float, [N={n}], [N={n}, 1] or [N={n}, d={d}]"
+    )
 
 
 def _check_fusion_inputs(
@@ -144,7 +148,8 @@ def adapter_fusion_reference(
     entries = []  # e_ti for each adapter, [T, d]
     start = 0
     for i, r in enumerate(packed.ranks):
-        hidden = activation_fn(activation, F.linear(z2, packed.w_down[start : start + r], packed.b_down[start : start + r]))
+        pre = F.linear(z2, packed.w_down[start : start + r], packed.b_down[start : start + r])
+        hidden = activation_fn(activation, pre)
         a_i = scaling[i] * F.linear(hidden, packed.w_up[:, start : start + r], packed.b_up[i])
         start += r
         entries.append(a_i + rho if residual_before else a_i)
@@ -165,7 +170,7 @@ def _block_row_sum(values: torch.Tensor, packed: PackedSources) -> torch.Tensor:
     """``[T, R]`` -> ``[T, N]``: sum each source's r columns."""
     n = packed.num_sources
     if len(set(packed.ranks)) == 1:
-        return values.reshape(values.shape[0], n, -1).sum(-1)
+        return values.reshape(values.shape[0], n, packed.ranks[0]).sum(-1)
     return values.new_zeros(values.shape[0], n).index_add(1, packed.source_index, values)
 
 

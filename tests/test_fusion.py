@@ -1,0 +1,233 @@
+"""AdapterFusion: the fused op and layer against the float64 loop and the `adapters` library's own
+``BertFusion`` (same weights), gradients, score dropout in training, shapes and bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from scalearn_fast.ops.fusion import adapter_fusion
+
+F64 = torch.float64
+
+
+def make_case(n=3, r=4, d=16, lead=(2, 5), dtype=F64, seed=0, ranks=None):
+    """Random sources and fusion weights, large enough that the softmax is far from uniform."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=0.3):
+        return (torch.randn(*shape, generator=g, dtype=F64) * std).to(dtype)
+
+    if ranks is None:
+        src = [rnd(n, r, d), rnd(n, r, std=0.1), rnd(n, d, r), rnd(n, d, std=0.1)]
+    else:
+        src = [[rnd(k, d) for k in ranks], [rnd(k, std=0.1) for k in ranks]]
+        src += [[rnd(d, k) for k in ranks], [rnd(d, std=0.1) for k in ranks]]
+    eye = torch.eye(d, dtype=F64).to(dtype)
+    fusion = [rnd(d, d), rnd(d), rnd(d, d), rnd(d), eye + rnd(d, d, std=0.1)]
+    z = rnd(*lead, d, std=1.0)
+    h = rnd(*lead, d, std=1.0)
+    return src, fusion, z, h
+
+
+def adapter_outputs(src, z):
+    wd, bd, wu, bu = src
+    return torch.stack([torch.relu(z @ wd[i].T + bd[i]) @ wu[i].T + bu[i] for i in range(len(wd))])
+
+
+def library_fusion(config_name, d, fusion, dropout=0.1, **overrides):
+    from adapters.configuration import AdapterFusionConfig
+    from adapters.methods.modeling import BertFusion
+
+    config = AdapterFusionConfig.load(config_name, **overrides)
+    layer = BertFusion(config, d, dropout).to(fusion[0].dtype)
+    with torch.no_grad():
+        layer.query.weight.copy_(fusion[0])
+        layer.query.bias.copy_(fusion[1])
+        layer.key.weight.copy_(fusion[2])
+        layer.key.bias.copy_(fusion[3])
+        if hasattr(layer, "value"):
+            layer.value.weight.copy_(fusion[4])
+    return layer
+
+
+def run_library(layer, src, z, h):
+    """Feed the library layer as ``compose_fuse`` does: the adapters' ``up`` stacked to [B, S, N, d]."""
+    ups = adapter_outputs(src, z).permute(1, 2, 0, 3)
+    return layer(z, ups.clone(), ups.clone(), h)  # the library adds in place under residual_before
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("config", ["dynamic", "static"])
+def test_matches_adapters_library_eval(backend, config):
+    src, fusion, z, h = make_case()
+    lib = library_fusion(config, 16, fusion).eval()
+    value = fusion[4] if config == "dynamic" else None
+    out = adapter_fusion(z, *src, *fusion[:4], value, h, backend=backend)
+    torch.testing.assert_close(out, run_library(lib, src, z, h), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_matches_adapters_library_residual_before_and_temperature(backend):
+    src, fusion, z, h = make_case(seed=1)
+    lib = library_fusion("dynamic", 16, fusion, residual_before=True, temperature=True).eval()
+    assert lib.T == 50.0
+    out = adapter_fusion(z, *src, *fusion, h, residual_before=True, temperature=50.0, backend=backend)
+    torch.testing.assert_close(out, run_library(lib, src, z, h), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_score_dropout_matches_adapters_library_in_training(backend):
+    """Same RNG state -> the library and every backend drop the same scores; output equal."""
+    src, fusion, z, h = make_case(lead=(4, 6), seed=2)
+    lib = library_fusion("dynamic", 16, fusion, dropout=0.4).train()
+    torch.manual_seed(11)
+    expect = run_library(lib, src, z, h)
+    torch.manual_seed(11)
+    out = adapter_fusion(z, *src, *fusion, h, dropout_p=0.4, training=True, backend=backend)
+    torch.testing.assert_close(out, expect, rtol=1e-12, atol=1e-12)
+    torch.manual_seed(11)  # the key-bias shift matters under dropout: dropping it would differ
+    no_bias = adapter_fusion(z, *src, fusion[0], fusion[1], fusion[2], None, fusion[4], h, dropout_p=0.4,
+                             training=True, backend=backend)  # fmt: skip
+    assert (no_bias - expect).abs().max() > 1e-6
+
+
+def test_dropout_changes_output_only_in_training():
+    src, fusion, z, h = make_case()
+    eval_out = adapter_fusion(z, *src, *fusion, h, dropout_p=0.5, training=False, backend="torch")
+    train_out = adapter_fusion(z, *src, *fusion, h, dropout_p=0.5, training=True, backend="torch")
+    torch.testing.assert_close(eval_out, adapter_fusion(z, *src, *fusion, h, backend="torch"))
+    assert (train_out - eval_out).abs().max() > 1e-6
+
+
+def _rule(out, out_ref_same_dtype, ref64, atol):
+    if out.numel() == 0:
+        return
+    err = (out.double() - ref64).abs().max().item()
+    base = (out_ref_same_dtype.double() - ref64).abs().max().item()
+    assert err <= 3 * base + atol, (err, base)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(lead=(2, 7), n=3, r=4, d=16),
+        dict(lead=(0,), n=2, r=4, d=16),  # T = 0
+        dict(lead=(1,), n=1, r=3, d=13),  # T = 1, N = 1, d not a multiple of 16
+        dict(lead=(7,), n=3, r=5, d=24),
+        dict(lead=(3, 2), d=12, ranks=(2, 5, 3)),  # heterogeneous r
+    ],
+)
+def test_torch_float32_against_float64_reference(shape):
+    src, fusion, z, h = make_case(dtype=torch.float32, **shape)
+    src64 = [[t.double() for t in s] if isinstance(s, list) else s.double() for s in src]
+    fusion64 = [t.double() for t in fusion]
+    ref64 = adapter_fusion(z.double(), *src64, *fusion64, h.double(), backend="reference")
+    ref32 = adapter_fusion(z, *src, *fusion, h, backend="reference")
+    out = adapter_fusion(z, *src, *fusion, h, backend="torch")
+    assert out.shape == z.shape and out.dtype == torch.float32
+    _rule(out, ref32, ref64, atol=1e-5)
+
+
+def test_non_contiguous_inputs_and_query_input():
+    src, fusion, z, h = make_case(lead=(5, 3))
+    zt, ht = z.transpose(0, 1), h.transpose(0, 1)
+    qw = fusion[0].T.contiguous().T
+    c = torch.randn_like(zt)
+    args = (zt, *src, qw, *fusion[1:], ht)
+    ref = adapter_fusion(*args, query_input=c, backend="reference")
+    out = adapter_fusion(*args, query_input=c, backend="torch")
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def _grads(backend, src, fusion, z, h, seed=None, **kw):
+    leaves = [t.clone().requires_grad_() for t in (z, h, *fusion)]
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = adapter_fusion(leaves[0], *src, *leaves[2:], leaves[1], backend=backend, **kw)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    return torch.autograd.grad((out * weight).sum(), leaves, allow_unused=True)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, dict(dropout_p=0.3, training=True), dict(residual_before=True, temperature=2.5)],
+    ids=["eval", "dropout", "residual_before"],
+)
+def test_torch_grads_match_reference(kw):
+    src, fusion, z, h = make_case(lead=(3, 4), seed=3)
+    names = ["z", "residual", "query_weight", "query_bias", "key_weight", "key_bias", "value_weight"]
+    ref = _grads("reference", src, fusion, z, h, seed=7, **kw)
+    got = _grads("torch", src, fusion, z, h, seed=7, **kw)
+    for name, a, b in zip(names, got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_key_bias_gradient_is_exactly_zero_without_dropout():
+    src, fusion, z, h = make_case()
+    grads = _grads("torch", src, fusion, z, h)
+    assert grads[5] is not None and torch.count_nonzero(grads[5]) == 0
+    grads = _grads("torch", src, fusion, z, h, seed=0, dropout_p=0.3, training=True)
+    assert grads[5].abs().max() > 0
+
+
+@pytest.mark.parametrize("kw", [{}, dict(dropout_p=0.3, training=True)], ids=["eval", "dropout"])
+def test_gradcheck_torch_backend(kw):
+    src, fusion, z, h = make_case(n=2, r=3, d=5, lead=(3,), seed=4)
+    src[0] = src[0].clone().requires_grad_()  # a source weight too: they may train
+    inputs = [t.clone().requires_grad_() for t in (z, h, *fusion)]
+
+    def fn(z_, h_, qw, qb, kw_, kb, vw, wd):
+        torch.manual_seed(5)  # the same dropout mask on every evaluation
+        return adapter_fusion(z_, wd, *src[1:], qw, qb, kw_, kb, vw, h_, backend="torch", **kw)
+
+    assert torch.autograd.gradcheck(fn, (*inputs, src[0]))
+
+
+def _has_triton_backend() -> bool:
+    return importlib.util.find_spec("triton") is not None and (
+        importlib.util.find_spec("scalearn_fast.ops.triton_backend") is not None
+    )
+
+
+@pytest.mark.skipif(not _has_triton_backend(), reason="the core op's triton backend is not in this tree")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_backend_against_reference(dtype):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    src, fusion, z, h = make_case(lead=(2, 7), n=3, r=16, d=32, dtype=dtype)
+    src, fusion = [t.to(device) for t in src], [t.to(device) for t in fusion]
+    z, h = z.to(device), h.to(device)
+    ref64 = adapter_fusion(z.double(), *[t.double() for t in src], *[t.double() for t in fusion], h.double(),
+                           backend="reference")  # fmt: skip
+    same = adapter_fusion(z, *src, *fusion, h, backend="torch")
+    out = adapter_fusion(z, *src, *fusion, h, backend="triton")
+    _rule(out, same, ref64, atol=1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(query_weight=torch.zeros(16, 15, dtype=F64)), r"query_weight has shape \[16, 15\]"),
+        (dict(key_bias=torch.zeros(3, dtype=F64)), r"key_bias has shape \[3\], expected \[16\]"),
+        (dict(value_weight=torch.zeros(16, 16)), r"value_weight has dtype torch.float32"),
+        (dict(z=torch.zeros(2, 5, 15, dtype=F64)), r"z has shape \[2, 5, 15\]"),
+        (dict(residual=torch.zeros(2, 4, 16, dtype=F64)), r"residual has shape \[2, 4, 16\]"),
+        (dict(query_input=torch.zeros(10, 16, dtype=F64)), r"query_input has shape \[10, 16\]"),
+        (dict(temperature=0.0), "temperature must be a positive number"),
+        (dict(dropout_p=1.0), r"dropout_p must be in \[0, 1\)"),
+        (dict(scaling=torch.ones(5, dtype=F64)), r"scaling has shape \[5\]"),
+        (dict(residual=None, residual_before=True), "residual_before=True"),
+        (dict(query_weight=None), "query_bias was given without query_weight"),
+        (dict(backend="cuda"), "backend must be one of"),
+    ],
+)
+def test_bad_input_names_the_argument(change, match):
+    src, fusion, z, h = make_case()
+    names = ["query_weight", "query_bias", "key_weight", "key_bias", "value_weight"]
+    kw = dict(zip(names, fusion, strict=True)) | dict(z=z, residual=h) | change
+    z_ = kw.pop("z")
+    weights = [kw.pop(k) for k in names]
+    with pytest.raises(ValueError, match=match):
+        adapter_fusion(z_, *src, *weights, **kw)
