@@ -1,0 +1,26 @@
+"""Triton kernels + thin launchers (DESIGN.md §3); installed as ``scalearn_fast.kernels``.
+
+Each launcher has a plain-PyTorch ``*_ref`` twin used by the tests.
+"""
+
+from .scaled_adapter_sum import (
+    FUSED_MAX_R,
+    down_projection,
+    down_projection_ref,
+    fused_fits,
+    fused_forward,
+    fused_forward_ref,
+    up_projection,
+    up_projection_ref,
+)
+
+__all__ = [
+    "FUSED_MAX_R",
+    "down_projection",
+    "down_projection_ref",
+    "fused_fits",
+    "fused_forward",
+    "fused_forward_ref",
+    "up_projection",
+    "up_projection_ref",
+]

@@ -1,0 +1,326 @@
+"""scaled_adapter_sum's Triton backend (DESIGN.md §4): the whole op against the float64
+reference loop, plus each launcher against its plain-PyTorch ``*_ref``.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) with one small autotune
+config, so shapes stay small. A result passes when
+``max|out - ref64| <= 3 * max|ref_same_dtype - ref64| + atol``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from scalearn_fast import scaled_adapter_sum  # noqa: E402
+from scalearn_fast._kernels import load_kernels  # noqa: E402
+from scalearn_fast.ops import pack_sources, scaled_adapter_sum_folded, triton_backend  # noqa: E402
+from scalearn_fast.ops.torch_backend import fold_omega  # noqa: E402
+
+K = load_kernels()
+KF = K.scaled_adapter_sum  # the module, for monkeypatching FUSED_MAX_R
+ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(params=["fused", "two_kernel"])
+def path(request, monkeypatch):
+    """Run a test through the fused kernel and through down_projection + up_projection."""
+    monkeypatch.setattr(triton_backend, "USE_FUSED", request.param == "fused")
+    return request.param
+
+
+def make_sources(n, r, d, *, seed=0, hetero=None, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    ranks = hetero or [r] * n
+    wd = [torch.randn(ri, d, generator=g, dtype=torch.float64) * 0.2 for ri in ranks]
+    bd = [torch.randn(ri, generator=g, dtype=torch.float64) * 0.1 for ri in ranks]
+    wu = [torch.randn(d, ri, generator=g, dtype=torch.float64) * 0.2 for ri in ranks]
+    bu = [torch.randn(d, generator=g, dtype=torch.float64) * 0.1 for _ in ranks]
+    srcs = (wd, bd, wu, bu) if hetero else tuple(torch.stack(s) for s in (wd, bd, wu, bu))
+    if grad:
+        srcs = tuple([t.requires_grad_() for t in s] if hetero else s.requires_grad_() for s in srcs)
+    return srcs
+
+
+def make_inputs(shape, n, d, r=6, *, uniform=False, seed=1, residual=True, row_scale=False):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(*shape, d, generator=g, dtype=torch.float64).requires_grad_()
+    omega = (
+        torch.randn(n, 1 if uniform else d, generator=g, dtype=torch.float64) * 0.5 + 2 / n
+    ).requires_grad_()
+    res = torch.randn(*shape, d, generator=g, dtype=torch.float64).requires_grad_() if residual else None
+    rs = torch.rand(*shape, n, generator=g, dtype=torch.float64).requires_grad_() if row_scale else None
+    return z, omega, res, rs
+
+
+def cast(obj, dtype, device=DEVICE):
+    if obj is None:
+        return None
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device=device, dtype=dtype).requires_grad_(obj.requires_grad)
+    return [cast(o, dtype, device) for o in obj]
+
+
+def assert_close_rule(out, ref_low, ref64, dtype, what=""):
+    assert out.shape == ref64.shape, what
+    if not out.numel():
+        return
+    err = (out.double().cpu() - ref64).abs().max().item()
+    base = (ref_low.double().cpu() - ref64).abs().max().item()
+    assert err <= 3 * base + ATOL[dtype], f"{what}: err {err:.3e} > 3*{base:.3e} + {ATOL[dtype]:.0e}"
+
+
+def run_case(backend, dtype, z, sources, omega, residual, activation, row_scale, device):
+    wd, bd, wu, bu = (cast(s, dtype, device) for s in sources)
+    zc, om, res, rs = (cast(t, dtype, device) for t in (z, omega, residual, row_scale))
+    out = scaled_adapter_sum(
+        zc, wd, bd, wu, bu, om, res, activation=activation, backend=backend, row_scale=rs
+    )
+    leaves = [t for t in (zc, om, res, rs) if t is not None and t.requires_grad]
+    leaves += [t for s in (wd, bd, wu, bu) for t in (s if isinstance(s, list) else [s]) if t.requires_grad]
+    probe = torch.cos(torch.arange(out.numel(), dtype=torch.float64).reshape(out.shape)).to(out)
+    grads = torch.autograd.grad((out * probe).sum(), leaves, allow_unused=True) if leaves else ()
+    return out.detach(), [None if g is None else g.detach() for g in grads]
+
+
+def check(dtype, z, sources, omega, residual=None, activation="relu", row_scale=None, device=DEVICE):
+    """Forward and every gradient of the triton backend against the float64 reference loop."""
+    args = (z, sources, omega, residual, activation, row_scale)
+    ref64 = run_case("reference", torch.float64, *args, "cpu")
+    ref_low = run_case("reference", dtype, *args, "cpu")
+    fast = run_case("triton", dtype, *args, device)
+    assert fast[0].dtype == dtype
+    assert_close_rule(fast[0], ref_low[0], ref64[0], dtype, "out")
+    assert len(fast[1]) == len(ref64[1])
+    for i, (g, gl, g64) in enumerate(zip(fast[1], ref_low[1], ref64[1], strict=True)):
+        assert (g is None) == (g64 is None), f"grad {i}"
+        if g is not None:
+            assert_close_rule(g, gl, g64, dtype, f"grad {i}")
+
+
+# ----------------------------------------------------------------------------- the whole op
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("uniform", [False, True], ids=["vector", "uniform"])
+def test_matches_reference_3d_input(path, dtype, uniform):
+    z, omega, res, _ = make_inputs((3, 11), n=3, d=40, uniform=uniform)
+    check(dtype, z, make_sources(3, 6, 40, grad=True), omega, res)
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 7, 33])
+def test_token_counts(path, tokens):
+    z, omega, res, _ = make_inputs((tokens,), n=3, d=100)
+    check(torch.float32, z, make_sources(3, 5, 100), omega, res)
+
+
+def test_single_source_no_residual(path):
+    z, omega, _, _ = make_inputs((7,), n=1, d=100, residual=False)
+    check(torch.float32, z, make_sources(1, 8, 100, grad=True), omega)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_heterogeneous_ranks(path, dtype):
+    z, omega, res, _ = make_inputs((2, 7), n=3, d=40)
+    check(dtype, z, make_sources(3, 0, 40, hetero=[3, 8, 5], grad=True), omega, res)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_row_scale(path, dtype):
+    z, omega, res, rs = make_inputs((2, 5), n=3, d=40, row_scale=True)
+    check(dtype, z, make_sources(3, 0, 40, hetero=[3, 8, 5], grad=True), omega, res, row_scale=rs)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh", "identity"])
+def test_activations(activation):
+    z, omega, res, rs = make_inputs((9,), n=3, d=24, row_scale=True)
+    check(torch.float32, z, make_sources(3, 4, 24, grad=True), omega, res, activation, row_scale=rs)
+
+
+def test_fused_threshold_routes_large_rank_to_two_kernels(monkeypatch):
+    """With FUSED_MAX_R below next_pow2(R) the backend falls back to the two-kernel path."""
+    monkeypatch.setattr(KF, "FUSED_MAX_R", 16)
+    assert not K.fused_fits(24) and K.fused_fits(16)
+    z, omega, res, _ = make_inputs((7,), n=3, d=40)
+    check(torch.float32, z, make_sources(3, 8, 40), omega, res)
+
+
+def test_folded_inference_path(path):
+    z, omega, res, _ = make_inputs((2, 7), n=3, d=100)
+    packed = pack_sources(*make_sources(3, 0, 100, hetero=[3, 8, 5]))
+    u, bias = fold_omega(packed.w_up, packed.b_up, omega.detach(), packed.source_index)
+    ref = scaled_adapter_sum_folded(z.detach(), packed, u, bias, res.detach(), backend="torch")
+    for dtype in (torch.float32, torch.float16):
+        pk = packed.to(dtype)
+        with torch.no_grad():
+            out = scaled_adapter_sum_folded(
+                cast(z, dtype), pk, cast(u, dtype), cast(bias, dtype), cast(res, dtype), backend="triton"
+            )
+            low = scaled_adapter_sum_folded(
+                cast(z, dtype, "cpu"),
+                pk,
+                cast(u, dtype, "cpu"),
+                cast(bias, dtype, "cpu"),
+                cast(res, dtype, "cpu"),
+                backend="torch",
+            )
+        assert out.dtype == dtype
+        assert_close_rule(out, low, ref, dtype, f"folded {dtype}")
+
+
+def test_nan_propagates_like_the_reference(path):
+    z, omega, _, _ = make_inputs((6,), n=2, d=40)
+    z = z.detach().clone()
+    z[2, 5] = float("nan")
+    sources = make_sources(2, 6, 40)
+    out = scaled_adapter_sum(
+        cast(z, torch.float32),
+        *cast(sources, torch.float32),
+        cast(omega, torch.float32).detach(),
+        backend="triton",
+    )
+    ref = scaled_adapter_sum(z, *sources, omega.detach(), backend="reference")
+    assert torch.equal(out.isnan().cpu(), ref.isnan())
+    assert out[2].isnan().all() and not out[[0, 1, 3, 4, 5]].isnan().any()
+
+
+def test_outputs_do_not_alias_inputs():
+    z, omega, res, _ = make_inputs((5,), n=2, d=40)
+    zc, om, rc = (cast(t, torch.float32) for t in (z, omega, res))
+    packed = pack_sources(*cast(make_sources(2, 4, 40), torch.float32))
+    args = (
+        zc.detach(),
+        packed.w_down,
+        packed.b_down,
+        packed.w_up,
+        packed.b_up,
+        om.detach(),
+        packed.source_index,
+        rc.detach(),
+        None,
+        "relu",
+    )
+    out, pre = triton_backend.forward(*args, True)
+    assert pre.shape == (5, 8) and out.data_ptr() != pre.data_ptr()
+    g = torch.randn_like(out)
+    grads = triton_backend.backward(
+        g,
+        zc.detach(),
+        pre,
+        packed.w_down,
+        packed.w_up,
+        packed.b_up,
+        om.detach(),
+        packed.source_index,
+        None,
+        "relu",
+        [True] * 6 + [False],
+    )
+    ptrs = [t.data_ptr() for t in grads if t.numel()]
+    assert len(set(ptrs)) == len(ptrs)
+    assert grads[-1].numel() == 0
+
+
+# ----------------------------------------------------------------------------- launchers vs *_ref
+
+
+def _packed(n=3, d=40, hetero=(3, 8, 5), dtype=torch.float32, seed=0):
+    return pack_sources(*cast(make_sources(n, 0, d, hetero=list(hetero), seed=seed), dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_rs", [False, True])
+def test_down_projection_launcher(dtype, with_rs):
+    p = _packed(dtype=dtype)
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(19, 40, generator=g).to(DEVICE, dtype)
+    rs = torch.rand(19, 3, generator=g).to(DEVICE, dtype) if with_rs else None
+    for act in ("relu", "gelu"):
+        pre, s = K.down_projection(z, p.w_down, p.b_down, p.source_index, rs, act, True)
+        pre_r, s_r = K.down_projection_ref(z, p.w_down, p.b_down, p.source_index, rs, act, True)
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(pre, pre_r, rtol=tol, atol=tol)
+        torch.testing.assert_close(s, s_r, rtol=tol, atol=tol)
+    pre, _ = K.down_projection(z, p.w_down, p.b_down, p.source_index, rs, "relu", False)
+    assert pre.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias_kind", ["none", "vector", "rows"])
+@pytest.mark.parametrize("fold", [True, False])
+def test_up_projection_launcher(dtype, bias_kind, fold):
+    p = _packed(dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    t, d, r = 13, 40, p.total_rank
+    s = torch.randn(t, r, generator=g).to(DEVICE, dtype)
+    omega = torch.randn(3, d, generator=g).to(DEVICE, dtype) if fold else None
+    bias = {"none": None, "vector": torch.randn(d, generator=g), "rows": torch.randn(t, d, generator=g)}[
+        bias_kind
+    ]
+    bias = None if bias is None else bias.to(DEVICE)
+    res = torch.randn(t, d, generator=g).to(DEVICE, dtype)
+    out = K.up_projection(s, p.w_up, omega, p.source_index, bias, res)
+    ref = K.up_projection_ref(s, p.w_up, omega, p.source_index, bias, res)
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+def test_up_projection_uniform_omega_and_transposed_weight():
+    """[N, 1] ω broadcasts over d; any W strides work (the backward feeds Dᵀ)."""
+    p = _packed()
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(9, p.total_rank, generator=g).to(DEVICE)
+    omega = torch.randn(3, 1, generator=g).to(DEVICE)
+    w_t = p.w_up.T.contiguous().T  # same values, column-major
+    out = K.up_projection(s, w_t, omega, p.source_index, None)
+    torch.testing.assert_close(
+        out, K.up_projection_ref(s, p.w_up, omega, p.source_index, None), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_forward_launcher(dtype):
+    p = _packed(dtype=dtype, d=100)
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(21, 100, generator=g).to(DEVICE, dtype)
+    omega = torch.randn(3, 100, generator=g).to(DEVICE, dtype)
+    rs = torch.rand(21, 3, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(21, 100, generator=g).to(DEVICE)
+    res = torch.randn(21, 100, generator=g).to(DEVICE, dtype)
+    args = (z, p.w_down, p.b_down, p.w_up, omega, p.source_index, bias, res, rs, "silu", True)
+    out, pre = K.fused_forward(*args)
+    out_r, pre_r = K.fused_forward_ref(*args)
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    torch.testing.assert_close(pre, pre_r, rtol=tol, atol=tol)
+    torch.testing.assert_close(out, out_r, rtol=tol, atol=tol)
+
+
+def test_fused_forward_rejects_large_rank(monkeypatch):
+    monkeypatch.setattr(KF, "FUSED_MAX_R", 8)
+    p = _packed()
+    z = torch.zeros(2, 40, device=DEVICE)
+    with pytest.raises(ValueError, match="R=16"):
+        K.fused_forward(z, p.w_down, p.b_down, p.w_up, None, p.source_index, torch.zeros(40, device=DEVICE))
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fused", [True, False])
+def test_gpu_low_precision(monkeypatch, dtype, fused):
+    monkeypatch.setattr(triton_backend, "USE_FUSED", fused)
+    z, omega, res, rs = make_inputs((4, 37), n=4, d=200, row_scale=True)
+    check(dtype, z, make_sources(4, 0, 200, hetero=[16, 8, 24, 12], grad=True), omega, res, row_scale=rs)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_large_rank_two_kernel_path():
+    z, omega, res, _ = make_inputs((300,), n=8, d=256)
+    check(torch.bfloat16, z, make_sources(8, 96, 256, grad=True), omega, res)
