@@ -231,3 +231,96 @@ def test_bad_input_names_the_argument(change, match):
     weights = [kw.pop(k) for k in names]
     with pytest.raises(ValueError, match=match):
         adapter_fusion(z_, *src, *weights, **kw)
+
+
+# ---------------------------------------------------------------- AdapterFusionLayer
+
+
+def tiny_bert_with_fuse(names=("a", "b", "c"), fusion_config="dynamic", seed=0, **overrides):
+    """A 2-layer random BERT (float64) with Pfeiffer adapters and a Fuse, all weights non-zero."""
+    import adapters
+    from adapters import SeqBnConfig
+    from adapters.composition import Fuse
+    from adapters.configuration import AdapterFusionConfig
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=40, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16,
+    )  # fmt: skip
+    model = BertModel(config)
+    adapters.init(model)
+    for name in names:
+        model.add_adapter(name, config=SeqBnConfig(reduction_factor=4 if name != "b" else 3))
+    fuse = Fuse(*names)
+    model.add_adapter_fusion(fuse, config=AdapterFusionConfig.load(fusion_config, **overrides))
+    model.set_active_adapters(fuse)
+    model = model.double()
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if "adapter" in key:
+                param.add_(torch.randn_like(param) * 0.2)
+    return model, ",".join(names)
+
+
+def layer_from_library(output_module, fusion_name, names, backend, **options):
+    from scalearn_fast.layers_fusion import AdapterFusionLayer, fusion_options_from_config
+
+    ads = [output_module.adapters[n] for n in names]
+    lib_fusion = output_module.adapter_fusion_layer[fusion_name]
+    layer = AdapterFusionLayer(
+        [a.adapter_down[0].weight for a in ads],
+        [a.adapter_down[0].bias for a in ads],
+        [a.adapter_up.weight for a in ads],
+        [a.adapter_up.bias for a in ads],
+        **(fusion_options_from_config(lib_fusion.config, lib_fusion.dropout.p) | options),
+        backend=backend,
+        layer_norm=output_module.LayerNorm,
+        source_names=names,
+    ).double()
+    missing, unexpected = layer.load_state_dict(lib_fusion.state_dict(), strict=False)
+    frozen = ("w_down", "b_down", "w_up", "b_up", "layer_norm")
+    assert not unexpected and all(k.split(".")[0] in frozen for k in missing)
+    return layer
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, dict(residual_before=True), dict(query_before_ln=True, temperature=True), dict(value=False)],
+    ids=["dynamic", "residual_before", "query_before_ln+temperature", "no_value"],
+)
+def test_layer_matches_adapters_sublayer(backend, overrides):
+    names = ("a", "b", "c")
+    model, fusion_name = tiny_bert_with_fuse(names, **overrides)
+    out_mod = model.encoder.layer[1].output
+    layer = layer_from_library(out_mod, fusion_name, names, backend)
+    h = torch.randn(2, 5, 24, dtype=F64)
+    x = torch.randn(2, 5, 24, dtype=F64)
+    for training in (False, True):
+        model.train(training)
+        layer.train(training)
+        for _ in range(2):  # temperature anneals per call in both
+            torch.manual_seed(3)
+            expect = out_mod.bottleneck_layer_forward(h, x, out_mod.LayerNorm)
+            torch.manual_seed(3)
+            got = layer(h, x)
+            torch.testing.assert_close(got, expect, rtol=1e-11, atol=1e-11)
+            assert layer.T == out_mod.adapter_fusion_layer[fusion_name].T
+
+
+def test_layer_init_trains_and_regularises():
+    from scalearn_fast.layers_fusion import AdapterFusionLayer
+
+    src, _, z, h = make_case(d=16)
+    layer = AdapterFusionLayer(*src, backend="torch").double()
+    assert torch.equal(layer.value.weight.diagonal(), torch.ones(16, dtype=F64))
+    assert torch.count_nonzero(layer.query.bias) == 0
+    assert {p.requires_grad for p in layer.fusion_parameters()} == {True}
+    assert not layer.w_down.requires_grad
+    layer.compose(z, residual=h).sum().backward()
+    assert layer.query.weight.grad is not None and layer.w_down.grad is None
+    assert layer.regularization_loss().item() == pytest.approx(0.01 * 16 * 15 * 1e-12)
+    with pytest.raises(ValueError, match="needs the layer's output LayerNorm"):
+        layer(h, h)

@@ -1,0 +1,214 @@
+"""``AdapterFusionLayer``: N frozen source adapters fused by the `adapters` library's AdapterFusion.
+
+Sub-layer form (the same as ``ScaLearnLayer``; DESIGN.md §1), with ``h`` the FFN output, ``x`` its
+residual input and ``LN`` the layer's own pre-trained output LayerNorm (Pfeiffer sources:
+``residual_before_ln=True``, so the fusion residual is h):
+
+    z = LN(h + x)
+    y = LN(fusion(z, query_input = h if query_before_ln else z, residual = h) + x)
+
+``fusion`` is ``ops.fusion.adapter_fusion`` (its docstring has the exact math and the rewrites).
+The trainable parameters are named as in the library's ``BertFusion`` (``query.weight``,
+``query.bias``, ``key.weight``, ``key.bias``, ``value.weight``), so its state dict loads as is.
+
+Temperature: with ``temperature=True`` the library starts at τ = 50 and lowers τ by 0.05 after
+EVERY forward call (training or not) down to 1; this layer does the same. Like the library it
+keeps τ outside the state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .ops.fusion import adapter_fusion_packed
+from .ops.packing import PackedSources, TensorOrList, check_activation, pack_sources
+
+START_TEMPERATURE = 50.0  # the library's annealing start; it falls by START / 1000 per call
+
+
+def _bert_linear(d: int, bias: bool, like: torch.Tensor) -> nn.Linear:
+    """nn.Linear(d, d) initialised as ``Adapter.init_bert_weights``: N(0, 0.02), zero bias."""
+    lin = nn.Linear(d, d, bias=bias, device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        lin.weight.normal_(0.0, 0.02)
+        if bias:
+            lin.bias.zero_()
+    return lin
+
+
+def fusion_options_from_config(config: Mapping[str, Any], default_dropout: float = 0.1) -> dict[str, Any]:
+    """``AdapterFusionLayer`` keyword arguments from an ``adapters`` fusion config dict
+    (``adapter_fusion_config.json``'s ``config``). ``dropout_prob=None`` means the model's
+    ``attention_probs_dropout_prob``, passed here as ``default_dropout``."""
+    dropout = config.get("dropout_prob")
+    return dict(
+        query=bool(config.get("query", True)),
+        key=bool(config.get("key", True)),
+        value=bool(config.get("value", True)),
+        value_initialized=bool(config.get("value_initialized", True)),
+        temperature=bool(config.get("temperature", False)),
+        residual_before=bool(config.get("residual_before", False)),
+        query_before_ln=bool(config.get("query_before_ln", False)),
+        dropout=default_dropout if dropout is None else float(dropout),
+    )
+
+
+class AdapterFusionLayer(nn.Module):
+    """AdapterFusion of N frozen bottleneck adapters for one layer ("dynamic" config by default).
+
+    Args:
+        w_down, b_down, w_up, b_up: the sources in nn.Linear layout, stacked
+            (``[N, r, d]``, ``[N, r]``, ``[N, d, r]``, ``[N, d]``) or per-source lists.
+        query, key, value: whether the fusion has that projection (config ``query``/``key``/``value``).
+        value_initialized: value starts as the identity with 1e-6 off the diagonal (library default).
+        temperature: anneal τ from 50 to 1 (config ``temperature``); else τ = 1.
+        dropout: dropout probability on the scores in training (``dropout_prob``, default the
+            model's attention dropout, 0.1 for BERT).
+        residual_before, query_before_ln: the library's config flags of the same names.
+        scaling: the sources' output scaling (1.0 for Pfeiffer adapters).
+        activation: the sources' non-linearity.
+        backend: ``auto``, ``torch``, ``triton`` or ``reference``.
+        layer_norm: the layer's pre-trained output LayerNorm, used by ``forward``.
+        source_names: optional names of the N sources, in order.
+    """
+
+    def __init__(
+        self,
+        w_down: TensorOrList,
+        b_down: TensorOrList,
+        w_up: TensorOrList,
+        b_up: TensorOrList,
+        *,
+        query: bool = True,
+        key: bool = True,
+        value: bool = True,
+        value_initialized: bool = True,
+        temperature: bool = False,
+        dropout: float = 0.1,
+        residual_before: bool = False,
+        query_before_ln: bool = False,
+        scaling: float | torch.Tensor = 1.0,
+        activation: str = "relu",
+        backend: str = "auto",
+        layer_norm: nn.Module | None = None,
+        source_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.activation = check_activation(activation)
+        self.backend = backend
+        packed = pack_sources(w_down, b_down, w_up, b_up)
+        n, d = packed.num_sources, packed.hidden_size
+        self.ranks = packed.ranks
+        for name in ("w_down", "b_down", "w_up", "b_up"):
+            value_t = getattr(packed, name).detach().clone()
+            self.register_parameter(name, nn.Parameter(value_t, requires_grad=False))
+        self.register_buffer("source_index", packed.source_index, persistent=False)
+        self.scaling = scaling
+        like = self.w_down
+        self.query = _bert_linear(d, True, like) if query else None
+        self.key = _bert_linear(d, True, like) if key else None
+        self.value = _bert_linear(d, False, like) if value else None
+        if self.value is not None and value_initialized:
+            with torch.no_grad():
+                self.value.weight.fill_(1e-6).fill_diagonal_(1.0)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        self.dropout = dropout
+        self.temperature = temperature
+        self.T = START_TEMPERATURE if temperature else 1.0
+        self.reduction = self.T / 1000.0
+        self.residual_before = residual_before
+        self.query_before_ln = query_before_ln
+        self.layer_norm = layer_norm
+        self.source_names = list(source_names) if source_names is not None else [str(i) for i in range(n)]
+        if len(self.source_names) != n:
+            raise ValueError(f"source_names holds {len(self.source_names)} names for N={n} sources")
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w_down.shape[1]
+
+    def packed(self) -> PackedSources:
+        return PackedSources(self.w_down, self.b_down, self.w_up, self.b_up, self.source_index, self.ranks)
+
+    def fusion_parameters(self) -> list[nn.Parameter]:
+        """The trainable fusion weights (query, key, value)."""
+        return [p for m in (self.query, self.key, self.value) if m is not None for p in m.parameters()]
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        """The library's fusion regularisation ``0.01·‖I - W_v‖²`` (``get_fusion_regularization_loss``)."""
+        if self.value is None or not self.value.weight.requires_grad:
+            return None
+        eye = torch.eye(self.hidden_size, dtype=self.value.weight.dtype, device=self.value.weight.device)
+        return 0.01 * (eye - self.value.weight).pow(2).sum()
+
+    def _weight(self, module: nn.Linear | None, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        t = None if module is None else getattr(module, name)
+        return None if t is None else t.to(dtype)
+
+    def compose(
+        self,
+        z: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        query_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The library's ``BertFusion.forward`` on adapter input ``z [..., d]`` (anneals τ)."""
+        dtype = z.dtype
+        scaling = self.scaling.to(dtype) if isinstance(self.scaling, torch.Tensor) else self.scaling
+        out = adapter_fusion_packed(
+            z,
+            self.packed().to(dtype),
+            self._weight(self.query, "weight", dtype),
+            self._weight(self.query, "bias", dtype),
+            self._weight(self.key, "weight", dtype),
+            self._weight(self.key, "bias", dtype),
+            self._weight(self.value, "weight", dtype),
+            residual,
+            query_input=query_input,
+            scaling=scaling,
+            temperature=self.T,
+            dropout_p=self.dropout,
+            training=self.training,
+            residual_before=self.residual_before,
+            activation=self.activation,
+            backend=self.backend,
+        )
+        self.T = max(self.T - self.reduction, 1.0)
+        return out
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        """The full sub-layer ``LN(fusion(LN(h + x), residual=h) + x)``; needs ``layer_norm``."""
+        if self.layer_norm is None:
+            raise ValueError(
+                "AdapterFusionLayer.forward needs the layer's output LayerNorm (pass layer_norm=...); "
+                "use compose(z, residual) for the fusion alone"
+            )
+        if hidden_states.shape != input_tensor.shape:
+            raise ValueError(
+                f"hidden_states has shape {list(hidden_states.shape)} but input_tensor has "
+                f"{list(input_tensor.shape)}; they must match"
+            )
+        pre_ln = hidden_states + input_tensor
+        z = self.layer_norm(pre_ln)
+        query_input = hidden_states if self.query_before_ln else None
+        if self.residual_before:  # h joins the keys and values; x comes after
+            out = self.compose(z, residual=hidden_states, query_input=query_input)
+            return self.layer_norm(out + input_tensor)
+        return self.layer_norm(self.compose(z, residual=pre_ln, query_input=query_input))
+
+    def extra_repr(self) -> str:
+        parts = [name for name in ("query", "key", "value") if getattr(self, name) is not None]
+        return (
+            f"num_sources={self.num_sources}, ranks={list(self.ranks)}, hidden_size={self.hidden_size}, "
+            f"projections={parts}, dropout={self.dropout}, temperature={self.temperature}, "
+            f"residual_before={self.residual_before}, query_before_ln={self.query_before_ln}, "
+            f"backend={self.backend!r}"
+        )
