@@ -5,15 +5,18 @@ fused Triton kernels, behind autograd-aware ``torch.library`` custom ops.
 """
 
 from .layers import VARIANTS, ScaLearnLayer, init_omega
-from .ops import PackedSources, pack_sources, scaled_adapter_sum
+from .layers_fusion import AdapterFusionLayer
+from .ops import PackedSources, adapter_fusion, pack_sources, scaled_adapter_sum
 
 __version__ = "0.1.0"
 
 __all__ = [
     "VARIANTS",
+    "AdapterFusionLayer",
     "PackedSources",
     "ScaLearnLayer",
     "__version__",
+    "adapter_fusion",
     "init_omega",
     "pack_sources",
     "scaled_adapter_sum",

@@ -1,5 +1,6 @@
 """Ops: the composition functional, its backends and input packing."""
 
+from .fusion import adapter_fusion, adapter_fusion_packed
 from .packing import PackedSources, pack_sources
 from .scaled_adapter_sum import (
     scaled_adapter_sum,
@@ -9,6 +10,8 @@ from .scaled_adapter_sum import (
 
 __all__ = [
     "PackedSources",
+    "adapter_fusion",
+    "adapter_fusion_packed",
     "pack_sources",
     "scaled_adapter_sum",
     "scaled_adapter_sum_folded",
