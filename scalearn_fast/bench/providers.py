@@ -312,11 +312,29 @@ def fused_fusion_factory(backend: str) -> ProviderFactory:
     Until then it reports itself unavailable, and the suite skips it with that reason."""
 
     def build(src: Sources) -> Provider:
-        raise ProviderUnavailable(
-            f"fused AdapterFusion ({backend}) lands with issue 5; not in this build yet"
-        )
+        reason = triton_unavailable_reason(src.w_down.device) if backend == "triton" else None
+        if reason:
+            raise ProviderUnavailable(reason)
+        m = FusedFusion(src, backend).eval()
+        return Provider(m, m.layer.fusion_parameters(), warmup=3 if backend == "triton" else 1)
 
     return build
+
+
+class FusedFusion(nn.Module):
+    """``AdapterFusionLayer`` (issue 5) at ``NaiveFusion``'s weights; forward(z, residual) is
+    the fusion alone (``compose``), as for the other fusion providers."""
+
+    def __init__(self, src: Sources, backend: str) -> None:
+        super().__init__()
+        from ..layers_fusion import AdapterFusionLayer
+
+        self.layer = AdapterFusionLayer(src.w_down, src.b_down, src.w_up, src.b_up, backend=backend)
+        q, k, v = _fusion_linears(src.d, dtype=src.w_down.dtype, device=src.w_down.device)
+        self.layer.query, self.layer.key, self.layer.value = q, k, v
+
+    def forward(self, z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.layer.compose(z, residual)
 
 
 FUSION_PROVIDERS: dict[str, ProviderFactory] = {
