@@ -206,6 +206,18 @@ def test_triton_backend_against_reference(dtype):
     _rule(out, same, ref64, atol=1e-5 if dtype == torch.float32 else 2e-3)
 
 
+@pytest.mark.skipif(not _has_triton_backend(), reason="the core op's triton backend is not in this tree")
+def test_triton_backend_grads_match_torch():
+    src, fusion, z, h = make_case(lead=(9,), n=2, r=16, d=32, dtype=torch.float32, seed=6)
+    if torch.cuda.is_available():
+        src, fusion, z, h = [t.cuda() for t in src], [t.cuda() for t in fusion], z.cuda(), h.cuda()
+    kw = dict(dropout_p=0.3, training=True)
+    got = _grads("triton", src, fusion, z, h, seed=8, **kw)
+    expect = _grads("torch", src, fusion, z, h, seed=8, **kw)
+    for a, b in zip(got, expect, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "change, match",
     [
