@@ -13,6 +13,7 @@ from .scaled_adapter_sum import (
     up_projection,
     up_projection_ref,
 )
+from .scaled_adapter_sum_backward import grad_pre, grad_pre_ref, tn_gemm, tn_gemm_ref
 
 __all__ = [
     "FUSED_MAX_R",
@@ -21,6 +22,10 @@ __all__ = [
     "fused_fits",
     "fused_forward",
     "fused_forward_ref",
+    "grad_pre",
+    "grad_pre_ref",
     "up_projection",
+    "tn_gemm",
+    "tn_gemm_ref",
     "up_projection_ref",
 ]

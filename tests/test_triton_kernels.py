@@ -306,6 +306,61 @@ def test_fused_forward_rejects_large_rank(monkeypatch):
         K.fused_forward(z, p.w_down, p.b_down, p.w_up, None, p.source_index, torch.zeros(40, device=DEVICE))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_rs", [False, True])
+@pytest.mark.parametrize("uniform", [False, True], ids=["vector", "uniform"])
+def test_grad_pre_launcher(dtype, with_rs, uniform):
+    p = _packed(dtype=dtype)
+    g = torch.Generator().manual_seed(6)
+    t, d = 23, 40
+    grad = torch.randn(t, d, generator=g).to(DEVICE, dtype)
+    pre = torch.randn(t, p.total_rank, generator=g).to(DEVICE, dtype)
+    omega = torch.randn(3, 1 if uniform else d, generator=g).to(DEVICE, dtype)
+    rs = torch.rand(t, 3, generator=g).to(DEVICE, dtype) if with_rs else None
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    for act in ("relu", "tanh"):
+        args = (grad, pre, p.w_up, omega, p.source_index, rs, act, True)
+        d_pre, gs = K.grad_pre(*args)
+        d_pre_r, gs_r = K.grad_pre_ref(*args)
+        assert gs.dtype == torch.float32 and d_pre.dtype == dtype
+        torch.testing.assert_close(d_pre, d_pre_r, rtol=tol, atol=tol)
+        torch.testing.assert_close(gs, gs_r, rtol=tol, atol=tol)
+    d_pre, gs = K.grad_pre(grad, pre, p.w_up, None, p.source_index)
+    torch.testing.assert_close(
+        d_pre, K.grad_pre_ref(grad, pre, p.w_up, None, p.source_index)[0], rtol=tol, atol=tol
+    )
+    assert gs.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("prologue", ["plain", "act", "act_rs"])
+def test_tn_gemm_launcher(dtype, splits, prologue):
+    """Aᵀ·B over tokens, split deterministically over T (T=300: chunks of 128, a ragged tail)."""
+    g = torch.Generator().manual_seed(7)
+    t, r, d = 300, 16, 40
+    a = torch.randn(t, r, generator=g).to(DEVICE, dtype)
+    b = torch.randn(t, d, generator=g).to(DEVICE, dtype)
+    src = torch.tensor([0] * 3 + [1] * 8 + [2] * 5, device=DEVICE)
+    kw = {}
+    if prologue != "plain":
+        kw = {"activation": "gelu", "source_index": src}
+    if prologue == "act_rs":
+        kw["row_scale"] = torch.rand(t, 3, generator=g).to(DEVICE, dtype)
+    out = K.tn_gemm(a, b, splits=splits, **kw)
+    assert out.dtype == torch.float32 and out.shape == (r, d)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, K.tn_gemm_ref(a, b, **kw), rtol=tol, atol=tol)
+    assert torch.equal(out, K.tn_gemm(a, b, splits=splits, **kw))  # deterministic, no atomics
+    assert torch.equal(K.tn_gemm(a[:0], b[:0], **kw), torch.zeros(r, d, device=DEVICE))
+
+
+def test_long_sequence_splits_tokens():
+    """T=300: the backward's token split (2 chunks) through the whole op, with row_scale."""
+    z, omega, res, rs = make_inputs((300,), n=2, d=24, row_scale=True)
+    check(torch.float32, z, make_sources(2, 4, 24, grad=True), omega, res, row_scale=rs)
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 

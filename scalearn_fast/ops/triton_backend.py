@@ -1,7 +1,7 @@
 """The Triton backend of ``scalearn_fast::scaled_adapter_sum`` (the CUDA default).
 
 Same signatures and semantics as ``torch_backend`` (read its docstring for the math).
-The T-sized GEMMs run in the kernels of ``kernels/`` (``scalearn_fast.kernels``); the
+The T-sized GEMMs (forward and backward) run in the kernels of ``kernels/`` (``scalearn_fast.kernels``); the
 O(N·d), O(R·d) and O(T·N) pieces (the folded bias, the per-source ω reduction, dB,
 db_D, the per-source row_scale reduction) are plain torch here.
 
@@ -15,8 +15,6 @@ from __future__ import annotations
 import torch
 
 from scalearn_fast._kernels import load_kernels
-
-from . import torch_backend
 
 USE_FUSED = True
 
@@ -73,8 +71,44 @@ def backward(
 ) -> list[torch.Tensor]:
     """Gradients ``[dz, dw_down, db_down, dw_up, db_up, domega, drow_scale]`` (see torch_backend).
 
-    TEMPORARY: delegates to the torch backend until the backward kernels land.
+    Kernels: dP (and act(P)⊙G for drow_scale) from ``grad_pre``; dz = dP·D from
+    ``up_projection``; M = Sᵀ·g and dD = dPᵀ·z from ``tn_gemm`` (fp32, split over T).
+    The rest is O(R·d + N·d + T·N) torch, reduced in fp32 and cast back.
     """
-    return torch_backend.backward(
-        grad_out, z, pre, w_down, w_up, b_up, omega, source_index, row_scale, activation, needs
-    )
+    need_z, need_wd, need_bd, need_wu, need_bu, need_omega, need_rs = needs
+    k = load_kernels()
+    g = grad_out
+    dtype = z.dtype
+    n = omega.shape[0]
+    w_down, w_up = w_down.to(dtype), w_up.to(dtype)
+    d_z = d_wd = d_bd = d_wu = d_bu = d_omega = d_rs = None
+    omega_b = omega.float() * b_up.float()  # [N, d]
+    if need_z or need_wd or need_bd or need_rs:
+        d_pre, gs = k.grad_pre(g, pre, w_up, omega, source_index, row_scale, activation, store_gs=need_rs)
+        if need_rs:
+            per_source = gs.new_zeros(gs.shape[0], n).index_add_(1, source_index, gs)
+            d_rs = (per_source + g.float() @ omega_b.T).to(row_scale.dtype)
+        if need_z:
+            d_z = k.up_projection(d_pre, w_down.T, None, source_index, None)
+        if need_wd:
+            d_wd = k.tn_gemm(d_pre, z).to(dtype)
+        if need_bd:
+            d_bd = d_pre.float().sum(0).to(dtype)
+    if need_omega or need_bu:
+        # Σ_t w[t, i]·g[t, j]: [N, d]
+        g_rows = g.float().sum(0, keepdim=True) if row_scale is None else row_scale.float().T @ g.float()
+    if need_omega or need_wu:
+        m = k.tn_gemm(pre, g, activation=activation, source_index=source_index, row_scale=row_scale)
+        if need_omega:
+            d_omega = torch.zeros(n, m.shape[1], dtype=torch.float32, device=g.device)
+            d_omega.index_add_(0, source_index, w_up.float().T * m)
+            d_omega += b_up.float() * g_rows
+            if omega.shape[1] == 1:
+                d_omega = d_omega.sum(1, keepdim=True)
+            d_omega = d_omega.to(omega.dtype)
+        if need_wu:
+            d_wu = (m * omega.float().index_select(0, source_index)).T.to(dtype)
+    if need_bu:
+        d_bu = (omega.float() * g_rows).to(b_up.dtype)
+    grads = [d_z, d_wd, d_bd, d_wu, d_bu, d_omega, d_rs]
+    return [g.new_empty(0) if t is None else t for t in grads]  # one fresh empty each: no aliasing
