@@ -336,3 +336,22 @@ def test_layer_init_trains_and_regularises():
     assert layer.regularization_loss().item() == pytest.approx(0.01 * 16 * 15 * 1e-12)
     with pytest.raises(ValueError, match="needs the layer's output LayerNorm"):
         layer(h, h)
+
+
+# ---------------------------------------------------------------- the adapters checkpoint format
+
+
+@pytest.mark.parametrize("safetensors", [False, True])
+def test_load_fusion_checkpoint_from_adapters_save(tmp_path, safetensors):
+    from scalearn_fast.models.fusion_weights import load_fusion_checkpoint
+
+    model, fusion_name = tiny_bert_with_fuse(("a", "b"))
+    model.save_adapter_fusion(str(tmp_path), fusion_name, use_safetensors=safetensors)
+    ckpt = load_fusion_checkpoint(tmp_path)
+    assert ckpt.name == "a,b" and ckpt.adapter_names == ["a", "b"] and sorted(ckpt.layers) == [0, 1]
+    lib = model.encoder.layer[1].output.adapter_fusion_layer[fusion_name]
+    for key, tensor in lib.state_dict().items():
+        torch.testing.assert_close(ckpt.layers[1][key], tensor, rtol=0, atol=0)
+    assert ckpt.config["value"] is True and ckpt.config["dropout_prob"] is None
+    with pytest.raises(ValueError, match="adapter_fusion_config.json"):
+        load_fusion_checkpoint(tmp_path / "missing")
