@@ -36,7 +36,9 @@ S = act(z·Dᵀ + b_D) (T x R) and u_t = W_kᵀ q_t:
     R3  u_t · a_ti = Σ_k (u_t·U)[i·r+k] · S[t, i·r+k] + u_t · C_i: scores through one GEMM
         Π = u·U of width R = N·r, a block row-sum of S ⊙ Π, and a [T, d] x [d, N] product.
     R4  Σ_i p_ti a_ti = (S ⊙ p_t[src(·)])·Uᵀ + p_t·C: the softmax weights fold into S before
-        the up GEMM, i.e. the core op ``scaled_adapter_sum_packed(..., row_scale=p)``.
+        the up GEMM, i.e. the core op ``scaled_adapter_sum_packed(..., row_scale=p)`` (which
+        recomputes S: one extra T·d·R GEMM). With nothing to differentiate, the torch backend
+        instead scales the scores' S in place and runs the up GEMM itself (S computed once).
 
 Dropout draws its mask with ``F.dropout`` on the [T, N] score matrix in every backend, as the
 library does on its [B, S, N] scores: under the same RNG state all three backends (and the
@@ -180,13 +182,24 @@ def fusion_scores(
     packed: PackedSources,
     omega: torch.Tensor,
     activation: str,
-) -> torch.Tensor:
-    """R3: ``σ_ti - γ_t = u_t · a_ti`` for all adapters at once, ``[T, N]`` (no [N, T, d])."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """R3: ``σ_ti - γ_t = u_t · a_ti`` for all adapters at once, ``[T, N]`` (no [N, T, d]);
+    also returns S ``[T, R]`` and U ``[d, R]`` for the inference path's up GEMM."""
     hidden = activation_fn(activation, torch.addmm(packed.b_down, z, packed.w_down.T))  # S [T, R]
     omega_cols = omega.index_select(0, packed.source_index)  # [R, d] or [R, 1]
     up = packed.w_up * omega_cols.T  # U [d, R]
     projected = u @ up  # Π = u·U [T, R]: the one extra GEMM of width N·r
-    return _block_row_sum(hidden * projected, packed) + u @ (omega * packed.b_up).T
+    scores = _block_row_sum(hidden * projected, packed) + u @ (omega * packed.b_up).T
+    return scores, hidden, up
+
+
+def _weighted_sum_inference(hidden, up, probs, packed, omega, residual) -> torch.Tensor:
+    """R4 without autograd, reusing the scores' S (no second down GEMM): (S ⊙ p[src])·Uᵀ + p·C."""
+    hidden.mul_(probs.index_select(1, packed.source_index))
+    bias = probs @ (omega * packed.b_up)
+    if residual is not None:
+        bias.add_(residual)
+    return torch.addmm(bias, hidden, up.T)
 
 
 def _adapter_fusion_fast(
@@ -195,7 +208,7 @@ def _adapter_fusion_fast(
 ) -> torch.Tensor:  # fmt: skip
     q = _linear(c2, query_weight, query_bias)  # [T, d]
     u = q if key_weight is None else q @ key_weight  # u_t = W_kᵀ q_t
-    scores = fusion_scores(z2, u, packed, omega, activation)
+    scores, hidden, up = fusion_scores(z2, u, packed, omega, activation)
     dropping = training and dropout_p > 0.0
     if dropping:  # R2 is exact only without dropout: keep the per-token shift γ_t
         shift = None
@@ -209,11 +222,15 @@ def _adapter_fusion_fast(
     elif key_bias is not None and key_bias.requires_grad and torch.is_grad_enabled():
         scores = scores + key_bias.sum() * 0.0  # ∂L/∂b_k is exactly 0 here (R2); say so explicitly
     probs = torch.softmax(scores / temperature, dim=-1)
-    # R4: the softmax weights scale S's blocks inside the core op (no [N, T, d] tensor)
-    mixed = scaled_adapter_sum_packed(
-        z2, packed, omega, rho2 if residual_before else None,
-        activation=activation, backend=backend, row_scale=probs,
-    )  # fmt: skip
+    # R4: the softmax weights scale S's blocks inside the core op (no [N, T, d] tensor). With no
+    # gradient to take, the torch backend reuses S from the scores instead of recomputing it.
+    mix_residual = rho2 if residual_before else None
+    if backend == "torch" and not any(t.requires_grad for t in (probs, hidden, up, omega)):
+        mixed = _weighted_sum_inference(hidden, up, probs, packed, omega, mix_residual)
+    else:
+        mixed = scaled_adapter_sum_packed(
+            z2, packed, omega, mix_residual, activation=activation, backend=backend, row_scale=probs
+        )
     if value_weight is None:  # R1: W_v once, after the weighted sum
         return mixed if residual_before or rho2 is None else mixed + rho2
     if residual_before or rho2 is None:
