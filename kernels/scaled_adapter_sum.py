@@ -82,9 +82,19 @@ _FUSED_CONFIGS = _configs(
         ({"BLOCK_T": 64, "BLOCK_D": 128, "BLOCK_K": 32}, 8, 3),
         ({"BLOCK_T": 128, "BLOCK_D": 64, "BLOCK_K": 32}, 8, 2),
         ({"BLOCK_T": 32, "BLOCK_D": 128, "BLOCK_K": 64}, 4, 3),
+        ({"BLOCK_T": 32, "BLOCK_D": 64, "BLOCK_K": 64}, 8, 2),
+        ({"BLOCK_T": 16, "BLOCK_D": 64, "BLOCK_K": 64}, 8, 2),
     ],
     {"BLOCK_T": 16, "BLOCK_D": 32, "BLOCK_K": 32},
 )
+
+
+def _prune_fused(configs, named_args, **kwargs):
+    """Keep configs whose fp32 S block [BLOCK_T, R_PAD] is <= 64 registers a thread;
+    for R_PAD = 512 that leaves BLOCK_T = 16-32 at 8 warps. Never prunes to nothing."""
+    r_pad = {**named_args, **kwargs}["R_PAD"]
+    fits = [c for c in configs if c.kwargs["BLOCK_T"] * r_pad <= 64 * 32 * c.num_warps]
+    return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_T"])]
 
 
 # --------------------------------------------------------------------------- jit helpers
@@ -275,7 +285,9 @@ def _up_projection_kernel(
     )
 
 
-@triton.autotune(configs=_FUSED_CONFIGS, key=["d", "R"])
+@triton.autotune(
+    configs=_FUSED_CONFIGS, key=["d", "R"], prune_configs_by={"early_config_prune": _prune_fused}
+)
 @triton.jit
 def _fused_kernel(
     z_ptr, wd_ptr, bd_ptr, w_ptr, omega_ptr, src_ptr, rs_ptr, bias_ptr, res_ptr, pre_ptr, out_ptr,
