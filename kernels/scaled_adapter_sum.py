@@ -149,7 +149,7 @@ def _activation_grad(x, ACT: tl.constexpr):
         th = _tanh(x)
         y = 1.0 - th * th
     else:
-        y = x * 0.0 + 1.0
+        y = tl.zeros_like(x) + 1.0  # not x*0+1: a NaN P must not poison dP here
     return y
 
 

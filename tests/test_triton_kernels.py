@@ -224,6 +224,29 @@ def test_outputs_do_not_alias_inputs():
     assert grads[-1].numel() == 0
 
 
+def test_only_omega_needs_grad(path):
+    """Frozen input and sources: only M = Sᵀ·g runs in the backward (no dP kernel)."""
+    z, omega, _, rs = make_inputs((2, 9), n=3, d=40, row_scale=True)
+    check(
+        torch.float32,
+        z.detach(),
+        make_sources(3, 0, 40, hetero=[3, 8, 5]),
+        omega,
+        None,
+        row_scale=rs.detach(),
+    )
+
+
+def test_non_contiguous_inputs(path):
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(40, 8, generator=g, dtype=torch.float64).T.requires_grad_()  # [8, 40], transposed view
+    omega = torch.randn(40, 3, generator=g, dtype=torch.float64).T.requires_grad_()
+    assert not z.is_contiguous() and not omega.is_contiguous()
+    wd, bd, wu, bu = make_sources(3, 5, 40)
+    wd = wd.transpose(1, 2).contiguous().transpose(1, 2)
+    check(torch.float32, z, (wd, bd, wu, bu), omega)
+
+
 # ----------------------------------------------------------------------------- launchers vs *_ref
 
 
@@ -238,6 +261,7 @@ def test_down_projection_launcher(dtype, with_rs):
     g = torch.Generator().manual_seed(2)
     z = torch.randn(19, 40, generator=g).to(DEVICE, dtype)
     rs = torch.rand(19, 3, generator=g).to(DEVICE, dtype) if with_rs else None
+    z = z.T.contiguous().T  # column-major: strides are passed, not assumed
     for act in ("relu", "gelu"):
         pre, s = K.down_projection(z, p.w_down, p.b_down, p.source_index, rs, act, True)
         pre_r, s_r = K.down_projection_ref(z, p.w_down, p.b_down, p.source_index, rs, act, True)
