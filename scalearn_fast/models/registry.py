@@ -1,0 +1,146 @@
+"""Where the adapters go: one registry from ``config.model_type`` to the FFN output sub-layers.
+
+DESIGN.md §1 puts every source adapter after the FFN output sub-layer of each transformer
+layer. Two shapes of sub-layer are covered:
+
+* ``"output"`` (BERT, RoBERTa, XLM-RoBERTa, DeBERTa-v2): a module with ``dense``,
+  ``dropout`` and ``LayerNorm`` whose ``forward(hidden_states, input_tensor)`` returns
+  ``LayerNorm(dropout(dense(hidden_states)) + input_tensor)``.
+* ``"post_ln"`` (BART encoder and decoder layers): the layer's ``final_layer_norm``,
+  whose input is already ``h + x`` (FFN output plus its residual). Patching it is exact for
+  adapters with ``residual_before_ln=True`` and ``original_ln_before/after=True``, which only
+  ever see ``h + x``.
+
+Submodules are found by attribute walks with ``getattr`` (no version-specific imports), so the
+same code runs on transformers 4.x and 5.x.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers?\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class FFNSite:
+    """One FFN output sub-layer: where to patch and which LayerNorm it owns."""
+
+    name: str  # qualified module name inside the model
+    module: nn.Module  # the module whose forward gets patched
+    layer_norm: nn.Module  # the pre-trained LayerNorm applied after the FFN residual
+    style: str  # "output" or "post_ln" (see module docstring)
+    stack: str  # "encoder" or "decoder"
+    index: int  # layer index inside its stack
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.stack, self.index)
+
+
+def site_key(qualified_name: str) -> tuple[str, int] | None:
+    """``(stack, layer index)`` parsed from a module or state-dict key, e.g.
+    ``bert.encoder.layer.3.output.adapters.x...`` -> ``("encoder", 3)``."""
+    match = _LAYER_INDEX.search(qualified_name)
+    if match is None:
+        return None
+    stack = "decoder" if re.search(r"(?:^|\.)decoder\.", qualified_name[: match.start() + 1]) else "encoder"
+    return stack, int(match.group(1))
+
+
+def _qualified(model: nn.Module) -> dict[int, str]:
+    return {id(m): n for n, m in model.named_modules()}
+
+
+def _layer_lists(model: nn.Module, stack_names: tuple[str, ...], layer_attrs: tuple[str, ...]):
+    """Yield (stack, ModuleList of layers) for every stack found (encoder, decoder)."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None) or model
+    for root in (base, model):
+        found = []
+        for stack in stack_names:
+            holder = getattr(root, stack, None)
+            if holder is None:
+                continue
+            for attr in layer_attrs:
+                layers = getattr(holder, attr, None)
+                if isinstance(layers, nn.ModuleList):
+                    found.append((stack, layers))
+                    break
+        if found:
+            return found
+    return []
+
+
+def _bert_like(model: nn.Module) -> list[FFNSite]:
+    names = _qualified(model)
+    sites = []
+    for stack, layers in _layer_lists(model, ("encoder",), ("layer", "layers")):
+        for index, layer in enumerate(layers):
+            out = getattr(layer, "output", None)
+            ln = getattr(out, "LayerNorm", None)
+            if out is None or ln is None or getattr(out, "dense", None) is None:
+                raise ValueError(f"layer {index} of {type(model).__name__} has no output.dense/LayerNorm")
+            sites.append(FFNSite(names[id(out)], out, ln, "output", stack, index))
+    return sites
+
+
+def _bart_like(model: nn.Module) -> list[FFNSite]:
+    names = _qualified(model)
+    sites = []
+    for stack, layers in _layer_lists(model, ("encoder", "decoder"), ("layers", "layer")):
+        for index, layer in enumerate(layers):
+            ln = getattr(layer, "final_layer_norm", None)
+            if ln is None:
+                raise ValueError(f"{stack} layer {index} of {type(model).__name__} has no final_layer_norm")
+            sites.append(FFNSite(names[id(ln)], ln, ln, "post_ln", stack, index))
+    return sites
+
+
+REGISTRY: dict[str, Callable[[nn.Module], list[FFNSite]]] = {
+    "bert": _bert_like,
+    "roberta": _bert_like,
+    "xlm-roberta": _bert_like,
+    "deberta-v2": _bert_like,
+    "bart": _bart_like,
+}
+# Not registered on purpose: mBART and T5 are pre-LN (the LayerNorm runs before the FFN), so
+# the adapters library computes ``A(h + x) + h + x`` there with no LayerNorm around it; they
+# need a third sub-layer style, not a wrong entry here.
+
+
+def model_type(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind is None:
+        raise ValueError(f"{type(model).__name__} has no config.model_type; expected a transformers model")
+    return kind
+
+
+def ffn_sites(model: nn.Module) -> list[FFNSite]:
+    """Every FFN output sub-layer of ``model``, encoder first, in layer order."""
+    kind = model_type(model)
+    if kind not in REGISTRY:
+        raise ValueError(f"model_type {kind!r} is not supported; supported: {sorted(REGISTRY)}")
+    sites = REGISTRY[kind](model)
+    if not sites:
+        raise ValueError(f"found no transformer layers in {type(model).__name__} (model_type {kind!r})")
+    return sites
+
+
+def ffn_output_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``[(qualified name, module to patch)]`` for every FFN output sub-layer (see ``ffn_sites``
+    for the layer index, stack and LayerNorm of each)."""
+    return [(s.name, s.module) for s in ffn_sites(model)]
+
+
+def hidden_size(model: nn.Module) -> int:
+    config = model.config
+    for attr in ("hidden_size", "d_model"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot read the hidden size from {type(config).__name__}")
