@@ -1,0 +1,32 @@
+"""Hugging Face models: the FFN-site registry, per-instance patching, ScaLearn attach/detach."""
+
+from .patching import is_patched, original_forward, patch_forward, patch_site, unpatch, unpatch_site
+from .registry import REGISTRY, FFNSite, ffn_output_modules, ffn_sites, site_key
+from .scalearn import (
+    attach_scalearn,
+    detach_scalearn,
+    head_parameters,
+    is_attached,
+    omega_parameters,
+    scalearn_layers,
+)
+
+__all__ = [
+    "REGISTRY",
+    "FFNSite",
+    "attach_scalearn",
+    "detach_scalearn",
+    "ffn_output_modules",
+    "ffn_sites",
+    "head_parameters",
+    "is_attached",
+    "is_patched",
+    "omega_parameters",
+    "original_forward",
+    "patch_forward",
+    "patch_site",
+    "scalearn_layers",
+    "site_key",
+    "unpatch",
+    "unpatch_site",
+]

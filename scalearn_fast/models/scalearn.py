@@ -1,0 +1,167 @@
+"""``attach_scalearn`` / ``detach_scalearn``: ScaLearn inside a transformers model, per instance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..layers import ScaLearnLayer, check_variant, init_omega, is_shared
+from .patching import LayerNormRef, patch_site, unpatch_site
+from .registry import FFNSite, ffn_sites, hidden_size
+
+ATTR = "scalearn"  # name of the ScaLearnLayer on each patched module
+_STATE = "_scalearn_fast_state"
+
+
+@dataclass
+class AttachState:
+    variant: str
+    source_names: list[str]
+    sites: list[FFNSite]
+    backend: str
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+    shared_omega: nn.Parameter | None = None
+
+
+def attach_state(model: nn.Module) -> AttachState:
+    state = model.__dict__.get(_STATE)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} has no ScaLearn attached; call attach_scalearn first")
+    return state
+
+
+def is_attached(model: nn.Module) -> bool:
+    return _STATE in model.__dict__
+
+
+def head_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The task head: parameters outside the base model, plus its pooler (if any)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else None
+    if base is None or base is model:
+        return []
+    keep = []
+    for name, param in model.named_parameters():
+        inside = name.startswith(prefix + ".")
+        if not inside or name.startswith(prefix + ".pooler."):
+            keep.append((name, param))
+    return keep
+
+
+def scalearn_layers(model: nn.Module) -> list[ScaLearnLayer]:
+    return [getattr(site.module, ATTR) for site in attach_state(model).sites]
+
+
+def omega_parameters(model: nn.Module) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for layer in scalearn_layers(model):
+        seen.setdefault(id(layer.omega), layer.omega)
+    return list(seen.values())
+
+
+def _as_tuple(weights: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if hasattr(weights, "w_down"):
+        return weights.w_down, weights.b_down, weights.w_up, weights.b_up
+    return tuple(weights)  # type: ignore[return-value]
+
+
+def attach_scalearn(
+    model: nn.Module,
+    sources: Any,
+    variant: str = "scalearn",
+    backend: str = "auto",
+    *,
+    omega_dropout: float | None = None,
+    freeze: bool = True,
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """Inject N source adapters + ScaLearn after every FFN output sub-layer of ``model``.
+
+    ``sources``: AdapterHub folders (list or ``{name: folder}``), ``AdapterSource`` objects,
+    or ``{name: {layer index or (stack, index): (w_down, b_down, w_up, b_up)}}``.
+    With ``freeze`` (default) only ω and the task head train. Returns ``model`` (patched in place).
+    """
+    from ..io import load_adapterhub_sources
+
+    check_variant(variant)
+    if is_attached(model):
+        raise RuntimeError("ScaLearn is already attached to this model; detach_scalearn it first")
+    srcs = load_adapterhub_sources(sources)
+    sites = ffn_sites(model)
+    d = hidden_size(model)
+    activations = {s.activation for s in srcs}
+    if len(activations) != 1:
+        raise ValueError(f"sources use different non-linearities {sorted(activations)}")
+    activation = activations.pop()
+    wanted = {s.key for s in sites}
+    for src in srcs:
+        if src.hidden_size != d:
+            raise ValueError(f"source {src.name!r} has hidden size {src.hidden_size}, the model has d={d}")
+        missing = sorted(wanted - set(src.layers))
+        extra = sorted(set(src.layers) - wanted)
+        if missing or extra:
+            raise ValueError(
+                f"source {src.name!r} does not fit {type(model).__name__}: "
+                f"missing layers {missing}, unknown layers {extra}"
+            )
+    param = next(model.parameters())
+    shared = None
+    if is_shared(variant):
+        shared = init_omega(len(srcs), d, variant, device=param.device, generator=generator)
+    state = AttachState(variant, [s.name for s in srcs], sites, backend, shared_omega=shared)
+    if freeze:
+        state.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+    try:
+        for site in sites:
+            ws = [_as_tuple(s.layers[site.key]) for s in srcs]
+            omega = shared
+            if omega is None:
+                omega = init_omega(len(srcs), d, variant, device=param.device, generator=generator)
+            layer = ScaLearnLayer(
+                [w[0] for w in ws],
+                [w[1] for w in ws],
+                [w[2] for w in ws],
+                [w[3] for w in ws],
+                variant=variant,
+                omega=omega,
+                activation=activation,
+                omega_dropout=omega_dropout,
+                backend=backend,
+                layer_norm=LayerNormRef(site.layer_norm),  # type: ignore[arg-type]
+                source_names=state.source_names,
+            ).to(device=param.device)
+            layer.train(site.module.training)  # a new module starts in training mode
+            patch_site(site, layer, ATTR)
+    except BaseException:
+        _undo(model, state)
+        raise
+    model.__dict__[_STATE] = state
+    if freeze:
+        for _, p in head_parameters(model):
+            p.requires_grad_(True)
+        for omega in omega_parameters(model):
+            omega.requires_grad_(True)
+    return model
+
+
+def _undo(model: nn.Module, state: AttachState) -> None:
+    for site in state.sites:
+        if hasattr(site.module, ATTR):
+            unpatch_site(site, ATTR)
+    if state.requires_grad:
+        for name, p in model.named_parameters():
+            if name in state.requires_grad:
+                p.requires_grad_(state.requires_grad[name])
+
+
+def detach_scalearn(model: nn.Module) -> nn.Module:
+    """Undo ``attach_scalearn``: original forwards and ``requires_grad`` flags come back."""
+    state = attach_state(model)
+    _undo(model, state)
+    del model.__dict__[_STATE]
+    return model
