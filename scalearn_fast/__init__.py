@@ -6,6 +6,7 @@ fused Triton kernels, behind autograd-aware ``torch.library`` custom ops.
 
 from .layers import VARIANTS, ScaLearnLayer, init_omega
 from .layers_fusion import AdapterFusionLayer
+from .models import attach_scalearn, detach_scalearn
 from .ops import PackedSources, adapter_fusion, pack_sources, scaled_adapter_sum
 
 __version__ = "0.1.0"
@@ -17,6 +18,8 @@ __all__ = [
     "ScaLearnLayer",
     "__version__",
     "adapter_fusion",
+    "attach_scalearn",
+    "detach_scalearn",
     "init_omega",
     "pack_sources",
     "scaled_adapter_sum",
