@@ -210,7 +210,10 @@ def test_bad_sources_clear_errors():
 
 
 def _library_model(kind: str, tmp_path: Path):
-    adapters = pytest.importorskip("adapters", reason="the optional `adapters` library is not installed")
+    try:
+        import adapters
+    except ImportError as err:  # absent, or installed against another transformers version
+        pytest.skip(f"the optional `adapters` library is not importable here: {err}")
     model = tiny(kind)
     adapters.init(model)
     for name in NAMES:
