@@ -5,6 +5,7 @@ Each launcher has a plain-PyTorch ``*_ref`` twin used by the tests.
 
 from .scaled_adapter_sum import (
     FUSED_MAX_R,
+    FUSED_MAX_R_FP32,
     down_projection,
     down_projection_ref,
     fused_fits,
@@ -17,6 +18,7 @@ from .scaled_adapter_sum_backward import grad_pre, grad_pre_ref, tn_gemm, tn_gem
 
 __all__ = [
     "FUSED_MAX_R",
+    "FUSED_MAX_R_FP32",
     "down_projection",
     "down_projection_ref",
     "fused_fits",

@@ -27,6 +27,12 @@ Kernels:
   the second GEMM's parallelism over d tiles (which the fused kernel gives up: its grid
   is over T only) matters more than the saved S traffic. Adapter bottlenecks are small
   (N·r of 8 x 48 = 384 is typical), so the fused kernel is the common case.
+  fp32 operands are capped lower, at ``FUSED_MAX_R_FP32`` (64): compiled offline for sm_90a
+  (triton 3.9 + ptxas), the fp32 fused kernel needs 416-448 KB of shared memory at R_PAD = 512
+  and up to 450 KB at 256 for the configs that survive pruning (an H100 block gets 227 KB,
+  so every config would fail with OutOfResources), while at R_PAD <= 64 all configs fit in
+  <= 112 KB. fp32 ``ieee`` dots run on FMA units, not tensor cores, so the fused kernel
+  saves little there anyway.
 
 All accumulation is fp32 (``input_precision="ieee"`` for fp32 operands so fp32 stays
 accurate, the default tensor-core path otherwise); row offsets are int64 so T·d may pass
@@ -44,6 +50,7 @@ import triton.language as tl
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "silu": 2, "tanh": 3, "identity": 4}
 FUSED_MAX_R = 512  # largest next_pow2(R) the fused kernel keeps on chip (module-level: tests patch it)
+FUSED_MAX_R_FP32 = 64  # the same for 4-byte operands (shared memory; see the module docstring)
 
 
 def autotune_enabled() -> bool:
@@ -361,9 +368,14 @@ def _omega_strides(omega: torch.Tensor | None) -> tuple[int, int]:
     return omega.stride(0), (0 if omega.shape[1] == 1 else omega.stride(1))  # [N, 1]: broadcast over d
 
 
-def fused_fits(num_units: int) -> bool:
-    """Whether next_pow2(R) fits the fused kernel's on-chip S block."""
-    return max(16, triton.next_power_of_2(max(num_units, 1))) <= FUSED_MAX_R
+def _fused_limit(dtype: torch.dtype | None) -> int:
+    return FUSED_MAX_R_FP32 if dtype is not None and dtype.itemsize >= 4 else FUSED_MAX_R
+
+
+def fused_fits(num_units: int, dtype: torch.dtype | None = None) -> bool:
+    """Whether next_pow2(R) fits the fused kernel's on-chip S block for operands of ``dtype``
+    (None: 2-byte operands)."""
+    return max(16, triton.next_power_of_2(max(num_units, 1))) <= _fused_limit(dtype)
 
 
 def down_projection(
@@ -474,8 +486,11 @@ def fused_forward(
     t, d = z.shape
     r = w_down.shape[0]
     r_pad = max(16, triton.next_power_of_2(max(r, 1)))
-    if r_pad > FUSED_MAX_R:
-        raise ValueError(f"fused_forward keeps S on chip for next_pow2(R) <= {FUSED_MAX_R}; got R={r}")
+    if r_pad > _fused_limit(z.dtype):
+        raise ValueError(
+            f"fused_forward keeps S on chip for next_pow2(R) <= {_fused_limit(z.dtype)} "
+            f"with {z.dtype} operands; got R={r}"
+        )
     out = z.new_empty(t, d)
     pre = z.new_empty(t, r) if save_pre else z.new_empty(0)
     if t == 0:

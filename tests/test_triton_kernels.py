@@ -143,9 +143,26 @@ def test_activations(activation):
 def test_fused_threshold_routes_large_rank_to_two_kernels(monkeypatch):
     """With FUSED_MAX_R below next_pow2(R) the backend falls back to the two-kernel path."""
     monkeypatch.setattr(KF, "FUSED_MAX_R", 16)
+    monkeypatch.setattr(KF, "FUSED_MAX_R_FP32", 16)
     assert not K.fused_fits(24) and K.fused_fits(16)
+    assert not K.fused_fits(24, torch.float32) and K.fused_fits(16, torch.float32)
     z, omega, res, _ = make_inputs((7,), n=3, d=40)
     check(torch.float32, z, make_sources(3, 8, 40), omega, res)
+
+
+def test_fp32_fused_cap_routes_to_two_kernels(monkeypatch):
+    """fp32 operands use the fused kernel only up to FUSED_MAX_R_FP32 (its shared memory at
+    R_PAD 256-512 exceeds an H100 block's); 2-byte dtypes keep FUSED_MAX_R."""
+    assert K.fused_fits(384) and K.fused_fits(384, torch.float16) and K.fused_fits(384, torch.bfloat16)
+    assert not K.fused_fits(384, torch.float32) and K.fused_fits(K.FUSED_MAX_R_FP32, torch.float32)
+    assert not K.fused_fits(K.FUSED_MAX_R_FP32 + 1, torch.float32)
+
+    def no_fused(*args, **kwargs):
+        raise AssertionError("fp32 with next_pow2(R) > FUSED_MAX_R_FP32 must take the two-kernel path")
+
+    monkeypatch.setattr(K, "fused_forward", no_fused)
+    z, omega, res, _ = make_inputs((5,), n=3, d=24)
+    check(torch.float32, z, make_sources(3, 0, 24, hetero=[30, 20, 22]), omega, res)
 
 
 def test_folded_inference_path(path):
@@ -324,10 +341,14 @@ def test_fused_forward_launcher(dtype):
 
 def test_fused_forward_rejects_large_rank(monkeypatch):
     monkeypatch.setattr(KF, "FUSED_MAX_R", 8)
-    p = _packed()
-    z = torch.zeros(2, 40, device=DEVICE)
+    p = _packed(dtype=torch.float16)
+    z = torch.zeros(2, 40, device=DEVICE, dtype=torch.float16)
     with pytest.raises(ValueError, match="R=16"):
         K.fused_forward(z, p.w_down, p.b_down, p.w_up, None, p.source_index, torch.zeros(40, device=DEVICE))
+    monkeypatch.setattr(KF, "FUSED_MAX_R_FP32", 8)
+    p = _packed()
+    with pytest.raises(ValueError, match="float32 operands; got R=16"):
+        K.fused_forward(z.float(), p.w_down, p.b_down, p.w_up, None, p.source_index, z.new_zeros(40).float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -5,7 +5,8 @@ The T-sized GEMMs (forward and backward) run in the kernels of ``kernels/`` (``s
 O(N·d), O(R·d) and O(T·N) pieces (the folded bias, the per-source ω reduction, dB,
 db_D, the per-source row_scale reduction) are plain torch here.
 
-Forward: one fused kernel (S kept on chip) when next_pow2(R) <= ``kernels.FUSED_MAX_R``,
+Forward: one fused kernel (S kept on chip) when next_pow2(R) <= ``kernels.FUSED_MAX_R``
+(``FUSED_MAX_R_FP32`` for fp32 inputs),
 else ``down_projection`` then ``up_projection``. ``USE_FUSED`` switches the fused kernel
 off altogether (tests flip it to exercise both paths).
 """
@@ -47,7 +48,7 @@ def forward(
     dtype = z.dtype
     w_down, w_up = w_down.to(dtype), w_up.to(dtype)
     bias = _bias(b_up, omega, row_scale)
-    if USE_FUSED and k.fused_fits(w_down.shape[0]):
+    if USE_FUSED and k.fused_fits(w_down.shape[0], z.dtype):
         return k.fused_forward(
             z, w_down, b_down, w_up, omega, source_index, bias, residual, row_scale, activation, save_pre
         )
