@@ -230,7 +230,7 @@ def _library_model(kind: str, tmp_path: Path):
     return model, folders
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "bart"])
 def test_exact_vs_adapters_library(kind, tmp_path):
     lib, folders = _library_model(kind, tmp_path)
     ids = ids_for(lib)
