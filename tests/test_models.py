@@ -285,3 +285,19 @@ def test_minilm_smoke():
     assert len(scalearn_layers(model)) == 6
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_bare_base_model_has_no_head():
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(**TINY)).eval()
+    names = [name for name, _ in ffn_output_modules(model)]
+    assert names == ["encoder.layer.0.output", "encoder.layer.1.output"]
+    attach_scalearn(model, random_sources(model), variant="scalearn_uniform")
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["encoder.layer.0.output.scalearn.omega", "encoder.layer.1.output.scalearn.omega"]
+
+
+def test_unsupported_model_type():
+    model = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        ffn_sites(model)

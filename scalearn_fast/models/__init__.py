@@ -4,6 +4,7 @@ from .patching import is_patched, original_forward, patch_forward, patch_site, u
 from .registry import REGISTRY, FFNSite, ffn_output_modules, ffn_sites, site_key
 from .scalearn import (
     attach_scalearn,
+    attach_state,
     detach_scalearn,
     head_parameters,
     is_attached,
@@ -15,6 +16,7 @@ __all__ = [
     "REGISTRY",
     "FFNSite",
     "attach_scalearn",
+    "attach_state",
     "detach_scalearn",
     "ffn_output_modules",
     "ffn_sites",
