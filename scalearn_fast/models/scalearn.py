@@ -83,6 +83,9 @@ def attach_scalearn(
     ``sources``: AdapterHub folders (list or ``{name: folder}``), ``AdapterSource`` objects,
     or ``{name: {layer index or (stack, index): (w_down, b_down, w_up, b_up)}}``.
     With ``freeze`` (default) only ω and the task head train. Returns ``model`` (patched in place).
+    New ScaLearn layers take the patched modules' train/eval mode. Save with ``save_scalearn``;
+    ``detach_scalearn`` before ``save_pretrained`` (a ``++`` variant's one ω shows under every
+    layer's name, which ``save_pretrained`` refuses as shared tensors).
     """
     from ..io import load_adapterhub_sources
 
