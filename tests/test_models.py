@@ -301,3 +301,18 @@ def test_unsupported_model_type():
     model = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
         ffn_sites(model)
+
+
+@pytest.mark.parametrize("variant", ["scalearn_uniform", "scalearn++", "scalearn_uniform++"])
+def test_one_hot_all_variants(variant):
+    model = tiny("roberta")
+    sources = random_sources(model)
+    ids = ids_for(model)
+    attach_scalearn(model, sources, variant=variant, backend="torch")
+    set_one_hot(model, 2)
+    with torch.no_grad():
+        out = model(ids).logits
+    detach_scalearn(model)
+    manual_adapter_forward(model, sources["s2"])
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(ids).logits, rtol=1e-5, atol=1e-5)
