@@ -316,3 +316,21 @@ def test_one_hot_all_variants(variant):
     manual_adapter_forward(model, sources["s2"])
     with torch.no_grad():
         torch.testing.assert_close(out, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_transfer_parameters_match_design_and_attached_model():
+    from scalearn_fast.models import model_transfer_parameters, transfer_parameters
+
+    base = transfer_parameters(12, 768, 8)  # RoBERTa-base, N = 8 (DESIGN.md §1 table)
+    assert base == {
+        "scalearn": 73_728,
+        "scalearn_uniform": 96,
+        "scalearn++": 6_144,
+        "scalearn_uniform++": 8,
+        "adapter_fusion": 21_252_096,
+    }
+    for variant in ("scalearn", "scalearn_uniform", "scalearn++", "scalearn_uniform++"):
+        model = tiny("bart")
+        counts = model_transfer_parameters(model, 3)
+        attach_scalearn(model, random_sources(model), variant=variant)
+        assert sum(o.numel() for o in omega_parameters(model)) == counts[variant]

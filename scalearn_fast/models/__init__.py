@@ -1,5 +1,6 @@
 """Hugging Face models: the FFN-site registry, per-instance patching, ScaLearn attach/detach."""
 
+from .params import model_transfer_parameters, source_adapter_parameters, transfer_parameters
 from .patching import is_patched, original_forward, patch_forward, patch_site, unpatch, unpatch_site
 from .registry import REGISTRY, FFNSite, ffn_output_modules, ffn_sites, site_key
 from .scalearn import (
@@ -23,12 +24,15 @@ __all__ = [
     "head_parameters",
     "is_attached",
     "is_patched",
+    "model_transfer_parameters",
     "omega_parameters",
     "original_forward",
     "patch_forward",
     "patch_site",
     "scalearn_layers",
     "site_key",
+    "source_adapter_parameters",
+    "transfer_parameters",
     "unpatch",
     "unpatch_site",
 ]
