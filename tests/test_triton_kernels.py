@@ -400,6 +400,44 @@ def test_tn_gemm_launcher(dtype, splits, prologue):
     assert torch.equal(K.tn_gemm(a[:0], b[:0], **kw), torch.zeros(r, d, device=DEVICE))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_rs", [False, True])
+def test_bias_units_in_backward_kernels(dtype, with_rs):
+    """The N bias units: grad_pre's extra columns g·(ω_i⊙B_i) and tn_gemm's extra rows
+    Σ_t w[t, i]·g[t, :] (w = row_scale or 1), next to the unchanged R unit columns/rows."""
+    p = _packed(dtype=dtype)
+    g = torch.Generator().manual_seed(8)
+    t, d, r = 150, 40, p.total_rank
+    grad = torch.randn(t, d, generator=g).to(DEVICE, dtype)
+    pre = torch.randn(t, r, generator=g).to(DEVICE, dtype)
+    omega = torch.randn(3, d, generator=g).to(DEVICE, dtype)
+    rs = torch.rand(t, 3, generator=g).to(DEVICE, dtype) if with_rs else None
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    args = (grad, pre, p.w_up, omega, p.source_index, rs, "gelu", True)
+    d_pre, gs = K.grad_pre(*args, b_up=p.b_up)
+    d_pre_r, gs_r = K.grad_pre_ref(*args, b_up=p.b_up)
+    assert gs.shape == (t, r + 3) and gs.dtype == torch.float32
+    torch.testing.assert_close(d_pre, d_pre_r, rtol=tol, atol=tol)
+    torch.testing.assert_close(gs, gs_r, rtol=tol, atol=tol)
+    torch.testing.assert_close(gs[:, :r], K.grad_pre(*args)[1], rtol=0, atol=0)
+    kw = {"activation": "gelu", "source_index": p.source_index, "row_scale": rs, "num_sources": 3}
+    for splits in (1, 2):
+        m_ext = K.tn_gemm(pre, grad, splits=splits, **kw)
+        assert m_ext.shape == (r + 3, d)
+        torch.testing.assert_close(m_ext, K.tn_gemm_ref(pre, grad, **kw), rtol=tol, atol=tol)
+        w = rs.float() if with_rs else torch.ones(t, 3, device=DEVICE)
+        torch.testing.assert_close(m_ext[r:], w.T @ grad.float(), rtol=tol, atol=tol)
+    assert torch.equal(K.tn_gemm(pre[:0], grad[:0], **kw), torch.zeros(r + 3, d, device=DEVICE))
+
+
+def test_bias_units_only_bias_grad():
+    """Only b_up trains (no ω, no W_up): dB still comes from tn_gemm's bias-unit rows."""
+    z, omega, res, rs = make_inputs((9,), n=3, d=24, row_scale=True)
+    wd, bd, wu, bu = make_sources(3, 4, 24)
+    bu.requires_grad_()
+    check(torch.float32, z.detach(), (wd, bd, wu, bu), omega.detach(), res.detach(), row_scale=rs.detach())
+
+
 def test_long_sequence_splits_tokens():
     """T=300: the backward's token split (2 chunks) through the whole op, with row_scale."""
     z, omega, res, rs = make_inputs((300,), n=2, d=24, row_scale=True)

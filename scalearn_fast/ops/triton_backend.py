@@ -74,7 +74,10 @@ def backward(
 
     Kernels: dP (and act(P)⊙G for drow_scale) from ``grad_pre``; dz = dP·D from
     ``up_projection``; M = Sᵀ·g and dD = dPᵀ·z from ``tn_gemm`` (fp32, split over T).
-    The rest is O(R·d + N·d + T·N) torch, reduced in fp32 and cast back.
+    The N-wide token products g·(ω⊙B)ᵀ (drow_scale) and Σ_t w[t, i]·g[t, :] (dω, dB) ride
+    along in those two kernels as N extra bias units (see kernels/scaled_adapter_sum_backward.py),
+    so g is never copied to fp32 here. The rest is O(R·d + N·d + T·(R + N)) torch, reduced in
+    fp32 and cast back.
     """
     need_z, need_wd, need_bd, need_wu, need_bu, need_omega, need_rs = needs
     k = load_kernels()
@@ -82,24 +85,28 @@ def backward(
     dtype = z.dtype
     n = omega.shape[0]
     w_down, w_up = w_down.to(dtype), w_up.to(dtype)
+    r = pre.shape[1]
     d_z = d_wd = d_bd = d_wu = d_bu = d_omega = d_rs = None
-    omega_b = omega.float() * b_up.float()  # [N, d]
     if need_z or need_wd or need_bd or need_rs:
-        d_pre, gs = k.grad_pre(g, pre, w_up, omega, source_index, row_scale, activation, store_gs=need_rs)
-        if need_rs:
-            per_source = gs.new_zeros(gs.shape[0], n).index_add_(1, source_index, gs)
-            d_rs = (per_source + g.float() @ omega_b.T).to(row_scale.dtype)
+        d_pre, gs = k.grad_pre(
+            g, pre, w_up, omega, source_index, row_scale, activation, store_gs=need_rs,
+            b_up=b_up if need_rs else None,
+        )
+        if need_rs:  # gs [T, R + N]: the R units' act(P)⊙G, then each source's bias unit g·(ω_i⊙B_i)
+            unit_source = torch.cat([source_index, torch.arange(n, device=source_index.device)])
+            d_rs = gs.new_zeros(gs.shape[0], n).index_add_(1, unit_source, gs).to(row_scale.dtype)
         if need_z:
             d_z = k.up_projection(d_pre, w_down.T, None, source_index, None)
         if need_wd:
             d_wd = k.tn_gemm(d_pre, z).to(dtype)
         if need_bd:
             d_bd = d_pre.float().sum(0).to(dtype)
-    if need_omega or need_bu:
-        # Σ_t w[t, i]·g[t, j]: [N, d]
-        g_rows = g.float().sum(0, keepdim=True) if row_scale is None else row_scale.float().T @ g.float()
-    if need_omega or need_wu:
-        m = k.tn_gemm(pre, g, activation=activation, source_index=source_index, row_scale=row_scale)
+    if need_omega or need_wu or need_bu:
+        # [S, w]ᵀ·g: rows :R are M = Sᵀ·g, rows R: are g_rows[i] = Σ_t w[t, i]·g[t, :]
+        m_ext = k.tn_gemm(
+            pre, g, activation=activation, source_index=source_index, row_scale=row_scale, num_sources=n
+        )
+        m, g_rows = m_ext[:r], m_ext[r:]
         if need_omega:
             d_omega = torch.zeros(n, m.shape[1], dtype=torch.float32, device=g.device)
             d_omega.index_add_(0, source_index, w_up.float().T * m)
