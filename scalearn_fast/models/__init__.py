@@ -1,5 +1,6 @@
 """Hugging Face models: the FFN-site registry, per-instance patching, ScaLearn attach/detach."""
 
+from .fusion import attach_fusion, detach_fusion
 from .params import model_transfer_parameters, source_adapter_parameters, transfer_parameters
 from .patching import is_patched, original_forward, patch_forward, patch_site, unpatch, unpatch_site
 from .registry import REGISTRY, FFNSite, ffn_output_modules, ffn_sites, site_key
@@ -16,8 +17,10 @@ from .scalearn import (
 __all__ = [
     "REGISTRY",
     "FFNSite",
+    "attach_fusion",
     "attach_scalearn",
     "attach_state",
+    "detach_fusion",
     "detach_scalearn",
     "ffn_output_modules",
     "ffn_sites",
