@@ -334,3 +334,29 @@ def test_transfer_parameters_match_design_and_attached_model():
         counts = model_transfer_parameters(model, 3)
         attach_scalearn(model, random_sources(model), variant=variant)
         assert sum(o.numel() for o in omega_parameters(model)) == counts[variant]
+
+
+@pytest.mark.parametrize("kind", ["bert", "bart"])
+def test_deepcopy_and_pickle_of_attached_model(kind):
+    import copy
+    import io
+    import pickle
+
+    model = tiny(kind)
+    attach_scalearn(model, random_sources(model), variant="scalearn++")
+    ids = ids_for(model)
+    with torch.no_grad():
+        before = model(ids).logits
+    clone = copy.deepcopy(model)
+    buf = io.BytesIO()
+    pickle.dump(model, buf)
+    unpickled = pickle.loads(buf.getvalue())
+    assert len(omega_parameters(clone)) == 1  # ++ sharing survives the copy
+    with torch.no_grad():
+        omega_parameters(model)[0].mul_(3.0)  # the copies must not see this
+        changed = model(ids).logits
+        torch.testing.assert_close(clone(ids).logits, before, rtol=0, atol=0)
+        torch.testing.assert_close(unpickled(ids).logits, before, rtol=0, atol=0)
+    assert (changed - before).abs().max() > 1e-4
+    detach_scalearn(clone)
+    assert not any(is_patched(m) for _, m in ffn_output_modules(clone))

@@ -5,6 +5,10 @@ every other instance keep theirs); ``unpatch(module)`` restores what was there b
 ``original_forward(module)`` is the forward in place before the patch, for the new forward to
 call (it does not go through ``__call__``, so patching a module that the new forward itself
 uses, such as a LayerNorm, does not recurse).
+
+Patched modules survive ``copy.deepcopy`` and pickling when the new forward is a plain object
+holding the module (``SiteForward``, as ``patch_site`` makes them): a closure would keep pointing
+at the original module after a copy, and a closure or bound method does not pickle.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 import torch.nn as nn
 
 _SAVED = "_scalearn_fast_saved_forward"
-_MISSING = object()
+_SITE_ATTR = "_scalearn_fast_site_attr"
 
 
 def is_patched(module: nn.Module) -> bool:
@@ -26,7 +30,7 @@ def original_forward(module: nn.Module) -> Callable[..., Any]:
     """The forward that ``patch_forward`` replaced (or the current one when unpatched)."""
     if is_patched(module):
         saved = module.__dict__[_SAVED]
-        if saved is not _MISSING:
+        if saved is not None:
             return saved
         return type(module).forward.__get__(module, type(module))
     return module.forward
@@ -36,7 +40,7 @@ def patch_forward(module: nn.Module, new_forward: Callable[..., Any]) -> None:
     """Replace ``module``'s forward for this instance only; raises if it is already patched."""
     if is_patched(module):
         raise RuntimeError(f"{type(module).__name__} is already patched; unpatch it first")
-    module.__dict__[_SAVED] = module.__dict__.get("forward", _MISSING)
+    module.__dict__[_SAVED] = module.__dict__.get("forward")  # None: the class forward
     module.__dict__["forward"] = new_forward
 
 
@@ -45,7 +49,7 @@ def unpatch(module: nn.Module) -> None:
     if not is_patched(module):
         return
     saved = module.__dict__.pop(_SAVED)
-    if saved is _MISSING:
+    if saved is None:
         module.__dict__.pop("forward", None)
     else:
         module.__dict__["forward"] = saved
@@ -65,6 +69,32 @@ class LayerNormRef:
         return type(self.module).forward(self.module, x)
 
 
+def _output_forward(self: nn.Module, hidden_states: Any, input_tensor: Any, *args: Any, **kwargs: Any) -> Any:
+    """Patched ``forward(hidden_states, input_tensor)`` of a BERT-like FFN output module."""
+    h = self.dropout(self.dense(hidden_states))
+    return getattr(self, self.__dict__[_SITE_ATTR])(h, input_tensor)
+
+
+def _post_ln_forward(self: nn.Module, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+    """Patched ``forward`` of a post-FFN LayerNorm: its input is already ``h + x``."""
+    zeros = hidden_states.new_zeros(()).expand_as(hidden_states)
+    return getattr(self, self.__dict__[_SITE_ATTR])(hidden_states, zeros)
+
+
+_STYLES = {"output": _output_forward, "post_ln": _post_ln_forward}
+
+
+class SiteForward:
+    """The patched forward of one site: copies and pickles along with its module."""
+
+    def __init__(self, module: nn.Module, style: str) -> None:
+        self.module = module
+        self.style = style
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _STYLES[self.style](self.module, *args, **kwargs)
+
+
 def patch_site(site: Any, sublayer: nn.Module, attr: str) -> None:
     """Route ``site`` (a registry ``FFNSite``) through ``sublayer(h, x)``, which must return the
     sub-layer's final output ``LN(... + h + x)``. ``sublayer`` is registered on the patched
@@ -72,26 +102,16 @@ def patch_site(site: Any, sublayer: nn.Module, attr: str) -> None:
     module = site.module
     if hasattr(module, attr):
         raise RuntimeError(f"{site.name} already has an attribute {attr!r}")
-    if site.style == "output":
-
-        def forward(hidden_states, input_tensor, *args, **kwargs):
-            h = module.dropout(module.dense(hidden_states))
-            return sublayer(h, input_tensor)
-
-    elif site.style == "post_ln":
-
-        def forward(hidden_states, *args, **kwargs):  # hidden_states = h + x already
-            return sublayer(hidden_states, hidden_states.new_zeros(()).expand_as(hidden_states))
-
-    else:
-        raise ValueError(f"unknown site style {site.style!r}")
+    if site.style not in _STYLES:
+        raise ValueError(f"unknown site style {site.style!r}; expected one of {sorted(_STYLES)}")
     module.add_module(attr, sublayer)
-    patch_forward(module, forward)
+    module.__dict__[_SITE_ATTR] = attr
+    patch_forward(module, SiteForward(module, site.style))
 
 
 def unpatch_site(site: Any, attr: str) -> nn.Module | None:
     """Undo ``patch_site``; returns the removed sub-layer."""
     module = site.module
     unpatch(module)
-    sub = module._modules.pop(attr, None)
-    return sub
+    module.__dict__.pop(_SITE_ATTR, None)
+    return module._modules.pop(attr, None)
