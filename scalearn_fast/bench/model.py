@@ -12,8 +12,6 @@ first token + backward + AdamW step over the trainable parameters; the base weig
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,9 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .matrix import ModelCase
-from .providers import FusedScaLearn, NaiveScaLearn, ProviderUnavailable, adapters_installed, make_sources
+from .providers import NaiveScaLearn, ProviderUnavailable, adapters_installed, make_sources
 
-MODEL_VARIANTS = ("plain", "scalearn_naive", "scalearn_fused", "fusion_adapters")
+MODEL_VARIANTS = ("plain", "scalearn_naive", "scalearn_fused", "fusion_adapters", "fusion_fused")
 
 
 def _config(case: ModelCase):
@@ -56,23 +54,30 @@ class PatchedOutput(nn.Module):
         return self.LayerNorm(self.composer(self.LayerNorm(pre), pre))
 
 
+def layer_sources(case: ModelCase, layer: int):
+    """The N random sources of one layer (the same for every variant: seeded by layer)."""
+    return make_sources(case.n, case.d, case.d // 16, dtype=case.dtype, device="cpu", seed=100 + layer)
+
+
 def local_attach(model: nn.Module, case: ModelCase, make: Callable[..., nn.Module]) -> list[nn.Parameter]:
-    """LOCAL PATCHER, to be replaced by ``scalearn_fast.models.attach_scalearn`` (issue 4) for
-    the fused variant once it lands: swaps every layer's FFN output module. Returns ω's."""
+    """Swap every layer's FFN output module for a ``PatchedOutput`` around ``make(sources)``:
+    how the naive loop is put into the model (the product's ``attach_*`` patch the real thing).
+    Returns the ω's."""
     omegas = []
     for i, layer in enumerate(model.encoder.layer):
-        src = make_sources(case.n, case.d, case.d // 16, dtype=case.dtype, device="cpu", seed=100 + i)
-        composer = make(src)
+        composer = make(layer_sources(case, i))
         layer.output = PatchedOutput(layer.output, composer)
         omegas.append(composer.omega if hasattr(composer, "omega") else composer.layer.omega)
     return omegas
 
 
-def _attach_scalearn_fn() -> Callable | None:
-    """``scalearn_fast.models.attach_scalearn`` when this build has it (issue 4), else None."""
-    if importlib.util.find_spec("scalearn_fast.models") is None:
-        return None
-    return getattr(importlib.import_module("scalearn_fast.models"), "attach_scalearn", None)
+def product_sources(model: nn.Module, case: ModelCase) -> dict[str, dict[int, tuple]]:
+    """``{name: {layer: (w_down, b_down, w_up, b_up)}}``, the in-memory form ``attach_*`` take."""
+    per_layer = [layer_sources(case, i) for i in range(len(model.encoder.layer))]
+    return {
+        f"src{k}": {i: (s.w_down[k], s.b_down[k], s.w_up[k], s.b_up[k]) for i, s in enumerate(per_layer)}
+        for k in range(case.n)
+    }
 
 
 def _add_fusion(model: nn.Module, case: ModelCase) -> list[nn.Parameter]:
@@ -120,11 +125,18 @@ def build_model(variant: str, case: ModelCase, device: torch.device) -> ModelUnd
         trainable = local_attach(model, case, NaiveScaLearn)
         attach = "local patcher (NaiveScaLearn)"
     elif variant == "scalearn_fused":
-        # TODO(issue 4): use scalearn_fast.models.attach_scalearn(model, sources, backend="auto")
-        # here once its in-memory sources format is settled; _attach_scalearn_fn() finds it.
-        backend = "auto"
-        trainable = local_attach(model, case, lambda src: FusedScaLearn(src, backend))
-        attach = f"local patcher (ScaLearnLayer, backend={backend})"
+        from ..models import attach_scalearn
+        from ..models.scalearn import omega_parameters
+
+        attach_scalearn(model, product_sources(model, case), backend="auto")
+        trainable = omega_parameters(model)
+        attach = "scalearn_fast.attach_scalearn(backend=auto)"
+    elif variant == "fusion_fused":
+        from ..models import attach_fusion
+
+        attach_fusion(model, product_sources(model, case), backend="auto")
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        attach = "scalearn_fast.attach_fusion(backend=auto)"
     elif variant == "fusion_adapters":
         trainable = _add_fusion(model, case)
         attach = "adapters library (Fuse, dynamic)"
