@@ -19,7 +19,7 @@ from .device import device_slug
 
 DEFAULT = {"d": 768, "n": 8, "tokens": 4096}
 PROVIDER_ORDER = ("naive", "reference", "compile", "adapters", "torch", "triton")
-MODEL_ORDER = ("plain", "scalearn_naive", "scalearn_fused", "fusion_adapters")
+MODEL_ORDER = ("plain", "scalearn_naive", "scalearn_fused", "fusion_adapters", "fusion_fused")
 
 
 def _order(kind: str, provider: str) -> tuple[int, str]:
