@@ -146,12 +146,25 @@ def batches(
     shuffle: bool = False,
     seed: int = 0,
     regression: bool = False,
+    bucket: int = 8,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Tokenised batches, padded to the longest sequence in each batch (cheaper on CPU)."""
+    """Tokenised batches, padded to the longest sequence in each batch (cheaper on CPU). When
+    shuffling, examples are length-sorted within pools of ``bucket`` batches (0: off)."""
+
+    def length(i: int) -> int:
+        e = examples[i]
+        return len(e.text_a) + len(e.text_b or "")
     order = list(range(len(examples)))
     if shuffle:
-        random.Random(seed).shuffle(order)
-    for start in range(0, len(order), batch_size):
+        rng = random.Random(seed)
+        rng.shuffle(order)
+        if bucket:  # sort pools of `bucket` batches by length: less padding, still random batches
+            pool = batch_size * bucket
+            order = [i for s in range(0, len(order), pool) for i in sorted(order[s : s + pool], key=length)]
+    starts = list(range(0, len(order), batch_size))
+    if shuffle and bucket:
+        rng.shuffle(starts)
+    for start in starts:
         chunk = [examples[i] for i in order[start : start + batch_size]]
         a = [e.text_a for e in chunk]
         b = [e.text_b for e in chunk] if chunk[0].text_b is not None else None
