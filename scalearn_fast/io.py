@@ -89,7 +89,7 @@ SEQ_BN_CONFIG: dict[str, Any] = {
 }
 
 _PARAM = re.compile(
-    r"\.adapters\.(?P<name>[^.]+)\.(?P<param>adapter_down\.0\.(?:weight|bias)|adapter_up\.(?:weight|bias))$"
+    r"\.adapters\.(?P<name>.+?)\.(?P<param>adapter_down\.0\.(?:weight|bias)|adapter_up\.(?:weight|bias))$"
 )
 _OUTPUT_SLOTS = (".output", ".output_adapters")  # BERT-like, BART
 

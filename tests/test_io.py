@@ -235,6 +235,11 @@ def test_state_dict_parsing_and_scaling_fold():
     torch.testing.assert_close(got.b_up, 2.0 * bu)
 
 
+def test_adapter_name_with_a_dot():
+    src = adapter_from_state_dict(state_dict_for("glue.rte", random_sources(1)["src0"]))
+    assert src.name == "glue.rte" and len(src.layers) == LAYERS
+
+
 def test_bart_keys_parse_to_encoder_and_decoder_sites():
     w = random_sources(1)["src0"][0]
     state = {}
