@@ -58,6 +58,7 @@ def _common_training_args(p: argparse.ArgumentParser, lr: float) -> None:
     p.add_argument("--max-eval-samples", type=int, default=None)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
 def _train_kwargs(a: argparse.Namespace) -> dict:
@@ -77,6 +78,7 @@ def _train_kwargs(a: argparse.Namespace) -> dict:
         "warmup_ratio": a.warmup_ratio,
         "seed": a.seed,
         "progress": not a.no_progress,
+        "device": a.device,
     }
 
 

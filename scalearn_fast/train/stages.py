@@ -38,6 +38,27 @@ def default_model_dir() -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name(device: str) -> str:
+    """A readable name of the device the run used, for results.json."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
 def load_model(model_dir: str | None, task: str, *, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for sequence classification from a local HF folder, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -84,6 +105,7 @@ def train_adapter(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     log: Callable[[str], None] = print,
+    device: str | None = None,
     **train_kwargs: Any,
 ) -> dict[str, Any]:
     """Stage 1 for one task; writes ``output_dir/{adapter_config.json, pytorch_adapter.bin,
@@ -91,7 +113,9 @@ def train_adapter(
     task = canonical_task(task)
     cfg = TrainConfig(task=task, lr=lr, **train_kwargs)
     set_seed(cfg.seed)
+    device = device or default_device()
     model, tokenizer = load_model(model_dir, task)
+    model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     adapters = attach_bottleneck_adapters(model, reduction_factor, seed=cfg.seed)
@@ -105,7 +129,7 @@ def train_adapter(
     out = Path(output_dir)
     save_bottleneck_adapters(model, out, task, reduction_factor)
     atomic_write_tensors(out / HEAD_FILE, {name: p for name, p in heads})
-    summary = _summary("adapter", task, model_dir, train, dev, cfg, result)
+    summary = _summary("adapter", task, model_dir, train, dev, cfg, result, device)
     atomic_write_json(out / RESULTS_FILE, summary)
     return summary
 
@@ -125,6 +149,7 @@ def train_scalearn(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     log: Callable[[str], None] = print,
+    device: str | None = None,
     **train_kwargs: Any,
 ) -> dict[str, Any]:
     """Stage 2: ω + a fresh head over frozen ``sources`` (AdapterHub folders); writes a
@@ -134,7 +159,9 @@ def train_scalearn(
     task = canonical_task(task)
     cfg = TrainConfig(task=task, lr=lr, **train_kwargs)
     set_seed(cfg.seed)
+    device = device or default_device()
     model, tokenizer = load_model(model_dir, task)
+    model.to(device)
     srcs = load_adapterhub_sources(sources)
     generator = torch.Generator().manual_seed(cfg.seed)
     attach_scalearn(model, srcs, variant, backend, omega_dropout=omega_dropout, generator=generator)
@@ -147,14 +174,14 @@ def train_scalearn(
     result = fit(model, params, train, dev, tokenizer, cfg, log=log)
     out = Path(output_dir)
     save_scalearn(model, out, source_paths=[s.path for s in srcs])
-    summary = _summary(variant, task, model_dir, train, dev, cfg, result)
+    summary = _summary(variant, task, model_dir, train, dev, cfg, result, device)
     summary["sources"] = [s.name for s in srcs]
     summary["backend"] = backend
     atomic_write_json(out / RESULTS_FILE, summary)
     return summary
 
 
-def _summary(method, task, model_dir, train, dev, cfg, result) -> dict[str, Any]:
+def _summary(method, task, model_dir, train, dev, cfg, result, device) -> dict[str, Any]:
     return {
         "method": method,
         "task": task,
@@ -168,7 +195,7 @@ def _summary(method, task, model_dir, train, dev, cfg, result) -> dict[str, Any]
         "train_seconds": round(result.seconds, 1),
         "stopped_early": result.stopped_early,
         "config": asdict(cfg),
-        "device": str(torch.device("cpu")) if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "device": device_name(device),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
