@@ -48,6 +48,23 @@ def default_omega_dropout(variant: str) -> float:
     return 0.0 if check_variant(variant) == "scalearn_uniform++" else 0.3
 
 
+def check_sublayer_inputs(
+    owner: str, layer_norm: nn.Module | None, hidden_states: torch.Tensor, input_tensor: torch.Tensor
+) -> nn.Module:
+    """The checks of a sub-layer ``forward(h, x)``: a LayerNorm is set and h, x match."""
+    if layer_norm is None:
+        raise ValueError(
+            f"{owner}.forward needs the layer's output LayerNorm (pass layer_norm=...); "
+            "use compose(z, residual) for the composition alone"
+        )
+    if hidden_states.shape != input_tensor.shape:
+        raise ValueError(
+            f"hidden_states has shape {list(hidden_states.shape)} but input_tensor has "
+            f"{list(input_tensor.shape)}; they must match"
+        )
+    return layer_norm
+
+
 def init_omega(
     num_sources: int,
     hidden_size: int,
@@ -183,19 +200,9 @@ class ScaLearnLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         """The full sub-layer ``LN(Σ ω_i ⊙ A_i(LN(h + x)) + h + x)``; needs ``layer_norm``."""
-        if self.layer_norm is None:
-            raise ValueError(
-                "ScaLearnLayer.forward needs the layer's output LayerNorm (pass layer_norm=...); "
-                "use compose(z, residual) for the composition alone"
-            )
-        if hidden_states.shape != input_tensor.shape:
-            raise ValueError(
-                f"hidden_states has shape {list(hidden_states.shape)} but input_tensor has "
-                f"{list(input_tensor.shape)}; they must match"
-            )
+        layer_norm = check_sublayer_inputs("ScaLearnLayer", self.layer_norm, hidden_states, input_tensor)
         pre_ln = hidden_states + input_tensor
-        z = self.layer_norm(pre_ln)
-        return self.layer_norm(self.compose(z, residual=pre_ln))
+        return layer_norm(self.compose(layer_norm(pre_ln), residual=pre_ln))
 
     def extra_repr(self) -> str:
         return (

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .layers import check_sublayer_inputs
 from .ops.fusion import adapter_fusion_packed
 from .ops.packing import PackedSources, TensorOrList, check_activation, pack_sources
 
@@ -186,16 +187,7 @@ class AdapterFusionLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         """The full sub-layer ``LN(fusion(LN(h + x), residual=h) + x)``; needs ``layer_norm``."""
-        if self.layer_norm is None:
-            raise ValueError(
-                "AdapterFusionLayer.forward needs the layer's output LayerNorm (pass layer_norm=...); "
-                "use compose(z, residual) for the fusion alone"
-            )
-        if hidden_states.shape != input_tensor.shape:
-            raise ValueError(
-                f"hidden_states has shape {list(hidden_states.shape)} but input_tensor has "
-                f"{list(input_tensor.shape)}; they must match"
-            )
+        check_sublayer_inputs("AdapterFusionLayer", self.layer_norm, hidden_states, input_tensor)
         pre_ln = hidden_states + input_tensor
         z = self.layer_norm(pre_ln)
         query_input = hidden_states if self.query_before_ln else None
