@@ -299,6 +299,15 @@ def test_duplicate_source_names(tmp_path):
         load_adapterhub_sources([state, state])
 
 
+def import_adapters():
+    """The optional `adapters` library, or a skip (absent, or not importable with this transformers)."""
+    try:
+        import adapters
+    except ImportError as err:
+        pytest.skip(f"the optional `adapters` library is not importable here: {err}")
+    return adapters
+
+
 def _library_model(seed: int, kind: str):
     from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
@@ -321,7 +330,7 @@ def _library_model(seed: int, kind: str):
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
 def test_library_files_load_here(kind, tmp_path):
     """`adapters` save_adapter folders (.bin and safetensors) load with the library's exact weights."""
-    adapters = pytest.importorskip("adapters", reason="the optional `adapters` library is not installed")
+    adapters = import_adapters()
     model = _library_model(0, kind)
     adapters.init(model)
     model.add_adapter("a", config=adapters.SeqBnConfig(reduction_factor=4))
@@ -346,7 +355,7 @@ def test_library_files_load_here(kind, tmp_path):
 def test_stage1_adapter_loads_in_library_with_same_outputs(kind, tmp_path):
     """What train-adapter writes is a valid AdapterHub adapter: `adapters` loads it and, with it
     active, the model computes what our stage-1 module computed."""
-    adapters = pytest.importorskip("adapters", reason="the optional `adapters` library is not installed")
+    adapters = import_adapters()
     ours = _library_model(0, kind).double()
     ours_adapters = attach_bottleneck_adapters(ours, reduction_factor=4, seed=0)
     with torch.no_grad():
