@@ -25,7 +25,7 @@ from .fusion_weights import (
     FusionCheckpoint,
     load_fusion_checkpoint,
 )
-from .patching import LayerNormRef, is_patched, patch_site, unpatch_site
+from .patching import LayerNormRef, is_patched, patch_site, restore_sites
 from .registry import FFNSite, ffn_sites, hidden_size, site_key
 from .scalearn import head_parameters
 
@@ -303,13 +303,7 @@ def attach_fusion(
 
 
 def _undo(model: nn.Module, state: FusionState) -> None:
-    for site in state.sites:
-        if hasattr(site.module, ATTR):
-            unpatch_site(site, ATTR)
-    if state.requires_grad:
-        for name, p in model.named_parameters():
-            if name in state.requires_grad:
-                p.requires_grad_(state.requires_grad[name])
+    restore_sites(model, state.sites, ATTR, state.requires_grad)
 
 
 def detach_fusion(model: nn.Module) -> nn.Module:

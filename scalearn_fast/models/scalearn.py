@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import ScaLearnLayer, check_variant, init_omega, is_shared
-from .patching import LayerNormRef, patch_site, unpatch_site
+from .patching import LayerNormRef, patch_site, restore_sites
 from .registry import FFNSite, ffn_sites, hidden_size
 
 ATTR = "scalearn"  # name of the ScaLearnLayer on each patched module
@@ -153,13 +153,7 @@ def attach_scalearn(
 
 
 def _undo(model: nn.Module, state: AttachState) -> None:
-    for site in state.sites:
-        if hasattr(site.module, ATTR):
-            unpatch_site(site, ATTR)
-    if state.requires_grad:
-        for name, p in model.named_parameters():
-            if name in state.requires_grad:
-                p.requires_grad_(state.requires_grad[name])
+    restore_sites(model, state.sites, ATTR, state.requires_grad)
 
 
 def detach_scalearn(model: nn.Module) -> nn.Module:
