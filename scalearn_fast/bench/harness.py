@@ -95,3 +95,57 @@ def run_case(
         flush=True,
     )
     return info
+
+
+def run_layer_case(
+    benchmark: Any,
+    kind: str,
+    providers: dict[str, Callable[..., Provider]],
+    cost_fn: Callable[..., OpCost],
+    case: Any,
+    provider: str,
+    mode: str,
+    device: torch.device,
+    record: DeviceRecord,
+    quick: bool,
+) -> dict[str, Any]:
+    """One layer-level case (ScaLearn or AdapterFusion): random sources and inputs, the
+    provider's step in ``mode``, timed by ``run_case``. A provider that cannot run here skips."""
+    import pytest
+
+    from .providers import ProviderUnavailable, make_sources
+
+    c = case
+    src = make_sources(c.n, c.d, c.r, dtype=c.dtype, device=device)
+    try:
+        p = providers[provider](src)
+    except ProviderUnavailable as exc:
+        pytest.skip(str(exc))
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(c.batch, c.seq, c.d, generator=gen).to(device=device, dtype=c.dtype)
+    residual = torch.randn(c.batch, c.seq, c.d, generator=gen).to(device=device, dtype=c.dtype)
+    benchmark.group = f"{kind} {mode} {c.id}"
+    params = {
+        "kind": kind,
+        "provider": provider,
+        "mode": mode,
+        "case": c.id,
+        "d": c.d,
+        "r": c.r,
+        "n": c.n,
+        "batch": c.batch,
+        "seq": c.seq,
+    }
+    cost = cost_fn(c.tokens, c.d, c.r, c.n, elem_bytes=z.element_size(), backward=mode == "fwdbwd")
+    return run_case(
+        benchmark,
+        layer_step(p, z, residual, mode),
+        device=device,
+        warmup=p.warmup,
+        params=params,
+        tokens=c.tokens,
+        cost=cost,
+        record=record,
+        dtype=c.dtype,
+        quick=quick,
+    )
