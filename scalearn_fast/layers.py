@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops.packing import PackedSources, TensorOrList, check_activation, pack_sources
+from .layers_base import FrozenSources, check_sublayer_inputs
+from .ops.packing import TensorOrList, check_activation
 from .ops.scaled_adapter_sum import scaled_adapter_sum_folded, scaled_adapter_sum_packed
 from .ops.torch_backend import fold_omega
 
@@ -48,23 +49,6 @@ def default_omega_dropout(variant: str) -> float:
     return 0.0 if check_variant(variant) == "scalearn_uniform++" else 0.3
 
 
-def check_sublayer_inputs(
-    owner: str, layer_norm: nn.Module | None, hidden_states: torch.Tensor, input_tensor: torch.Tensor
-) -> nn.Module:
-    """The checks of a sub-layer ``forward(h, x)``: a LayerNorm is set and h, x match."""
-    if layer_norm is None:
-        raise ValueError(
-            f"{owner}.forward needs the layer's output LayerNorm (pass layer_norm=...); "
-            "use compose(z, residual) for the composition alone"
-        )
-    if hidden_states.shape != input_tensor.shape:
-        raise ValueError(
-            f"hidden_states has shape {list(hidden_states.shape)} but input_tensor has "
-            f"{list(input_tensor.shape)}; they must match"
-        )
-    return layer_norm
-
-
 def init_omega(
     num_sources: int,
     hidden_size: int,
@@ -81,7 +65,7 @@ def init_omega(
     return nn.Parameter(omega)
 
 
-class ScaLearnLayer(nn.Module):
+class ScaLearnLayer(FrozenSources):
     """ScaLearn composition of N frozen bottleneck adapters for one layer.
 
     Args:
@@ -112,24 +96,13 @@ class ScaLearnLayer(nn.Module):
         layer_norm: nn.Module | None = None,
         source_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(w_down, b_down, w_up, b_up, source_names)
         self.variant = check_variant(variant)
         self.activation = check_activation(activation)
         self.backend = backend
-        packed = pack_sources(w_down, b_down, w_up, b_up)
-        n, d = packed.num_sources, packed.hidden_size
-        self.ranks = packed.ranks
-        frozen = {
-            "w_down": packed.w_down,
-            "b_down": packed.b_down,
-            "w_up": packed.w_up,
-            "b_up": packed.b_up,
-        }
-        for name, value in frozen.items():
-            self.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=False))
-        self.register_buffer("source_index", packed.source_index, persistent=False)
+        n, d = self.num_sources, self.hidden_size
         if omega is None:
-            omega = init_omega(n, d, variant, dtype=packed.w_down.dtype, device=packed.w_down.device)
+            omega = init_omega(n, d, variant, dtype=self.w_down.dtype, device=self.w_down.device)
         expect = (n, 1 if is_uniform(variant) else d)
         if tuple(omega.shape) != expect:
             raise ValueError(f"omega has shape {list(omega.shape)}, expected {list(expect)} for {variant}")
@@ -138,21 +111,7 @@ class ScaLearnLayer(nn.Module):
         if not 0.0 <= self.omega_dropout < 1.0:
             raise ValueError(f"omega_dropout must be in [0, 1); got {self.omega_dropout}")
         self.layer_norm = layer_norm
-        self.source_names = list(source_names) if source_names is not None else [str(i) for i in range(n)]
-        if len(self.source_names) != n:
-            raise ValueError(f"source_names holds {len(self.source_names)} names for N={n} sources")
         self._folded: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def num_sources(self) -> int:
-        return len(self.ranks)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.w_down.shape[1]
-
-    def packed(self) -> PackedSources:
-        return PackedSources(self.w_down, self.b_down, self.w_up, self.b_up, self.source_index, self.ranks)
 
     def effective_omega(self) -> torch.Tensor:
         """ω with dropout applied in training (each call draws its own mask)."""

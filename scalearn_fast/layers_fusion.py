@@ -24,9 +24,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .layers import check_sublayer_inputs
+from .layers_base import FrozenSources, check_sublayer_inputs
 from .ops.fusion import adapter_fusion_packed
-from .ops.packing import PackedSources, TensorOrList, check_activation, pack_sources
+from .ops.packing import TensorOrList, check_activation
 
 START_TEMPERATURE = 50.0  # the library's annealing start; it falls by START / 1000 per call
 
@@ -58,7 +58,7 @@ def fusion_options_from_config(config: Mapping[str, Any], default_dropout: float
     )
 
 
-class AdapterFusionLayer(nn.Module):
+class AdapterFusionLayer(FrozenSources):
     """AdapterFusion of N frozen bottleneck adapters for one layer ("dynamic" config by default).
 
     Args:
@@ -98,16 +98,10 @@ class AdapterFusionLayer(nn.Module):
         layer_norm: nn.Module | None = None,
         source_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(w_down, b_down, w_up, b_up, source_names)
         self.activation = check_activation(activation)
         self.backend = backend
-        packed = pack_sources(w_down, b_down, w_up, b_up)
-        n, d = packed.num_sources, packed.hidden_size
-        self.ranks = packed.ranks
-        for name in ("w_down", "b_down", "w_up", "b_up"):
-            value_t = getattr(packed, name).detach().clone()
-            self.register_parameter(name, nn.Parameter(value_t, requires_grad=False))
-        self.register_buffer("source_index", packed.source_index, persistent=False)
+        d = self.hidden_size
         self.scaling = scaling
         like = self.w_down
         self.query = _bert_linear(d, True, like) if query else None
@@ -125,20 +119,6 @@ class AdapterFusionLayer(nn.Module):
         self.residual_before = residual_before
         self.query_before_ln = query_before_ln
         self.layer_norm = layer_norm
-        self.source_names = list(source_names) if source_names is not None else [str(i) for i in range(n)]
-        if len(self.source_names) != n:
-            raise ValueError(f"source_names holds {len(self.source_names)} names for N={n} sources")
-
-    @property
-    def num_sources(self) -> int:
-        return len(self.ranks)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.w_down.shape[1]
-
-    def packed(self) -> PackedSources:
-        return PackedSources(self.w_down, self.b_down, self.w_up, self.b_up, self.source_index, self.ranks)
 
     def fusion_parameters(self) -> list[nn.Parameter]:
         """The trainable fusion weights (query, key, value)."""
