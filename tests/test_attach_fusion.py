@@ -38,6 +38,12 @@ def _config(kind: str):
     )
     if kind == "bert":
         return transformers.BertConfig(**common)
+    if kind == "bart":  # encoder-decoder: a fusion after the FFN of every encoder and decoder layer
+        return transformers.BartConfig(
+            d_model=D, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, vocab_size=100,
+            max_position_embeddings=40, dropout=0.1, attention_dropout=0.1, num_labels=3,
+        )  # fmt: skip
     return transformers.RobertaConfig(**common, pad_token_id=1, bos_token_id=0, eos_token_id=2)
 
 
@@ -85,6 +91,7 @@ def _save(model, tmp_path: Path, safetensors: bool = True) -> tuple[list[Path], 
 def _inputs(seed: int = 2):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 100, (3, 9), generator=gen)
+    ids[:, -1] = 2  # BART classifies from the last </s>; harmless for the encoders
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     return dict(input_ids=ids, attention_mask=mask)
@@ -134,6 +141,29 @@ def test_matches_library_and_detach_restores(tmp_path, kind, fusion_config, safe
     assert torch.equal(_logits(model, batch, hidden=True), before_hidden)
     assert all(p.requires_grad for p in model.parameters())
     assert not any("adapter_fusion" in n for n, _ in model.named_parameters())
+
+
+def test_bart_encoder_and_decoder_match_library(tmp_path):
+    plain = _plain("bart")
+    lib = _library_model(plain)
+    folders, fusion = _save(lib, tmp_path)
+    batch = _inputs()
+    with torch.no_grad():
+        expected = lib(**batch)
+    model = copy.deepcopy(plain)
+    attach_fusion(model, folders, fusion, backend="torch")
+    assert len(fusion_layers(model)) == 4  # 2 encoder + 2 decoder layers
+    with torch.no_grad():
+        got = model(**batch)
+    torch.testing.assert_close(got.encoder_last_hidden_state, expected.encoder_last_hidden_state,
+                               rtol=1e-10, atol=1e-10)  # fmt: skip
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        before = plain(**batch).logits
+    assert not torch.allclose(got.logits, before)  # the fusion does something
+    detach_fusion(model)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)
 
 
 def test_float32_and_training_step(tmp_path):
