@@ -166,6 +166,32 @@ def test_detach_restores_model_and_flags():
         torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
 
 
+def test_scalearn_and_fusion_refuse_each_other_and_leave_the_first_intact():
+    from scalearn_fast import attach_fusion, detach_fusion
+
+    model = tiny("bert")
+    ids = ids_for(model)
+    attach_fusion(model, random_sources(model), backend="torch")
+    with torch.no_grad():
+        fused = model(ids).logits
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(RuntimeError, match="already patched"):
+        attach_scalearn(model, random_sources(model))
+    assert all(is_patched(m) for _, m in ffn_output_modules(model))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, fused, rtol=0, atol=0)
+    detach_fusion(model)
+
+    attach_scalearn(model, random_sources(model))
+    with torch.no_grad():
+        scaled = model(ids).logits
+    with pytest.raises(RuntimeError, match="already patched"):
+        attach_fusion(model, random_sources(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, scaled, rtol=0, atol=0)
+
+
 def test_patch_is_per_instance():
     a, b = tiny("bert"), tiny("bert")
     attach_scalearn(a, random_sources(a))

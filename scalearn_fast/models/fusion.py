@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..layers_fusion import AdapterFusionLayer, fusion_options_from_config
+from .attach import check_sites_free, check_sources_fit, head_parameters, patch_sites
 from .fusion_weights import (
     CONFIG_NAME,
     SAFE_WEIGHTS_NAME,
@@ -25,9 +26,8 @@ from .fusion_weights import (
     FusionCheckpoint,
     load_fusion_checkpoint,
 )
-from .patching import LayerNormRef, is_patched, patch_site, restore_sites
+from .patching import LayerNormRef, restore_sites
 from .registry import FFNSite, ffn_sites, hidden_size, site_key
-from .scalearn import head_parameters
 
 ATTR = "adapter_fusion"  # name of the AdapterFusionLayer on each patched module
 _STATE = "_scalearn_fast_fusion_state"
@@ -216,8 +216,7 @@ def attach_fusion(
         raise RuntimeError("AdapterFusion is already attached to this model; detach_fusion it first")
     srcs = load_adapterhub_sources(sources)
     sites = ffn_sites(model)
-    if any(is_patched(s.module) for s in sites):
-        raise RuntimeError("the model's FFN sites are already patched (attach_scalearn?); detach first")
+    check_sites_free(sites)
     d = hidden_size(model)
     name, adapter_names, ckpt_config, ckpt_d, per_site = (None, None, None, None, {})
     if fusion_weights is not None:
@@ -240,20 +239,8 @@ def attach_fusion(
             )
         srcs = [srcs[names.index(n)] for n in adapter_names]  # the library's order
         names = list(adapter_names)
-    activations = {s.activation for s in srcs}
-    if len(activations) != 1:
-        raise ValueError(f"sources use different non-linearities {sorted(activations)}")
-    activation = activations.pop()
+    activation = check_sources_fit(model, srcs, sites, d)
     wanted = {s.key for s in sites}
-    for src in srcs:
-        if src.hidden_size != d:
-            raise ValueError(f"source {src.name!r} has hidden size {src.hidden_size}, the model has d={d}")
-        missing, extra = sorted(wanted - set(src.layers)), sorted(set(src.layers) - wanted)
-        if missing or extra:
-            raise ValueError(
-                f"source {src.name!r} does not fit {type(model).__name__}: "
-                f"missing layers {missing}, unknown layers {extra}"
-            )
     if fusion_weights is not None:
         missing, extra = sorted(wanted - set(per_site)), sorted(set(per_site) - wanted)
         if missing or extra:
@@ -266,50 +253,38 @@ def attach_fusion(
     if not config.get("dropout_prob"):  # the library: ``dropout_prob or attention_probs_dropout_prob``
         options["dropout"] = _default_dropout(model)
     param = next(model.parameters())
-    state = FusionState(name or ",".join(names), names, sites, backend, config)
-    if freeze:
-        state.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
-    try:
-        for site in sites:
-            ws = [s.layers[site.key] for s in srcs]
-            layer = AdapterFusionLayer(
-                [w[0] for w in ws],
-                [w[1] for w in ws],
-                [w[2] for w in ws],
-                [w[3] for w in ws],
-                activation=activation,
-                backend=backend,
-                layer_norm=LayerNormRef(site.layer_norm),  # type: ignore[arg-type]
-                source_names=names,
-                **options,
-            ).to(device=param.device, dtype=param.dtype)
-            if fusion_weights is not None:
-                _load_layer(layer, per_site[site.key], f"{site.stack} layer {site.index}")
-            layer.train(site.module.training)
-            patch_site(site, layer, ATTR)
-    except BaseException:
-        _undo(model, state)
-        raise
+
+    def build(site: FFNSite) -> AdapterFusionLayer:
+        ws = [s.layers[site.key] for s in srcs]
+        layer = AdapterFusionLayer(
+            [w[0] for w in ws],
+            [w[1] for w in ws],
+            [w[2] for w in ws],
+            [w[3] for w in ws],
+            activation=activation,
+            backend=backend,
+            layer_norm=LayerNormRef(site.layer_norm),  # type: ignore[arg-type]
+            source_names=names,
+            **options,
+        ).to(device=param.device, dtype=param.dtype)
+        if fusion_weights is not None:
+            _load_layer(layer, per_site[site.key], f"{site.stack} layer {site.index}")
+        return layer
+
+    requires_grad = patch_sites(model, sites, ATTR, build, freeze=freeze)
+    state = FusionState(name or ",".join(names), names, sites, backend, config, requires_grad)
     model.__dict__[_STATE] = state
     if freeze:
-        for _, p in head_parameters(model):
+        fusion = [p for layer in fusion_layers(model) for p in layer.fusion_parameters()]
+        for p in [*(p for _, p in head_parameters(model)), *fusion]:
             p.requires_grad_(True)
-        for layer in fusion_layers(model):
-            for p in layer.fusion_parameters():
-                p.requires_grad_(True)
     return model
-
-
-def _undo(model: nn.Module, state: FusionState) -> None:
-    restore_sites(model, state.sites, ATTR, state.requires_grad)
 
 
 def detach_fusion(model: nn.Module) -> nn.Module:
     """Undo ``attach_fusion``: original forwards and ``requires_grad`` flags come back."""
     state = fusion_state(model)
-    _undo(model, state)
+    restore_sites(model, state.sites, ATTR, state.requires_grad)
     del model.__dict__[_STATE]
     return model
 

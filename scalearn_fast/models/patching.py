@@ -100,6 +100,8 @@ def patch_site(site: Any, sublayer: nn.Module, attr: str) -> None:
     sub-layer's final output ``LN(... + h + x)``. ``sublayer`` is registered on the patched
     module as ``attr`` so it moves with ``.to()`` and shows in ``named_parameters``."""
     module = site.module
+    if is_patched(module):
+        raise RuntimeError(f"{site.name} is already patched; detach what holds it first")
     if hasattr(module, attr):
         raise RuntimeError(f"{site.name} already has an attribute {attr!r}")
     if site.style not in _STYLES:

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from ..layers import ScaLearnLayer, check_variant, init_omega, is_shared
-from .patching import LayerNormRef, patch_site, restore_sites
+from .attach import check_sources_fit, head_parameters, patch_sites
+from .patching import LayerNormRef, restore_sites
 from .registry import FFNSite, ffn_sites, hidden_size
 
 ATTR = "scalearn"  # name of the ScaLearnLayer on each patched module
@@ -35,20 +36,6 @@ def attach_state(model: nn.Module) -> AttachState:
 
 def is_attached(model: nn.Module) -> bool:
     return _STATE in model.__dict__
-
-
-def head_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The task head: parameters outside the base model, plus its pooler (if any)."""
-    prefix = getattr(model, "base_model_prefix", "")
-    base = getattr(model, prefix, None) if prefix else None
-    if base is None or base is model:
-        return []
-    keep = []
-    for name, param in model.named_parameters():
-        inside = name.startswith(prefix + ".")
-        if not inside or name.startswith(prefix + ".pooler."):
-            keep.append((name, param))
-    return keep
 
 
 def scalearn_layers(model: nn.Module) -> list[ScaLearnLayer]:
@@ -95,70 +82,43 @@ def attach_scalearn(
     srcs = load_adapterhub_sources(sources)
     sites = ffn_sites(model)
     d = hidden_size(model)
-    activations = {s.activation for s in srcs}
-    if len(activations) != 1:
-        raise ValueError(f"sources use different non-linearities {sorted(activations)}")
-    activation = activations.pop()
-    wanted = {s.key for s in sites}
-    for src in srcs:
-        if src.hidden_size != d:
-            raise ValueError(f"source {src.name!r} has hidden size {src.hidden_size}, the model has d={d}")
-        missing = sorted(wanted - set(src.layers))
-        extra = sorted(set(src.layers) - wanted)
-        if missing or extra:
-            raise ValueError(
-                f"source {src.name!r} does not fit {type(model).__name__}: "
-                f"missing layers {missing}, unknown layers {extra}"
-            )
+    activation = check_sources_fit(model, srcs, sites, d)
     param = next(model.parameters())
     shared = None
     if is_shared(variant):
         shared = init_omega(len(srcs), d, variant, device=param.device, generator=generator)
-    state = AttachState(variant, [s.name for s in srcs], sites, backend, shared_omega=shared)
+    names = [s.name for s in srcs]
+
+    def build(site: FFNSite) -> ScaLearnLayer:
+        ws = [_as_tuple(s.layers[site.key]) for s in srcs]
+        omega = shared
+        if omega is None:
+            omega = init_omega(len(srcs), d, variant, device=param.device, generator=generator)
+        return ScaLearnLayer(
+            [w[0] for w in ws],
+            [w[1] for w in ws],
+            [w[2] for w in ws],
+            [w[3] for w in ws],
+            variant=variant,
+            omega=omega,
+            activation=activation,
+            omega_dropout=omega_dropout,
+            backend=backend,
+            layer_norm=LayerNormRef(site.layer_norm),  # type: ignore[arg-type]
+            source_names=names,
+        ).to(device=param.device)
+
+    requires_grad = patch_sites(model, sites, ATTR, build, freeze=freeze)
+    model.__dict__[_STATE] = AttachState(variant, names, sites, backend, requires_grad, shared)
     if freeze:
-        state.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
-    try:
-        for site in sites:
-            ws = [_as_tuple(s.layers[site.key]) for s in srcs]
-            omega = shared
-            if omega is None:
-                omega = init_omega(len(srcs), d, variant, device=param.device, generator=generator)
-            layer = ScaLearnLayer(
-                [w[0] for w in ws],
-                [w[1] for w in ws],
-                [w[2] for w in ws],
-                [w[3] for w in ws],
-                variant=variant,
-                omega=omega,
-                activation=activation,
-                omega_dropout=omega_dropout,
-                backend=backend,
-                layer_norm=LayerNormRef(site.layer_norm),  # type: ignore[arg-type]
-                source_names=state.source_names,
-            ).to(device=param.device)
-            layer.train(site.module.training)  # a new module starts in training mode
-            patch_site(site, layer, ATTR)
-    except BaseException:
-        _undo(model, state)
-        raise
-    model.__dict__[_STATE] = state
-    if freeze:
-        for _, p in head_parameters(model):
+        for p in [*(p for _, p in head_parameters(model)), *omega_parameters(model)]:
             p.requires_grad_(True)
-        for omega in omega_parameters(model):
-            omega.requires_grad_(True)
     return model
-
-
-def _undo(model: nn.Module, state: AttachState) -> None:
-    restore_sites(model, state.sites, ATTR, state.requires_grad)
 
 
 def detach_scalearn(model: nn.Module) -> nn.Module:
     """Undo ``attach_scalearn``: original forwards and ``requires_grad`` flags come back."""
     state = attach_state(model)
-    _undo(model, state)
+    restore_sites(model, state.sites, ATTR, state.requires_grad)
     del model.__dict__[_STATE]
     return model
