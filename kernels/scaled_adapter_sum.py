@@ -183,6 +183,44 @@ def _load_ut_tile(
 
 
 @triton.jit
+def _down_tile(
+    z_ptr, wd_ptr, bd_ptr, src_ptr, rs_ptr, pre_ptr, offs_t, offs_c, T, d, R,
+    stride_z_t, stride_z_d, stride_wd_r, stride_wd_d, stride_rs_t, stride_rs_n, stride_p_t, stride_p_r,
+    ACT: tl.constexpr, HAS_RS: tl.constexpr, SAVE_PRE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """S = act(z·Dᵀ + b_D) ⊙ w[:, s(·)] as an fp32 [BLOCK_T, BLOCK_R] tile for rows ``offs_t`` and
+    packed columns ``offs_c`` (K-loop over d); stores P = z·Dᵀ + b_D first when ``SAVE_PRE``."""
+    rows = offs_t.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(
+            z_ptr + rows[:, None] * stride_z_t + kk[None, :] * stride_z_d,
+            mask=(offs_t[:, None] < T) & (kk[None, :] < d), other=0.0,
+        )
+        b = tl.load(
+            wd_ptr + offs_c[None, :].to(tl.int64) * stride_wd_r + kk[:, None] * stride_wd_d,
+            mask=(offs_c[None, :] < R) & (kk[:, None] < d), other=0.0,
+        )
+        acc = _mma(a, b, acc, IEEE)
+    acc += tl.load(bd_ptr + offs_c, mask=offs_c < R, other=0.0).to(tl.float32)[None, :]
+    mask = (offs_t[:, None] < T) & (offs_c[None, :] < R)
+    if SAVE_PRE:
+        tl.store(
+            pre_ptr + rows[:, None] * stride_p_t + offs_c[None, :] * stride_p_r,
+            acc.to(pre_ptr.dtype.element_ty), mask=mask,
+        )
+    h = _activation(acc, ACT)
+    if HAS_RS:
+        src = tl.load(src_ptr + offs_c, mask=offs_c < R, other=0)
+        rs_offs = rows[:, None] * stride_rs_t + src[None, :] * stride_rs_n
+        h = h * tl.load(rs_ptr + rs_offs, mask=mask, other=0.0)
+    return h
+
+
+@triton.jit
 def _epilogue(
     acc, offs_t, offs_j, T, d, bias_ptr, res_ptr, out_ptr,
     stride_b_t, stride_r_t, stride_r_d, stride_o_t, stride_o_d,
@@ -221,39 +259,17 @@ def _down_projection_kernel(
     ACT: tl.constexpr, HAS_RS: tl.constexpr, SAVE_PRE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_c = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_c = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    h = _down_tile(
+        z_ptr, wd_ptr, bd_ptr, src_ptr, rs_ptr, pre_ptr, offs_t, offs_c, T, d, R,
+        stride_z_t, stride_z_d, stride_wd_r, stride_wd_d, stride_rs_t, stride_rs_n, stride_p_t, stride_p_r,
+        ACT, HAS_RS, SAVE_PRE, IEEE, BLOCK_T, BLOCK_R, BLOCK_K,
+    )
     rows = offs_t.to(tl.int64)
-    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, d, BLOCK_K):
-        kk = k0 + offs_k
-        a = tl.load(
-            z_ptr + rows[:, None] * stride_z_t + kk[None, :] * stride_z_d,
-            mask=(offs_t[:, None] < T) & (kk[None, :] < d), other=0.0,
-        )
-        b = tl.load(
-            wd_ptr + offs_c[None, :].to(tl.int64) * stride_wd_r + kk[:, None] * stride_wd_d,
-            mask=(offs_c[None, :] < R) & (kk[:, None] < d), other=0.0,
-        )
-        acc = _mma(a, b, acc, IEEE)
-    acc += tl.load(bd_ptr + offs_c, mask=offs_c < R, other=0.0).to(tl.float32)[None, :]
-    mask = (offs_t[:, None] < T) & (offs_c[None, :] < R)
-    if SAVE_PRE:
-        tl.store(
-            pre_ptr + rows[:, None] * stride_p_t + offs_c[None, :] * stride_p_r,
-            acc.to(pre_ptr.dtype.element_ty), mask=mask,
-        )
-    h = _activation(acc, ACT)
-    if HAS_RS:
-        src = tl.load(src_ptr + offs_c, mask=offs_c < R, other=0)
-        rs_offs = rows[:, None] * stride_rs_t + src[None, :] * stride_rs_n
-        h = h * tl.load(rs_ptr + rs_offs, mask=mask, other=0.0)
     tl.store(
         s_ptr + rows[:, None] * stride_s_t + offs_c[None, :] * stride_s_r,
-        h.to(s_ptr.dtype.element_ty), mask=mask,
+        h.to(s_ptr.dtype.element_ty), mask=(offs_t[:, None] < T) & (offs_c[None, :] < R),
     )
 
 
@@ -306,37 +322,14 @@ def _fused_kernel(
     BIAS_ROWS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_c = tl.arange(0, R_PAD)
-    offs_k = tl.arange(0, BLOCK_K)
-    rows = offs_t.to(tl.int64)
-    # first GEMM: P[BLOCK_T, R_PAD] = z·Dᵀ + b_D, K-loop over d
-    acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
-    for k0 in range(0, d, BLOCK_K):
-        kk = k0 + offs_k
-        a = tl.load(
-            z_ptr + rows[:, None] * stride_z_t + kk[None, :] * stride_z_d,
-            mask=(offs_t[:, None] < T) & (kk[None, :] < d), other=0.0,
-        )
-        b = tl.load(
-            wd_ptr + offs_c[None, :].to(tl.int64) * stride_wd_r + kk[:, None] * stride_wd_d,
-            mask=(offs_c[None, :] < R) & (kk[:, None] < d), other=0.0,
-        )
-        acc = _mma(a, b, acc, IEEE)
-    acc += tl.load(bd_ptr + offs_c, mask=offs_c < R, other=0.0).to(tl.float32)[None, :]
-    mask_p = (offs_t[:, None] < T) & (offs_c[None, :] < R)
-    if SAVE_PRE:
-        tl.store(
-            pre_ptr + rows[:, None] * stride_p_t + offs_c[None, :] * stride_p_r,
-            acc.to(pre_ptr.dtype.element_ty), mask=mask_p,
-        )
-    h = _activation(acc, ACT)
-    if HAS_RS:
-        src = tl.load(src_ptr + offs_c, mask=offs_c < R, other=0)
-        h = h * tl.load(
-            rs_ptr + rows[:, None] * stride_rs_t + src[None, :] * stride_rs_n, mask=mask_p, other=0.0
-        )
+    # first GEMM: S[BLOCK_T, R_PAD] = act(z·Dᵀ + b_D) ⊙ w[:, s(·)], K-loop over d
+    h = _down_tile(
+        z_ptr, wd_ptr, bd_ptr, src_ptr, rs_ptr, pre_ptr, offs_t, offs_c, T, d, R,
+        stride_z_t, stride_z_d, stride_wd_r, stride_wd_d, stride_rs_t, stride_rs_n, stride_p_t, stride_p_r,
+        ACT, HAS_RS, SAVE_PRE, IEEE, BLOCK_T, R_PAD, BLOCK_K,
+    )
     # padded columns c >= R hold act(0)·0-weights: their Uᵀ rows are zero below
     s = h.to(z_ptr.dtype.element_ty)
     # second GEMM: sweep the output d tiles with S on chip
