@@ -165,6 +165,55 @@ def test_fp32_fused_cap_routes_to_two_kernels(monkeypatch):
     check(torch.float32, z, make_sources(3, 0, 24, hetero=[30, 20, 22]), omega, res)
 
 
+@pytest.mark.parametrize("faster", ["fused", "two_kernel"])
+def test_measured_path_choice_runs_the_faster_path_and_caches_it(monkeypatch, faster):
+    """USE_FUSED=None (default): where it can measure (CUDA, autotune on), the backend times both
+    forward paths once per shape class (T bucketed to powers of two) and keeps the faster one."""
+    from scalearn_fast.ops import path_choice
+
+    monkeypatch.setattr(triton_backend, "USE_FUSED", None)
+    monkeypatch.setattr(path_choice, "_can_measure", lambda z: True)
+    monkeypatch.setattr(path_choice, "_CHOICES", {})
+    timed, ran = [], []
+
+    def fake_time(fn):
+        timed.append(fn.__name__)
+        fn()  # both candidates must run
+        return 1.0 if fn.__name__ == faster else 2.0
+
+    monkeypatch.setattr(path_choice, "_time_ms", fake_time)
+    def spy(name, real):
+        def launcher(*args, **kwargs):
+            ran.append(name)
+            return real(*args, **kwargs)
+
+        return launcher
+
+    for name in ("fused_forward", "down_projection"):
+        monkeypatch.setattr(K, name, spy(name, getattr(K, name)))
+    for tokens in (5, 7, 8):  # one class: next_pow2 = 8
+        z, omega, res, _ = make_inputs((tokens,), n=3, d=24)
+        check(torch.float16, z, make_sources(3, 4, 24), omega, res)
+    assert timed == ["fused", "two_kernel"]  # measured once for the class, then cached
+    expect = "fused_forward" if faster == "fused" else "down_projection"
+    assert ran[2:] == [expect] * (len(ran) - 2)  # after the two timed runs, only the winner
+    z, omega, res, _ = make_inputs((9,), n=3, d=24)  # next bucket (16): measured again
+    check(torch.float16, z, make_sources(3, 4, 24), omega, res)
+    assert timed == ["fused", "two_kernel"] * 2
+    assert set(path_choice.choices().values()) == {faster == "fused"}
+
+
+def test_forced_path_is_not_measured(monkeypatch):
+    from scalearn_fast.ops import path_choice
+
+    monkeypatch.setattr(path_choice, "_can_measure", lambda z: True)
+    monkeypatch.setattr(path_choice, "_time_ms", lambda fn: pytest.fail("a forced path must not be timed"))
+    monkeypatch.setattr(triton_backend, "USE_FUSED", False)
+    monkeypatch.setattr(K, "fused_forward", lambda *a, **k: pytest.fail("USE_FUSED=False never fuses"))
+    z, omega, res, _ = make_inputs((6,), n=2, d=16)
+    check(torch.float16, z, make_sources(2, 4, 16), omega, res)
+
+
 def test_folded_inference_path(path):
     z, omega, res, _ = make_inputs((2, 7), n=3, d=100)
     packed = pack_sources(*make_sources(3, 0, 100, hetero=[3, 8, 5]))
@@ -462,3 +511,17 @@ def test_gpu_low_precision(monkeypatch, dtype, fused):
 def test_gpu_large_rank_two_kernel_path():
     z, omega, res, _ = make_inputs((300,), n=8, d=256)
     check(torch.bfloat16, z, make_sources(8, 96, 256, grad=True), omega, res)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_measured_path_choice(monkeypatch):
+    """The real measurement (triton.testing.do_bench) picks a path and the result stays exact."""
+    from scalearn_fast.ops import path_choice
+
+    monkeypatch.setenv("SCALEARN_FAST_AUTOTUNE", "1")  # measuring is on with autotune (configs stay small)
+    monkeypatch.setattr(triton_backend, "USE_FUSED", None)
+    monkeypatch.setattr(path_choice, "_CHOICES", {})
+    z, omega, res, _ = make_inputs((300,), n=8, d=256)
+    check(torch.bfloat16, z, make_sources(8, 16, 256, grad=True), omega, res)
+    assert len(path_choice.choices()) == 1

@@ -5,10 +5,10 @@ The T-sized GEMMs (forward and backward) run in the kernels of ``kernels/`` (``s
 O(N·d), O(R·d) and O(T·N) pieces (the folded bias, the per-source ω reduction, dB,
 db_D, the per-source row_scale reduction) are plain torch here.
 
-Forward: one fused kernel (S kept on chip) when next_pow2(R) <= ``kernels.FUSED_MAX_R``
-(``FUSED_MAX_R_FP32`` for fp32 inputs),
-else ``down_projection`` then ``up_projection``. ``USE_FUSED`` switches the fused kernel
-off altogether (tests flip it to exercise both paths).
+Forward: the fused kernel (S kept on chip; only when next_pow2(R) <= ``kernels.FUSED_MAX_R``,
+``FUSED_MAX_R_FP32`` for fp32 inputs) or ``down_projection`` then ``up_projection``; on CUDA the
+faster of the two per shape class, measured once (``path_choice``). ``USE_FUSED`` forces a path:
+True fused whenever it fits, False never (tests flip it to exercise both); None (default) chooses.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import torch
 
 from scalearn_fast._kernels import load_kernels
 
-USE_FUSED = True
+from . import path_choice
+
+USE_FUSED: bool | None = None
 
 
 def _bias(b_up, omega, row_scale):
@@ -48,13 +50,22 @@ def forward(
     dtype = z.dtype
     w_down, w_up = w_down.to(dtype), w_up.to(dtype)
     bias = _bias(b_up, omega, row_scale)
-    if USE_FUSED and k.fused_fits(w_down.shape[0], z.dtype):
+
+    def fused() -> tuple[torch.Tensor, torch.Tensor]:
         return k.fused_forward(
             z, w_down, b_down, w_up, omega, source_index, bias, residual, row_scale, activation, save_pre
         )
-    pre, hidden = k.down_projection(z, w_down, b_down, source_index, row_scale, activation, save_pre)
-    out = k.up_projection(hidden, w_up, omega, source_index, bias, residual)
-    return out, pre
+
+    def two_kernel() -> tuple[torch.Tensor, torch.Tensor]:
+        pre, hidden = k.down_projection(z, w_down, b_down, source_index, row_scale, activation, save_pre)
+        return k.up_projection(hidden, w_up, omega, source_index, bias, residual), pre
+
+    r = w_down.shape[0]
+    use = USE_FUSED is not False and k.fused_fits(r, z.dtype)
+    if use and USE_FUSED is None and path_choice._can_measure(z):
+        flags = (row_scale is not None, save_pre, omega is None, residual is not None)
+        use = path_choice.fused_is_faster(path_choice.shape_class(z, r, *flags), fused, two_kernel)
+    return fused() if use else two_kernel()
 
 
 def backward(

@@ -1,0 +1,60 @@
+"""Which Triton forward path runs: the fused kernel (S on chip) or down + up projection.
+
+Neither wins everywhere. The fused kernel saves writing and re-reading S (2·T·R elements) and
+a launch, but its grid is over T only, so small T leaves most SMs idle, and at large R its
+register-resident S forces small row tiles (no Hopper wgmma; docs/architecture.md). So on CUDA,
+with autotuning on, the first call of each *shape class* times both paths (the way Triton's
+autotuner times configs) and the faster one is kept for every later call of that class:
+
+    class = (device, dtype, d, R, next_pow2(T), row_scale?, save_pre?, ω folded?, residual?)
+
+T is bucketed by powers of two, so a run with dynamic padding measures at most ~17 classes per
+layer shape, ~0.1-0.3 s each, in its first steps. Elsewhere (CPU / the interpreter, autotune off,
+CUDA graph capture) the fused kernel runs whenever it fits. ``USE_FUSED`` in ``triton_backend``
+forces one path (True: fused when it fits, False: never fused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+import torch
+
+_CHOICES: dict[Hashable, bool] = {}
+
+
+def _can_measure(z: torch.Tensor) -> bool:
+    from scalearn_fast._kernels import load_kernels
+
+    k = load_kernels()
+    autotune = k.scaled_adapter_sum.autotune_enabled()
+    return z.is_cuda and autotune and not torch.cuda.is_current_stream_capturing()
+
+
+def _time_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn`` on the GPU (``triton.testing.do_bench``, which warms up first)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def shape_class(z: torch.Tensor, r: int, *flags: bool) -> tuple:
+    t, d = z.shape
+    bucket = 1 << max(int(t) - 1, 0).bit_length()
+    return (str(z.device), z.dtype, int(d), int(r), bucket, *flags)
+
+
+def fused_is_faster(key: Hashable, fused: Callable[[], object], two_kernel: Callable[[], object]) -> bool:
+    """The cached choice for ``key``, timing both paths the first time (ties go to fused)."""
+    if key not in _CHOICES:
+        _CHOICES[key] = _time_ms(fused) <= _time_ms(two_kernel)
+    return _CHOICES[key]
+
+
+def choices() -> dict[Hashable, bool]:
+    """A copy of the choices made so far (shape class -> fused), e.g. to log them."""
+    return dict(_CHOICES)
+
+
+def clear() -> None:
+    _CHOICES.clear()
