@@ -224,6 +224,23 @@ def test_custom_op_passes_opcheck():
     torch.library.opcheck(torch.ops.scalearn_fast.scaled_adapter_sum.default, args)
 
 
+def test_op_pre_activation_output_is_not_differentiable():
+    """The op's second output (P, saved for backward) is marked non-differentiable."""
+    z, sources, omega, residual = inputs((5,), n=2, d=8, r=3)
+    packed = pack_sources(*sources)
+    out, pre = torch.ops.scalearn_fast.scaled_adapter_sum(
+        z, packed.w_down, packed.b_down, packed.w_up, packed.b_up, omega, packed.source_index,
+        residual, None, "relu", "torch", True,
+    )  # fmt: skip
+    assert out.requires_grad and not pre.requires_grad
+    out, _ = torch.ops.scalearn_fast.scaled_adapter_sum(
+        z, packed.w_down, packed.b_down, packed.w_up, packed.b_up, omega, packed.source_index,
+        residual, None, "relu", "torch", True,
+    )  # fmt: skip
+    out.sum().backward()
+    assert omega.grad is not None and z.grad is not None
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     lead=st.lists(st.integers(0, 5), min_size=1, max_size=3),

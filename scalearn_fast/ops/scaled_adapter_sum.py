@@ -82,9 +82,13 @@ def _setup_context(ctx, inputs, output):
     ctx.activation = activation
     ctx.backend = backend
     ctx.save_pre = save_pre
+    ctx.mark_non_differentiable(pre)  # saved for backward only
+    ctx.set_materialize_grads(False)  # so no [T, R] zeros are made for its (absent) gradient
 
 
 def _backward(ctx, grad_out, _grad_pre):
+    if grad_out is None:  # the output was not used (e.g. only its shape): nothing flows back
+        return (None,) * 12
     z, pre, w_down, w_up, b_up, omega, source_index, row_scale = ctx.saved_tensors
     if not ctx.save_pre:
         raise RuntimeError(

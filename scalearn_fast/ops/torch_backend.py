@@ -106,7 +106,10 @@ def backward(
         g_u = g @ u  # [T, R]
         if need_rs:
             d_rs = _segment_sum(act * g_u, source_index, n) + g @ (omega * b_up).T
-        d_pre = g_u * activation_grad(activation, pre)
+        if activation == "relu":  # one pass, same NaN rule as activation_grad (NaN > 0 is False)
+            d_pre = torch.where(pre > 0, g_u, 0.0)
+        else:
+            d_pre = g_u * activation_grad(activation, pre)
         if scale_cols is not None:
             d_pre = d_pre * scale_cols
         if need_z:
