@@ -143,6 +143,17 @@ def _params_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _summarize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", help="run folders, results.json files, or folders to search")
+
+
+def _summarize_run(a: argparse.Namespace) -> int:
+    from .train.summary import collect_results, format_results_table
+
+    print(format_results_table(collect_results(a.paths)))
+    return 0
+
+
 register_command(
     "train-adapter", "stage 1: one bottleneck adapter + head per task", _adapter_args, _adapter_run
 )
@@ -150,6 +161,7 @@ register_command(
     "train-scalearn", "stage 2: ω + a fresh head over frozen sources", _scalearn_args, _scalearn_run
 )
 register_command("params", "transfer parameters per variant vs AdapterFusion", _params_args, _params_run)
+register_command("summarize", "training runs' results.json as one table", _summarize_args, _summarize_run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ on a small SST-2 slice that has to beat the majority class."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -264,6 +265,34 @@ def test_cli_reports_bad_input(tmp_path, capsys):
         ["train-scalearn", "--task", "rte", "--output", str(tmp_path / "o"), "--sources", str(tmp_path)]
     )
     assert code == 2 and "adapter_config.json" in capsys.readouterr().err
+
+
+def test_cli_summarize_tables_runs_and_rejects_bad_files(tmp_path, capsys):
+    from scalearn_fast import cli
+
+    def write(folder, **result):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "results.json").write_text(json.dumps(result))
+
+    write("a/adapters/mrpc", method="adapter", task="mrpc", train_examples=3668, dev_examples=408, steps=230,
+          best_dev={"accuracy": 0.75, "f1": 0.8333, "main": 0.8333}, dev_majority_baseline=0.684,
+          train_seconds=12.5, config={"lr": 1e-3})  # fmt: skip
+    write("a/scalearn/mrpc/scalearn++", method="scalearn++", task="mrpc", steps=10,
+          best_dev={"accuracy": 0.7, "f1": 0.8, "main": 0.8}, config={"lr": 6e-3})  # fmt: skip
+    assert cli.main(["summarize", str(tmp_path / "a")]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == 4
+    assert rows[2] == (
+        "| 1 | adapter | MRPC | 3668 | 408 | 230 | acc 75.0 / F1 83.3 | F1 83.3 | 68.4 | 12.5 | 0.001 |"
+    )
+    assert rows[3] == "| 2 | scalearn++ | MRPC | – | – | 10 | acc 70.0 / F1 80.0 | F1 80.0 | – | – | 0.006 |"
+
+    (tmp_path / "b").mkdir()
+    assert cli.main(["summarize", str(tmp_path / "b")]) == 2
+    assert "no results.json below" in capsys.readouterr().err
+    (tmp_path / "b" / "results.json").write_text('{"task": "rte"}')
+    assert cli.main(["summarize", str(tmp_path / "b" / "results.json")]) == 2
+    assert "is not a training run's results.json" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------
