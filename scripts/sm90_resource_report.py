@@ -135,14 +135,15 @@ which = sys.argv[1]
 dtype = sys.argv[2] if len(sys.argv) > 2 else "fp16"
 ieee = dtype == "fp32"
 i64 = {"src_ptr": "*i64"}
-if which == "fused":
+if which in ("fused", "fused_infer"):  # training (P saved, ω folded on the fly) / inference (ω pre-folded)
     r_pad = max(16, triton.next_power_of_2(R))
+    train = which == "fused"
     consts = dict(
-        ACT=0, HAS_RS=False, SAVE_PRE=True, FOLD=True, BIAS_ROWS=False, HAS_RES=True, IEEE=ieee, R_PAD=r_pad
+        ACT=0, HAS_RS=False, SAVE_PRE=train, FOLD=train, BIAS_ROWS=False, HAS_RES=True, IEEE=ieee, R_PAD=r_pad
     )
     prune = getattr(F, "_prune_fused", None)
     compile_all(
-        F._fused_kernel, dtype, consts, {**i64, "bias_ptr": "*fp32"}, f"fused {dtype} R_PAD={r_pad}", prune
+        F._fused_kernel, dtype, consts, {**i64, "bias_ptr": "*fp32"}, f"{which} {dtype} R_PAD={r_pad}", prune
     )
 elif which == "down":
     compile_all(

@@ -150,6 +150,24 @@ def test_fused_threshold_routes_large_rank_to_two_kernels(monkeypatch):
     check(torch.float32, z, make_sources(3, 8, 40), omega, res)
 
 
+def test_fused_config_pruning_keeps_wgmma_sized_row_tiles():
+    """At R_PAD = 512 the fused kernel may use 64-row tiles (Hopper wgmma's smallest) at 8 warps;
+    larger S blocks per thread are pruned, and pruning never leaves nothing."""
+    import triton
+
+    def cfg(block_t, warps):
+        tiles = {"BLOCK_T": block_t, "BLOCK_D": 64, "BLOCK_K": 64}
+        return triton.Config(tiles, num_warps=warps, num_stages=2)
+
+    configs = [cfg(128, 8), cfg(64, 8), cfg(64, 4), cfg(32, 4), cfg(16, 8)]
+    kept = KF._prune_fused(configs, {}, R_PAD=512)
+    assert [(c.kwargs["BLOCK_T"], c.num_warps) for c in kept] == [(64, 8), (32, 4), (16, 8)]
+    kept = KF._prune_fused(configs, {}, R_PAD=128)
+    assert len(kept) == len(configs)
+    only = KF._prune_fused([cfg(128, 4), cfg(64, 4)], {}, R_PAD=4096)
+    assert [c.kwargs["BLOCK_T"] for c in only] == [64]
+
+
 def test_fp32_fused_cap_routes_to_two_kernels(monkeypatch):
     """fp32 operands use the fused kernel only up to FUSED_MAX_R_FP32 (its shared memory at
     R_PAD 256-512 exceeds an H100 block's); 2-byte dtypes keep FUSED_MAX_R."""
