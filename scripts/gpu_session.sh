@@ -22,7 +22,7 @@ tests() {
     python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', \
 triton.__version__, 'transformers', transformers.__version__)"
     timeout "${TEST_TIMEOUT:-300}" python -m pytest -q -rs -p no:cacheprovider \
-      tests/test_triton_kernels.py tests/test_fusion.py tests/test_layer.py
+      tests/test_triton_kernels.py tests/test_fusion.py tests/test_layer.py tests/test_scaled_adapter_sum.py
     echo "tests rc=$?"
   } 2>&1 | tee "$out/tests.txt"
 }

@@ -132,3 +132,19 @@ def test_fusion_naive_matches_adapters_library() -> None:
     lib = FUSION_PROVIDERS["adapters"](src).module
     with torch.no_grad():
         torch.testing.assert_close(lib(z, res), naive(z, res))
+
+
+def test_gpu_rounds_hold_enough_calls_and_cpu_keeps_its_clock() -> None:
+    from scalearn_fast.bench.harness import iterations_for
+    from scalearn_fast.bench.timing import use_device_clock
+
+    assert iterations_for(50e-6) == 40  # ~2 ms a round
+    assert iterations_for(5e-3) == 1
+    assert iterations_for(0.0) == 1000
+
+    class FakeBenchmark:
+        _timer = staticmethod(lambda: 0.0)
+
+    fake = FakeBenchmark()
+    assert not use_device_clock(fake, torch.device("cpu"))
+    assert fake._timer() == 0.0

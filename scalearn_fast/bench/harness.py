@@ -14,7 +14,7 @@ import torch
 from .device import DeviceRecord
 from .flops import OpCost
 from .providers import Provider
-from .timing import fill_extra_info, peak_memory, synced
+from .timing import fill_extra_info, peak_memory, synced, use_device_clock
 
 MODES = ("fwd", "fwdbwd")
 
@@ -50,6 +50,14 @@ def rounds_for(estimate_s: float, device: torch.device, quick: bool) -> int:
     return max(lo, min(hi, int(budget / estimate_s)))
 
 
+def iterations_for(estimate_s: float, round_s: float = 2e-3, most: int = 1000) -> int:
+    """Calls per round on a GPU: enough that a round lasts ~``round_s`` (launch gaps and the
+    clock's synchronisation amortised), at least one."""
+    if estimate_s <= 0:
+        return most
+    return max(1, min(most, round(round_s / estimate_s)))
+
+
 def run_case(
     benchmark: Any,
     fn: Callable[[], Any],
@@ -70,8 +78,16 @@ def run_case(
     timed()
     estimate = time.perf_counter() - t0
     peak, method = peak_memory(fn, device)
-    rounds = rounds_for(estimate, device, quick)
-    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+    if use_device_clock(benchmark, device):
+        iterations = iterations_for(estimate)
+        rounds = rounds_for(estimate * iterations, device, quick)
+        benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=1)
+        timing = f"{iterations} back-to-back calls per round between device synchronisations"
+    else:
+        iterations = 1
+        rounds = rounds_for(estimate, device, quick)
+        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+        timing = "one call per round" + (", synchronised" if device.type == "cuda" else "")
     info = fill_extra_info(
         benchmark,
         params=params,
@@ -82,15 +98,16 @@ def run_case(
         peak_bytes=peak,
         peak_method=method,
     )
-    info["rounds"] = rounds
-    benchmark.extra_info["rounds"] = rounds
+    extra = {"rounds": rounds, "iterations": iterations, "timing": timing}
+    info.update(extra)
+    benchmark.extra_info.update(extra)
     roof = info["roofline_pct"]
     mem = "n/a" if peak is None else f"{peak / 2**20:.1f} MiB"
     print(
         f"\n[bench] {params.get('kind')}/{params.get('mode')}/{params.get('provider')} {params.get('case')}: "
         f"median {info['median_s'] * 1e3:.3f} ms, {info['tokens_per_s']:.3g} tok/s, "
         f"{info['tflops']:.3g} TFLOP/s, roofline {'n/a' if roof is None else f'{roof:.1f}%'}, "
-        f"peak mem {mem} ({rounds} rounds)",
+        f"peak mem {mem} ({rounds} rounds x {iterations})",
         file=sys.stderr,
         flush=True,
     )
