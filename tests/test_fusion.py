@@ -38,6 +38,7 @@ def adapter_outputs(src, z):
 
 
 def library_fusion(config_name, d, fusion, dropout=0.1, **overrides):
+    pytest.importorskip("adapters", reason="compares with the optional `adapters` library")
     from adapters.configuration import AdapterFusionConfig
     from adapters.methods.modeling import BertFusion
 
@@ -147,7 +148,7 @@ def _grads(backend, src, fusion, z, h, seed=None, **kw):
     if seed is not None:
         torch.manual_seed(seed)
     out = adapter_fusion(leaves[0], *src, *leaves[2:], leaves[1], backend=backend, **kw)
-    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
     return torch.autograd.grad((out * weight).sum(), leaves, allow_unused=True)
 
 
@@ -250,7 +251,7 @@ def test_bad_input_names_the_argument(change, match):
 
 def tiny_bert_with_fuse(names=("a", "b", "c"), fusion_config="dynamic", seed=0, **overrides):
     """A 2-layer random BERT (float64) with Pfeiffer adapters and a Fuse, all weights non-zero."""
-    import adapters
+    adapters = pytest.importorskip("adapters", reason="compares with the optional `adapters` library")
     from adapters import SeqBnConfig
     from adapters.composition import Fuse
     from adapters.configuration import AdapterFusionConfig

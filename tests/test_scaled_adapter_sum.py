@@ -314,6 +314,29 @@ def test_device_mix_is_rejected_with_meta_tensors():
         scaled_adapter_sum(z, wd, bd, wu, bu, omega.to("meta"))
 
 
+def test_folded_entry_point_checks_its_inputs():
+    from scalearn_fast.ops import scaled_adapter_sum_folded
+    from scalearn_fast.ops.torch_backend import fold_omega
+
+    z, wd, bd, wu, bu, omega, residual = good()
+    packed = pack_sources(wd, bd, wu, bu)
+    up, bias = fold_omega(packed.w_up, packed.b_up, omega, packed.source_index)
+    with torch.no_grad():
+        out = scaled_adapter_sum_folded(z, packed, up, bias, residual, backend="torch")
+        ref = scaled_adapter_sum(z, wd, bd, wu, bu, omega, residual, backend="reference")
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match=r"folded_up has shape \[16, 11\], expected \[d=16, R=12\]"):
+            scaled_adapter_sum_folded(z, packed, up[:, :11], bias, residual, backend="torch")
+        with pytest.raises(ValueError, match=r"folded_bias has shape \[15\]"):
+            scaled_adapter_sum_folded(z, packed, up, bias[:15], residual, backend="torch")
+        with pytest.raises(ValueError, match=r"folded_up has dtype torch.float32"):
+            scaled_adapter_sum_folded(z, packed, up.float(), bias, residual, backend="torch")
+        with pytest.raises(ValueError, match="folded_bias is on meta but z is on cpu"):
+            scaled_adapter_sum_folded(z, packed, up, bias.to("meta"), residual, backend="torch")
+        with pytest.raises(ValueError, match="w_down is on meta but z is on cpu"):
+            scaled_adapter_sum_folded(z, packed.to(z.dtype, "meta"), up, bias, residual, backend="torch")
+
+
 def test_packed_entry_point_matches_functional():
     z, sources, omega, residual = inputs((4, 3), n=2, d=12)
     packed = pack_sources(*sources)

@@ -238,14 +238,18 @@ def test_folded_inference_path(path):
     u, bias = fold_omega(packed.w_up, packed.b_up, omega.detach(), packed.source_index)
     ref = scaled_adapter_sum_folded(z.detach(), packed, u, bias, res.detach(), backend="torch")
     for dtype in (torch.float32, torch.float16):
-        pk = packed.to(dtype)
         with torch.no_grad():
             out = scaled_adapter_sum_folded(
-                cast(z, dtype), pk, cast(u, dtype), cast(bias, dtype), cast(res, dtype), backend="triton"
+                cast(z, dtype),
+                packed.to(dtype, DEVICE),
+                cast(u, dtype),
+                cast(bias, dtype),
+                cast(res, dtype),
+                backend="triton",
             )
             low = scaled_adapter_sum_folded(
                 cast(z, dtype, "cpu"),
-                pk,
+                packed.to(dtype),
                 cast(u, dtype, "cpu"),
                 cast(bias, dtype, "cpu"),
                 cast(res, dtype, "cpu"),

@@ -41,16 +41,18 @@ class PackedSources:
     def num_sources(self) -> int:
         return len(self.ranks)
 
-    def to(self, dtype: torch.dtype) -> PackedSources:
-        """The same sources in another dtype (mixed precision); differentiable."""
-        if self.w_down.dtype == dtype:
+    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> PackedSources:
+        """The same sources in another dtype (mixed precision) and optionally on another
+        device; differentiable."""
+        device = self.w_down.device if device is None else torch.device(device)
+        if self.w_down.dtype == dtype and self.w_down.device == device:
             return self
         return PackedSources(
-            self.w_down.to(dtype),
-            self.b_down.to(dtype),
-            self.w_up.to(dtype),
-            self.b_up.to(dtype),
-            self.source_index,
+            self.w_down.to(device, dtype),
+            self.b_down.to(device, dtype),
+            self.w_up.to(device, dtype),
+            self.b_up.to(device, dtype),
+            self.source_index.to(device),
             self.ranks,
         )
 
@@ -169,12 +171,13 @@ def _pack_stacked(w_down, b_down, w_up, b_up, hidden_size) -> PackedSources:
 def check_inputs(
     z: torch.Tensor,
     packed: PackedSources,
-    omega: torch.Tensor,
+    omega: torch.Tensor | None,
     residual: torch.Tensor | None,
     *,
     row_scale: torch.Tensor | None = None,
 ) -> None:
-    """Shapes, dtypes and devices of one call, with errors that name the argument."""
+    """Shapes, dtypes and devices of one call, with errors that name the argument
+    (``omega=None``: ω is already folded into the up projection)."""
     if not isinstance(z, torch.Tensor):
         raise ValueError(f"z must be a tensor; got {type(z).__name__}")
     if z.dim() < 1:
@@ -188,12 +191,13 @@ def check_inputs(
             f"z has shape {_shape(z)}: its last dim must equal the sources' hidden size d={d} "
             f"(w_down is [R={packed.total_rank}, d={d}])"
         )
-    if not isinstance(omega, torch.Tensor):
-        raise ValueError(f"omega must be a tensor; got {type(omega).__name__}")
-    if omega.dim() != 2 or omega.shape[0] != n or omega.shape[1] not in (1, d):
-        raise ValueError(
-            f"omega has shape {_shape(omega)}, expected [N={n}, d={d}] (vector) or [N={n}, 1] (uniform)"
-        )
+    if omega is not None:
+        if not isinstance(omega, torch.Tensor):
+            raise ValueError(f"omega must be a tensor; got {type(omega).__name__}")
+        if omega.dim() != 2 or omega.shape[0] != n or omega.shape[1] not in (1, d):
+            raise ValueError(
+                f"omega has shape {_shape(omega)}, expected [N={n}, d={d}] (vector) or [N={n}, 1] (uniform)"
+            )
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
             raise ValueError(f"residual must be a tensor or None; got {type(residual).__name__}")
@@ -208,12 +212,36 @@ def check_inputs(
         ("b_down", packed.b_down),
         ("w_up", packed.w_up),
         ("b_up", packed.b_up),
-        ("omega", omega),
     ]
+    if omega is not None:
+        named.append(("omega", omega))
     if residual is not None:
         named.append(("residual", residual))
     if row_scale is not None:
         named.append(("row_scale", row_scale))
+    check_same_dtype_device(z, named)
+
+
+def check_folded_inputs(
+    z: torch.Tensor,
+    packed: PackedSources,
+    folded_up: torch.Tensor,
+    folded_bias: torch.Tensor,
+    residual: torch.Tensor | None,
+) -> None:
+    """``check_inputs`` for the inference fast path, where ω is already folded into
+    ``folded_up [d, R]`` and ``folded_bias [d]``."""
+    d, total_rank = packed.hidden_size, packed.total_rank
+    if folded_up.shape != (d, total_rank):
+        raise ValueError(f"folded_up has shape {_shape(folded_up)}, expected [d={d}, R={total_rank}]")
+    if folded_bias.numel() != d:
+        raise ValueError(f"folded_bias has shape {_shape(folded_bias)}, expected [d={d}]")
+    check_inputs(z, packed, None, residual)
+    check_same_dtype_device(z, [("folded_up", folded_up), ("folded_bias", folded_bias)])
+
+
+def check_same_dtype_device(z: torch.Tensor, named: list[tuple[str, torch.Tensor]]) -> None:
+    """Every named tensor shares z's dtype and device."""
     for name, t in named:
         if t.dtype != z.dtype:
             raise ValueError(

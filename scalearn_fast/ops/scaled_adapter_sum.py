@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 
 from .backends import backend_module, resolve_backend
-from .packing import PackedSources, TensorOrList, check_activation, check_inputs, pack_sources
+from .packing import (
+    PackedSources,
+    TensorOrList,
+    check_activation,
+    check_folded_inputs,
+    check_inputs,
+    pack_sources,
+)
 from .reference import scaled_adapter_sum_reference
 
 
@@ -178,6 +185,8 @@ def scaled_adapter_sum_folded(
     (``torch_backend.fold_omega``). Not differentiable; the layer uses it in eval mode."""
     if _needs_grad(z, residual, folded_up, folded_bias):
         raise RuntimeError("scaled_adapter_sum_folded is inference-only; call it under torch.no_grad()")
+    check_activation(activation)
+    check_folded_inputs(z, packed, folded_up, folded_bias, residual)
     backend = resolve_backend(backend, z.device)
     if backend == "reference":
         raise ValueError("scaled_adapter_sum_folded has no reference backend; use scaled_adapter_sum_packed")
