@@ -6,10 +6,12 @@ run from a source tree (``PYTHONPATH=.``) it is the top-level ``kernels`` packag
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 
 
+@functools.cache  # a failed import is not cached by Python, and this runs on every call
 def load_kernels() -> ModuleType:
     try:
         return importlib.import_module("scalearn_fast.kernels")

@@ -6,6 +6,12 @@ The fast backends are one ``torch.library`` custom op (``scalearn_fast::scaled_a
 with a fake implementation and a registered autograd formula, so ``torch.compile``
 traces a model that uses it with no graph break. Its backward is a second custom op.
 The ``reference`` backend is the plain autograd loop and does not go through the op.
+
+In eager mode the same backend ``forward``/``backward`` run behind a plain
+``torch.autograd.Function`` instead: the custom-op dispatch (argument binding, alias checks,
+the autograd wrapper, a second op for the backward) costs more host time per call than the
+small GEMMs of a typical layer take on a GPU, and a layer at the default shape is host-bound.
+Both routes share ``_setup_context`` and ``_backward``; only the dispatch differs.
 """
 
 from __future__ import annotations
@@ -89,6 +95,7 @@ def _setup_context(ctx, inputs, output):
     ctx.activation = activation
     ctx.backend = backend
     ctx.save_pre = save_pre
+    ctx.eager = False
     ctx.mark_non_differentiable(pre)  # saved for backward only
     ctx.set_materialize_grads(False)  # so no [T, R] zeros are made for its (absent) gradient
 
@@ -103,20 +110,11 @@ def _backward(ctx, grad_out, _grad_pre):
             "when it was called); call it with grad enabled to differentiate it"
         )
     needs = [ctx.needs_input_grad[i] for i in _GRAD_INPUTS.values()]
-    grads = torch.ops.scalearn_fast.scaled_adapter_sum_backward(
-        grad_out.contiguous(),
-        z,
-        pre,
-        w_down,
-        w_up,
-        b_up,
-        omega,
-        source_index,
-        row_scale,
-        ctx.activation,
-        ctx.backend,
-        needs,
-    )
+    args = (grad_out.contiguous(), z, pre, w_down, w_up, b_up, omega, source_index, row_scale)
+    if ctx.eager:
+        grads = backend_module(ctx.backend).backward(*args, ctx.activation, needs)
+    else:
+        grads = torch.ops.scalearn_fast.scaled_adapter_sum_backward(*args, ctx.activation, ctx.backend, needs)
     d_z, d_wd, d_bd, d_wu, d_bu, d_omega, d_rs = (
         g if need else None for g, need in zip(grads, needs, strict=True)
     )
@@ -125,6 +123,32 @@ def _backward(ctx, grad_out, _grad_pre):
 
 
 _scaled_adapter_sum_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerScaledAdapterSum(torch.autograd.Function):
+    """The custom op's forward and autograd formula without the ``torch.library`` dispatch."""
+
+    @staticmethod
+    def forward(ctx, *args):  # the op's arguments; ctx-style (no per-call signature binding)
+        output = backend_module(args[10]).forward(*args[:10], args[11])
+        _setup_context(ctx, args, output)
+        ctx.eager = True
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_pre):
+        return _backward(ctx, grad_out, grad_pre)
+
+
+def _run_op(*args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op for the positional ``args`` of ``scalearn_fast::scaled_adapter_sum``: traced as
+    the custom op under ``torch.compile``, called through ``_EagerScaledAdapterSum`` otherwise."""
+    if torch.compiler.is_compiling():
+        return torch.ops.scalearn_fast.scaled_adapter_sum(*args)
+    if not _needs_grad(*args[:9]):  # nothing to record: skip autograd altogether
+        with torch.no_grad():
+            return backend_module(args[10]).forward(*args[:10], args[11])
+    return _EagerScaledAdapterSum.apply(*args)
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -154,7 +178,7 @@ def scaled_adapter_sum_packed(
     save_pre = _needs_grad(
         z, packed.w_down, packed.b_down, packed.w_up, packed.b_up, omega, residual, row_scale
     )
-    out, _ = torch.ops.scalearn_fast.scaled_adapter_sum(
+    out, _ = _run_op(
         z.reshape(-1, d).contiguous(),
         packed.w_down.contiguous(),
         packed.b_down.contiguous(),
@@ -192,7 +216,7 @@ def scaled_adapter_sum_folded(
         raise ValueError("scaled_adapter_sum_folded has no reference backend; use scaled_adapter_sum_packed")
     d = packed.hidden_size
     lead = z.shape[:-1]
-    out, _ = torch.ops.scalearn_fast.scaled_adapter_sum(
+    out, _ = _run_op(
         z.reshape(-1, d).contiguous(),
         packed.w_down.contiguous(),
         packed.b_down.contiguous(),

@@ -94,16 +94,14 @@ def backward(
     need_z, need_wd, need_bd, need_wu, need_bu, need_omega, need_rs = needs
     g = grad_out
     n = omega.shape[0]
-    u, _ = fold_omega(w_up, b_up, omega, source_index)
     act = activation_fn(activation, pre)
     scale_cols = None if row_scale is None else row_scale.index_select(1, source_index)
-    hidden = act if scale_cols is None else act * scale_cols
-    # sum over tokens of g, weighted per source by row_scale: [N, d]
-    g_rows = g.sum(0, keepdim=True).expand(n, -1) if row_scale is None else row_scale.T @ g
+    if need_omega or need_bu:  # sum over tokens of g, weighted per source by row_scale: [N, d]
+        g_rows = g.sum(0, keepdim=True).expand(n, -1) if row_scale is None else row_scale.T @ g
 
     d_z = d_wd = d_bd = d_wu = d_bu = d_omega = d_rs = None
     if need_z or need_wd or need_bd or need_rs:
-        g_u = g @ u  # [T, R]
+        g_u = g @ (w_up * omega.index_select(0, source_index).T)  # g·U  [T, R]
         if need_rs:
             d_rs = _segment_sum(act * g_u, source_index, n) + g @ (omega * b_up).T
         if activation == "relu":  # one pass, same NaN rule as activation_grad (NaN > 0 is False)
@@ -119,6 +117,7 @@ def backward(
         if need_bd:
             d_bd = d_pre.sum(0)
     if need_omega or need_wu:
+        hidden = act if scale_cols is None else act * scale_cols
         m = hidden.T @ g  # [R, d]: the one GEMM
         if need_omega:
             acc = torch.promote_types(m.dtype, torch.float32)  # reduce in >= fp32
