@@ -12,21 +12,35 @@ Parameter to each layer, e.g. from ``init_omega``). ω is unconstrained, initial
 N(2/N, 0.001), and dropped out in training (p = 0.3; 0.0 for ``scalearn_uniform++``).
 
 In eval mode with no gradient needed, the ω-scaled up projections and bias are folded
-once and cached; the cache is invalidated when ω changes (in place or replaced).
+once and cached with everything else a call needs (``_inference_plan``); the cache is
+invalidated when ω or the sources change (in place or replaced).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers_base import FrozenSources, check_sublayer_inputs
-from .ops.packing import TensorOrList, check_activation
-from .ops.scaled_adapter_sum import scaled_adapter_sum_folded, scaled_adapter_sum_packed
+from .ops.backends import backend_module, resolve_backend
+from .ops.packing import TensorOrList, check_activation, check_inputs
+from .ops.scaled_adapter_sum import scaled_adapter_sum_packed
 from .ops.torch_backend import fold_omega
+
+
+@dataclass(frozen=True)
+class _InferencePlan:
+    key: tuple
+    backend: str  # resolved: "torch" or "triton"
+    w_down: torch.Tensor  # [R, d]
+    b_down: torch.Tensor  # [R]
+    folded_up: torch.Tensor  # U = W ⊙ ω[s(·)]ᵀ  [d, R]
+    folded_bias: torch.Tensor  # Σ_i ω_i ⊙ b_up_i  [1, d]
+
 
 VARIANTS = ("scalearn", "scalearn_uniform", "scalearn++", "scalearn_uniform++")
 
@@ -111,36 +125,73 @@ class ScaLearnLayer(FrozenSources):
         if not 0.0 <= self.omega_dropout < 1.0:
             raise ValueError(f"omega_dropout must be in [0, 1); got {self.omega_dropout}")
         self.layer_norm = layer_norm
-        self._folded: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._folded: _InferencePlan | None = None
 
     def effective_omega(self) -> torch.Tensor:
         """ω with dropout applied in training (each call draws its own mask)."""
         return F.dropout(self.omega, self.omega_dropout, self.training)
 
     def _needs_grad(self, *inputs: torch.Tensor | None) -> bool:
-        tensors = (*inputs, self.omega, self.w_down, self.b_down, self.w_up, self.b_up)
-        return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        if not torch.is_grad_enabled():
+            return False
+        return any(t is not None and t.requires_grad for t in (*inputs, *self._parameters.values()))
 
-    def _folded_up(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached (U, bias) for inference; rebuilt when ω, the sources or the dtype change."""
+    def _inference_plan(self, z: torch.Tensor) -> _InferencePlan:
+        """What an eval-mode call needs, built (and checked) once: the resolved backend and the
+        sources with ω folded in, in z's dtype, contiguous. Rebuilt when ω or the sources change
+        (in place or replaced), or z's dtype or device does; a call then only checks z and the
+        residual. This keeps the layer's host time per call near that of its two GEMMs (a model
+        at the default shape is host-bound on a GPU)."""
+        params = self._parameters  # not self.omega: nn.Module.__getattr__ costs per access
+        omega, w_down, b_down, w_up, b_up = (params[k] for k in ("omega", "w_down", "b_down", "w_up", "b_up"))
         key = (
-            self.omega._version,
-            self.omega.data_ptr(),
-            self.w_up._version,
-            self.w_up.data_ptr(),
-            self.b_up._version,
-            dtype,
-            self.omega.device,
-        )
-        if self._folded is None or self._folded[0] != key:
+            z.dtype, z.device, self.backend,
+            omega.data_ptr(), omega._version, w_up.data_ptr(), w_up._version, b_up._version,
+            w_down.data_ptr(), w_down._version, b_down._version,
+        )  # fmt: skip
+        plan = self._folded
+        if plan is None or plan.key != key:
+            backend = resolve_backend(self.backend, z.device)
+            packed = self.packed().to(z.dtype)
+            check_inputs(z, packed, omega.to(z.dtype), None)  # devices and dtypes, once
             with torch.no_grad():
-                u, bias = fold_omega(self.w_up, self.b_up, self.omega, self.source_index)
-            self._folded = (key, u.to(dtype), bias.to(dtype))
-        return self._folded[1], self._folded[2]
+                u, bias = fold_omega(w_up, b_up, omega, self.source_index)
+            plan = self._folded = _InferencePlan(
+                key,
+                backend,
+                packed.w_down.detach().contiguous(),
+                packed.b_down.detach().contiguous(),
+                u.to(z.dtype).contiguous(),
+                bias.to(z.dtype).reshape(1, -1).contiguous(),
+            )
+        return plan
+
+    def _folded_compose(self, z: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """``compose`` in eval mode with nothing to differentiate: ω folded, one backend call."""
+        plan = self._inference_plan(z)
+        d = plan.w_down.shape[1]
+        if z.shape[-1] != d:
+            raise ValueError(
+                f"z has shape {list(z.shape)}: its last dim must equal the sources' hidden size d={d}"
+            )
+        if residual is not None and (
+            residual.shape != z.shape or residual.dtype != z.dtype or residual.device != z.device
+        ):
+            raise ValueError(
+                f"residual ({list(residual.shape)}, {residual.dtype}, {residual.device}) must match z "
+                f"({list(z.shape)}, {z.dtype}, {z.device})"
+            )
+        rows = z.dim() == 2  # [T, d] already: no reshapes
+        out, _ = backend_module(plan.backend).forward(
+            (z if rows else z.reshape(-1, d)).contiguous(), plan.w_down, plan.b_down, plan.folded_up,
+            plan.folded_bias, None, self.source_index,
+            None if residual is None else (residual if rows else residual.reshape(-1, d)).contiguous(),
+            None, self.activation, False,
+        )  # fmt: skip
+        return out if rows else out.reshape(z.shape)
 
     def compose(self, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``Σ_i ω_i ⊙ A_i(z) + residual`` for ``z [..., d]``."""
-        packed = self.packed().to(z.dtype)
         fold = self.backend != "reference"  # the reference backend stays the literal loop
         if (
             fold
@@ -148,10 +199,10 @@ class ScaLearnLayer(FrozenSources):
             and not self._needs_grad(z, residual)
             and not torch.compiler.is_compiling()
         ):
-            u, bias = self._folded_up(z.dtype)
-            return scaled_adapter_sum_folded(
-                z, packed, u, bias, residual, activation=self.activation, backend=self.backend
-            )
+            if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+                raise ValueError(f"z must be a floating-point tensor; got {getattr(z, 'dtype', type(z))}")
+            return self._folded_compose(z, residual)
+        packed = self.packed().to(z.dtype)
         omega = self.effective_omega().to(z.dtype)
         return scaled_adapter_sum_packed(
             z, packed, omega, residual, activation=self.activation, backend=self.backend

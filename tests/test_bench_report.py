@@ -70,6 +70,10 @@ def _synthetic() -> dict:
     for t in (512, 16384):
         benches.append(_bench("scalearn", "naive", "fwd", 8, t, t * 1e-6))
         benches.append(_bench("scalearn", "torch", "fwd", 8, t, t * 2.5e-7))
+    auto = _bench("scalearn", "auto", "fwd", 8, 4096, 7e-4)
+    key = "forward 0 torch.bfloat16 768 384 4096 False False True True"
+    auto["extra_info"]["path_choices"] = {key: "torch"}
+    benches.append(auto)
     benches.append(_bench("model", "plain", "infer", 8, 4096, 0.010))
     benches.append(_bench("model", "scalearn_fused", "infer", 8, 4096, 0.0105))
     benches.append({"name": "someone_elses_benchmark", "extra_info": {}, "stats": {"median": 1.0}})
@@ -84,7 +88,7 @@ def test_report_writes_tables_json_and_plots(tmp_path: Path) -> None:
     doc = json.loads(written["json"].read_text())
     assert doc["device"]["name"] == "Fake GPU 9000"
     rows = {(r["kind"], r["mode"], r["case"], r["provider"]): r for r in doc["results"]}
-    assert len(rows) == 18  # the foreign benchmark is ignored
+    assert len(rows) == 19  # the foreign benchmark is ignored
     fast = rows[("scalearn", "fwd", "d768-r48-N8-T4096-bfloat16", "torch")]
     assert fast["speedup_vs_naive"] == pytest.approx(10.0)
     assert fast["median_s"] == pytest.approx(8e-4)
@@ -94,6 +98,8 @@ def test_report_writes_tables_json_and_plots(tmp_path: Path) -> None:
     assert "| fwd | d768-r48-N8-T4096-bfloat16 | torch | 0.800 |" in md
     assert "## Headline" in md and "| torch | 0.80 | 10.00x |" in md
     assert "+5.0%" in md
+    assert "## Measured path choices" in md
+    assert "| scalearn | fwd | d768-r48-N8-T4096-bfloat16 | auto | forward 0 torch.bfloat16 768 384" in md
     for key in ("speedup_vs_n", "speedup_vs_t", "roofline"):
         png = written[key]
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", key

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from scalearn_fast import VARIANTS, ScaLearnLayer, init_omega
+from scalearn_fast.ops import scaled_adapter_sum_packed
 
 N, R, D = 4, 6, 32
 
@@ -118,6 +119,33 @@ def test_eval_cache_is_used_and_invalidated_when_omega_changes():
     layer.omega = nn.Parameter(torch.zeros_like(layer.omega))  # replaced parameter
     with torch.no_grad():
         torch.testing.assert_close(layer.compose(z), torch.zeros_like(z) + 0.0, rtol=0, atol=0)
+
+
+def test_eval_path_checks_inputs_and_follows_source_and_dtype_changes():
+    layer = ScaLearnLayer(*sources(), omega_dropout=0.0, backend="torch").eval()
+    z, res = torch.randn(2, 3, D), torch.randn(2, 3, D)
+
+    def oracle():
+        return scaled_adapter_sum_packed(z, layer.packed(), layer.omega, res, backend="reference").detach()
+
+    with torch.no_grad():
+        torch.testing.assert_close(layer.compose(z, res), oracle(), rtol=1e-6, atol=1e-6)
+        layer.w_up.mul_(0.5)  # a source changed in place: the folded plan must follow
+        layer.b_down.add_(0.25)
+        torch.testing.assert_close(layer.compose(z, res), oracle(), rtol=1e-6, atol=1e-6)
+        half = layer.compose(z.double(), res.double())  # another dtype: a plan of its own
+        assert half.dtype == torch.float64
+        torch.testing.assert_close(half.float(), oracle(), rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match=r"z has shape \[2, 3, 31\].*d=32"):
+            layer.compose(torch.randn(2, 3, D - 1))
+        with pytest.raises(ValueError, match=r"residual \(\[2, 4, 32\].*must match z"):
+            layer.compose(z, torch.randn(2, 4, D))
+        with pytest.raises(ValueError, match=r"residual .*torch.float64.*must match z"):
+            layer.compose(z, res.double())
+        with pytest.raises(ValueError, match="z must be a floating-point tensor"):
+            layer.compose(torch.ones(2, D, dtype=torch.long))
+        with pytest.raises(ValueError, match="w_down is on cpu but z is on meta"):
+            layer.compose(z.to("meta"))
 
 
 def test_mixed_precision_keeps_fp32_omega_master():

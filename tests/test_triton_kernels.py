@@ -218,7 +218,7 @@ def test_measured_path_choice_runs_the_faster_path_and_caches_it(monkeypatch, fa
     z, omega, res, _ = make_inputs((9,), n=3, d=24)  # next bucket (16): measured again
     check(torch.float16, z, make_sources(3, 4, 24), omega, res)
     assert timed == ["fused", "two_kernel"] * 2
-    assert set(path_choice.choices().values()) == {faster == "fused"}
+    assert set(path_choice.choices().values()) == {faster}
 
 
 def test_forced_path_is_not_measured(monkeypatch):
@@ -547,3 +547,72 @@ def test_gpu_measured_path_choice(monkeypatch):
     z, omega, res, _ = make_inputs((300,), n=8, d=256)
     check(torch.bfloat16, z, make_sources(8, 16, 256, grad=True), omega, res)
     assert len(path_choice.choices()) == 1
+
+
+@pytest.mark.parametrize("faster", ["triton", "torch"])
+def test_auto_backend_measures_forward_and_backward_per_class(monkeypatch, faster):
+    """backend="auto" on CUDA: the faster of the Triton kernels and the torch backend, timed once
+    per shape class, the forward and the backward separately; results are that backend's."""
+    from scalearn_fast.ops import auto_backend, path_choice, torch_backend
+
+    monkeypatch.setattr(path_choice, "_can_measure", lambda z: True)
+    monkeypatch.setattr(path_choice, "_CHOICES", {})
+    monkeypatch.setattr(triton_backend, "USE_FUSED", True)  # no fused/two-kernel timing inside
+    timed = []
+
+    def fake_time(fn):
+        name = "triton" if len(timed) % 2 == 0 else "torch"  # candidates are timed in order
+        timed.append(name)
+        fn()
+        return 1.0 if name == faster else 2.0
+
+    monkeypatch.setattr(path_choice, "_time_ms", fake_time)
+    chosen = {"triton": triton_backend, "torch": torch_backend}[faster]
+    z, omega, res, _ = make_inputs((7,), n=2, d=24)
+    packed = pack_sources(*make_sources(2, 4, 24))
+    args = [z.detach().float(), packed.w_down.float(), packed.b_down.float(), packed.w_up.float(),
+            packed.b_up.float(), omega.detach().float(), packed.source_index, res.detach().float(), None,
+            "relu", True]  # fmt: skip
+    for _ in range(2):
+        out, pre = auto_backend.forward(*args)
+        expect_out, expect_pre = chosen.forward(*args)
+        assert torch.equal(out, expect_out) and torch.equal(pre, expect_pre)
+        g = torch.randn_like(out)
+        needs = [True, False, False, False, False, True, False]
+        bargs = (g, args[0], pre, args[1], args[3], args[4], args[5], args[6], None, "relu", needs)
+        for got, want in zip(auto_backend.backward(*bargs), chosen.backward(*bargs), strict=True):
+            assert torch.equal(got, want)
+    assert timed == ["triton", "torch"] * 2  # forward and backward classes, each timed once
+    assert sorted(k[0] for k in path_choice.choices()) == ["backward", "forward"]
+    assert set(path_choice.choices().values()) == {faster}
+
+
+def test_auto_backend_without_measuring_runs_triton(monkeypatch):
+    from scalearn_fast.ops import auto_backend, path_choice
+
+    monkeypatch.setattr(path_choice, "_can_measure", lambda z: False)
+    monkeypatch.setattr(path_choice, "_time_ms", lambda fn: pytest.fail("nothing may be timed"))
+    calls = []
+    monkeypatch.setattr(triton_backend, "forward", lambda *a: calls.append("forward") or ("out", "pre"))
+    z = torch.zeros(3, 8)
+    assert auto_backend.forward(z, *[None] * 10) == ("out", "pre") and calls == ["forward"]
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_auto_backend_is_exact_and_records_its_choices(monkeypatch):
+    from scalearn_fast.ops import path_choice
+
+    monkeypatch.setenv("SCALEARN_FAST_AUTOTUNE", "1")
+    monkeypatch.setattr(path_choice, "_CHOICES", {})
+    z, omega, res, _ = make_inputs((300,), n=8, d=256)
+    sources = cast(make_sources(8, 16, 256), torch.bfloat16)
+    zz, om, rr = (cast(t, torch.bfloat16) for t in (z, omega, res))
+    out = scaled_adapter_sum(zz, *sources, om, rr, backend="auto")
+    out.float().sum().backward()
+    ref = scaled_adapter_sum(z, *make_sources(8, 16, 256), omega, res, backend="reference")
+    assert (out.float().cpu() - ref).abs().max() < 0.1
+    assert sorted(k[0] for k in path_choice.choices() if k[0] in ("forward", "backward")) == [
+        "backward",
+        "forward",
+    ]

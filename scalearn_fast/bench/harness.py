@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..ops import path_choice
 from .device import DeviceRecord
 from .flops import OpCost
 from .providers import Provider
@@ -71,6 +72,7 @@ def run_case(
     dtype: torch.dtype,
     quick: bool = False,
 ) -> dict[str, Any]:
+    path_choice.clear()  # each case measures its own choices (auto / fused vs two-kernel)
     timed = synced(fn, device)
     for _ in range(max(1, warmup)):
         timed()
@@ -99,6 +101,8 @@ def run_case(
         peak_method=method,
     )
     extra = {"rounds": rounds, "iterations": iterations, "timing": timing}
+    if path_choice.choices():  # which implementation each measured choice picked
+        extra["path_choices"] = {" ".join(map(str, k)): v for k, v in path_choice.choices().items()}
     info.update(extra)
     benchmark.extra_info.update(extra)
     roof = info["roofline_pct"]

@@ -6,9 +6,10 @@ forward+backward benchmark. A factory that cannot run here raises ``ProviderUnav
 with the reason; the suite turns it into a pytest skip.
 
 ScaLearn: ``naive`` (the per-adapter loop), ``compile`` (torch.compile of it), ``torch`` and
-``triton`` (scalearn_fast backends). AdapterFusion ("dynamic"): ``naive`` (a faithful loop),
-``adapters`` (the library's own ``BertFusion``), and the fused providers of issue 5 through
-``register_fusion_provider`` (see ``fused_fusion_factory``, the hook).
+``triton`` (scalearn_fast backends), ``auto`` (the default on CUDA: per shape class the faster
+of the two, measured). AdapterFusion ("dynamic"): ``naive`` (a faithful loop),
+``adapters`` (the library's own ``BertFusion``), and ``AdapterFusionLayer`` with the ``torch``,
+``triton`` and ``auto`` backends (``fused_fusion_factory``).
 """
 
 from __future__ import annotations
@@ -199,12 +200,24 @@ def _triton(src: Sources) -> Provider:
     return Provider(m, [m.layer.omega], warmup=3)  # autotuning happens on the first calls
 
 
+def _auto(src: Sources) -> Provider:
+    """What a user gets by default: per shape class the faster of ``triton`` and ``torch``."""
+    if src.w_down.device.type != "cuda":
+        raise ProviderUnavailable("backend='auto' is the torch backend off CUDA (measured as `torch`)")
+    reason = triton_unavailable_reason(src.w_down.device)
+    if reason:
+        raise ProviderUnavailable(reason)
+    m = FusedScaLearn(src, "auto").eval()
+    return Provider(m, [m.layer.omega], warmup=3)  # the choice is measured on the first calls
+
+
 SCALEARN_PROVIDERS: dict[str, ProviderFactory] = {
     "naive": _naive,
     "reference": _reference,
     "compile": _compile,
     "torch": _torch,
     "triton": _triton,
+    "auto": _auto,
 }
 
 
@@ -302,21 +315,17 @@ def _fusion_adapters(src: Sources) -> Provider:
 
 
 def fused_fusion_factory(backend: str) -> ProviderFactory:
-    """HOOK for issue 5 (fused AdapterFusion). Replace the body of ``build`` with the fused
-    layer at the same weights as ``NaiveFusion`` (``_fusion_linears``), e.g.::
-
-        m = scalearn_fast.AdapterFusionLayer(src.w_down, ..., query=q, key=k, value=v,
-                                             backend=backend).eval()
-        return Provider(m, m.fusion_parameters(), warmup=3)
-
-    Until then it reports itself unavailable, and the suite skips it with that reason."""
+    """``AdapterFusionLayer`` with ``backend`` at the same weights as ``NaiveFusion``
+    (``_fusion_linears``); ``triton`` and ``auto`` need CUDA (``auto`` is ``torch`` elsewhere)."""
 
     def build(src: Sources) -> Provider:
-        reason = triton_unavailable_reason(src.w_down.device) if backend == "triton" else None
+        reason = triton_unavailable_reason(src.w_down.device) if backend in ("triton", "auto") else None
+        if backend == "auto" and src.w_down.device.type != "cuda":
+            reason = "backend='auto' is the torch backend off CUDA (measured as `torch`)"
         if reason:
             raise ProviderUnavailable(reason)
         m = FusedFusion(src, backend).eval()
-        return Provider(m, m.layer.fusion_parameters(), warmup=3 if backend == "triton" else 1)
+        return Provider(m, m.layer.fusion_parameters(), warmup=1 if backend == "torch" else 3)
 
     return build
 
@@ -342,6 +351,7 @@ FUSION_PROVIDERS: dict[str, ProviderFactory] = {
     "adapters": _fusion_adapters,
     "torch": fused_fusion_factory("torch"),
     "triton": fused_fusion_factory("triton"),
+    "auto": fused_fusion_factory("auto"),
 }
 
 

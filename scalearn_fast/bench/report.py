@@ -18,7 +18,7 @@ from typing import Any
 from .device import device_slug
 
 DEFAULT = {"d": 768, "n": 8, "tokens": 4096}
-PROVIDER_ORDER = ("naive", "reference", "compile", "adapters", "torch", "triton")
+PROVIDER_ORDER = ("naive", "reference", "compile", "adapters", "torch", "triton", "auto")
 MODEL_ORDER = ("plain", "scalearn_naive", "scalearn_fused", "fusion_adapters", "fusion_fused")
 
 
@@ -175,9 +175,25 @@ def markdown(device: dict[str, Any], rows: list[dict[str, Any]], plots: list[str
             out += [f"## {title}", ""] + layer_table(rows, kind) + [""]
     if any(r["kind"] == "model" for r in rows):
         out += ["## Model level", ""] + model_table(rows) + [""]
+    choices = choices_table(rows)
+    if choices:
+        out += ["## Measured path choices", ""] + choices + [""]
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(out)
+
+
+def choices_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Which implementation each measured choice (``ops.path_choice``) picked, per case: what
+    actually ran behind ``triton`` (fused or two-kernel) and ``auto`` (triton or torch)."""
+    lines = []
+    for r in rows:
+        for key, picked in (r.get("path_choices") or {}).items():
+            lines.append(f"| {r['kind']} | {r['mode']} | {r['case']} | {r['provider']} | {key} | {picked} |")
+    if not lines:
+        return []
+    head = "| kind | mode | shape | provider | choice (shape class) | picked |"
+    return [head, "|---|---|---|---|---|---|", *lines]
 
 
 def _sweep(rows: list[dict[str, Any]], axis: str) -> dict[str, dict[str, list[tuple[int, float]]]]:

@@ -1,11 +1,13 @@
 """Which backends exist on this machine, and how ``backend="auto"`` picks one.
 
 A backend module exposes ``forward`` and ``backward`` with the signatures of
-``torch_backend``; the custom op dispatches to it by name.
+``torch_backend``; the custom op dispatches to it by name (``torch``, ``triton``, or ``auto``:
+the measured choice between the two on CUDA).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -25,10 +27,11 @@ def triton_interpreted() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``triton`` on CUDA when Triton is installed, else ``torch``."""
+    """``auto`` stays ``auto`` on CUDA when Triton is installed (per shape class, the faster of
+    the Triton kernels and the torch backend's cuBLAS GEMMs: ``auto_backend``), else ``torch``."""
     if backend == "auto":
         if device.type == "cuda" and triton_available():
-            return "triton"
+            return "auto"
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}; got {backend!r}")
@@ -45,10 +48,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+@functools.cache
 def backend_module(name: str) -> ModuleType:
-    """The module implementing ``forward``/``backward`` for a resolved backend name."""
+    """The module implementing ``forward``/``backward`` for a resolved backend name (imported
+    on first use: the triton backend imports triton)."""
     if name == "torch":
         return importlib.import_module("scalearn_fast.ops.torch_backend")
     if name == "triton":
         return importlib.import_module("scalearn_fast.ops.triton_backend")
+    if name == "auto":
+        return importlib.import_module("scalearn_fast.ops.auto_backend")
     raise ValueError(f"backend {name!r} has no fused implementation")

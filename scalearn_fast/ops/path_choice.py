@@ -1,4 +1,11 @@
-"""Which Triton forward path runs: the fused kernel (S on chip) or down + up projection.
+"""Measured choices between implementations of one op, cached per shape class.
+
+Two users: the Triton backend's forward (the fused kernel or down + up projection, below) and
+``auto_backend`` (the Triton kernels or the torch backend's cuBLAS GEMMs, forward and backward
+separately). ``fastest(key, candidates)`` times each candidate once per key with
+``triton.testing.do_bench`` and keeps the winner; ``choices()`` shows what was picked.
+
+Which Triton forward path runs: the fused kernel (S on chip) or down + up projection.
 
 Neither wins everywhere. The fused kernel saves writing and re-reading S (2·T·R elements) and
 a launch, but its grid is over T only, so small T leaves most SMs idle, and at large R its
@@ -6,7 +13,7 @@ register-resident S forces small row tiles (no Hopper wgmma; docs/architecture.m
 with autotuning on, the first call of each *shape class* times both paths (the way Triton's
 autotuner times configs) and the faster one is kept for every later call of that class:
 
-    class = (device, dtype, d, R, next_pow2(T), row_scale?, save_pre?, ω folded?, residual?)
+    class = (CUDA device index, dtype, d, R, next_pow2(T), row_scale?, save_pre?, ω folded?, residual?)
 
 T is bucketed by powers of two, so a run with dynamic padding measures at most ~17 classes per
 layer shape, ~0.1-0.3 s each, in its first steps. Elsewhere (CPU / the interpreter, autotune off,
@@ -20,7 +27,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-_CHOICES: dict[Hashable, bool] = {}
+_CHOICES: dict[Hashable, str] = {}
 
 
 def _can_measure(z: torch.Tensor) -> bool:
@@ -40,19 +47,26 @@ def _time_ms(fn: Callable[[], object]) -> float:
 
 def shape_class(z: torch.Tensor, r: int, *flags: bool) -> tuple:
     t, d = z.shape
-    bucket = 1 << max(int(t) - 1, 0).bit_length()
-    return (str(z.device), z.dtype, int(d), int(r), bucket, *flags)
+    bucket = 1 << max(t - 1, 0).bit_length()
+    return (z.device.index, z.dtype, d, r, bucket, *flags)
 
 
 def fused_is_faster(key: Hashable, fused: Callable[[], object], two_kernel: Callable[[], object]) -> bool:
     """The cached choice for ``key``, timing both paths the first time (ties go to fused)."""
+    return fastest(key, {"fused": fused, "two_kernel": two_kernel}) == "fused"
+
+
+def fastest(key: Hashable, candidates: dict[str, Callable[[], object]]) -> str:
+    """The name of the fastest candidate for ``key``, each timed the first time (ties go to
+    the first listed); later calls only look the choice up."""
     if key not in _CHOICES:
-        _CHOICES[key] = _time_ms(fused) <= _time_ms(two_kernel)
+        times = {name: _time_ms(fn) for name, fn in candidates.items()}
+        _CHOICES[key] = min(times, key=times.__getitem__)
     return _CHOICES[key]
 
 
-def choices() -> dict[Hashable, bool]:
-    """A copy of the choices made so far (shape class -> fused), e.g. to log them."""
+def choices() -> dict[Hashable, str]:
+    """A copy of the choices made so far (shape class -> the name picked), e.g. to log them."""
     return dict(_CHOICES)
 
 

@@ -48,7 +48,8 @@ def forward(
     """``z [T, d]`` -> ``(out [T, d], pre-activation [T, R] or empty)``; see ``torch_backend.forward``."""
     k = load_kernels()
     dtype = z.dtype
-    w_down, w_up = w_down.to(dtype), w_up.to(dtype)
+    if w_down.dtype != dtype or w_up.dtype != dtype:
+        w_down, w_up = w_down.to(dtype), w_up.to(dtype)
     bias = _bias(b_up, omega, row_scale)
 
     def fused() -> tuple[torch.Tensor, torch.Tensor]:
