@@ -76,6 +76,8 @@ def _synthetic() -> dict:
     benches.append(auto)
     benches.append(_bench("model", "plain", "infer", 8, 4096, 0.010))
     benches.append(_bench("model", "scalearn_fused", "infer", 8, 4096, 0.0105))
+    benches[-2]["extra_info"]["device_s"] = 0.004  # GPU busy 4 ms of the plain model's 10
+    benches[-1]["extra_info"]["device_s"] = 0.0041
     benches.append({"name": "someone_elses_benchmark", "extra_info": {}, "stats": {"median": 1.0}})
     return {"benchmarks": benches}
 
@@ -94,10 +96,11 @@ def test_report_writes_tables_json_and_plots(tmp_path: Path) -> None:
     assert fast["median_s"] == pytest.approx(8e-4)
     model = rows[("model", "infer", "d768-r48-N8-T4096-bfloat16", "scalearn_fused")]
     assert model["overhead_pct"] == pytest.approx(5.0)
+    assert model["device_overhead_pct"] == pytest.approx(2.5)
     md = written["md"].read_text()
     assert "| fwd | d768-r48-N8-T4096-bfloat16 | torch | 0.800 |" in md
     assert "## Headline" in md and "| torch | 0.80 | 10.00x |" in md
-    assert "+5.0%" in md
+    assert "+5.0%" in md and "| 4.10 | +2.5% |" in md
     assert "## Measured path choices" in md
     assert "| scalearn | fwd | d768-r48-N8-T4096-bfloat16 | auto | forward 0 torch.bfloat16 768 384" in md
     for key in ("speedup_vs_n", "speedup_vs_t", "roofline"):
@@ -154,3 +157,19 @@ def test_gpu_rounds_hold_enough_calls_and_cpu_keeps_its_clock() -> None:
     fake = FakeBenchmark()
     assert not use_device_clock(fake, torch.device("cpu"))
     assert fake._timer() == 0.0
+
+
+def test_device_time_sums_gpu_events_per_call() -> None:
+    from types import SimpleNamespace
+
+    from scalearn_fast.bench.timing import device_time, kernel_totals
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [
+        SimpleNamespace(device_type=cuda, self_device_time_total=300.0, count=10),  # µs over 5 calls
+        SimpleNamespace(device_type=cuda, self_device_time_total=200.0, count=5),
+        SimpleNamespace(device_type=cpu, self_device_time_total=0.0, count=99),
+    ]
+    seconds, launches = kernel_totals(events, calls=5)
+    assert seconds == pytest.approx(100e-6) and launches == 3
+    assert device_time(lambda: None, torch.device("cpu")) == {}  # CPU: nothing to split

@@ -587,15 +587,26 @@ def test_auto_backend_measures_forward_and_backward_per_class(monkeypatch, faste
     assert set(path_choice.choices().values()) == {faster}
 
 
-def test_auto_backend_without_measuring_runs_triton(monkeypatch):
-    from scalearn_fast.ops import auto_backend, path_choice
+def test_auto_backend_without_measuring_keeps_earlier_choices(monkeypatch):
+    """Where nothing can be timed (CUDA graph capture, autotune off), a class chosen earlier keeps
+    its choice and an unseen class runs the Triton kernels, uncached."""
+    from scalearn_fast.ops import auto_backend, path_choice, torch_backend
 
-    monkeypatch.setattr(path_choice, "_can_measure", lambda z: False)
+    monkeypatch.setattr(path_choice, "_CHOICES", {})
     monkeypatch.setattr(path_choice, "_time_ms", lambda fn: pytest.fail("nothing may be timed"))
-    calls = []
-    monkeypatch.setattr(triton_backend, "forward", lambda *a: calls.append("forward") or ("out", "pre"))
-    z = torch.zeros(3, 8)
-    assert auto_backend.forward(z, *[None] * 10) == ("out", "pre") and calls == ["forward"]
+    ran = []
+    for name, module in (("triton", triton_backend), ("torch", torch_backend)):
+        monkeypatch.setattr(module, "forward", lambda *a, name=name: ran.append(name) or ("out", "pre"))
+    packed = pack_sources(*make_sources(2, 4, 24))
+    args = (torch.zeros(3, 24, dtype=torch.float64), packed.w_down, packed.b_down, packed.w_up, packed.b_up,
+            None, packed.source_index, None, None, "relu", False)  # fmt: skip
+    monkeypatch.setattr(path_choice, "_can_measure", lambda z: False)
+    auto_backend.forward(*args)
+    assert ran == ["triton"] and path_choice.choices() == {}
+    key = ("forward", *path_choice.shape_class(args[0], 8, False, False, True, False))
+    path_choice._CHOICES[key] = "torch"  # as if measured in a warm-up before a capture
+    auto_backend.forward(*args)
+    assert ran == ["triton", "torch"]
 
 
 @needs_cuda

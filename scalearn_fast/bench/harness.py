@@ -15,7 +15,7 @@ from ..ops import path_choice
 from .device import DeviceRecord
 from .flops import OpCost
 from .providers import Provider
-from .timing import fill_extra_info, peak_memory, synced, use_device_clock
+from .timing import device_time, fill_extra_info, peak_memory, synced, use_device_clock
 
 MODES = ("fwd", "fwdbwd")
 
@@ -100,7 +100,7 @@ def run_case(
         peak_bytes=peak,
         peak_method=method,
     )
-    extra = {"rounds": rounds, "iterations": iterations, "timing": timing}
+    extra = {"rounds": rounds, "iterations": iterations, "timing": timing, **device_time(fn, device)}
     if path_choice.choices():  # which implementation each measured choice picked
         extra["path_choices"] = {" ".join(map(str, k)): v for k, v in path_choice.choices().items()}
     info.update(extra)
@@ -111,7 +111,8 @@ def run_case(
         f"\n[bench] {params.get('kind')}/{params.get('mode')}/{params.get('provider')} {params.get('case')}: "
         f"median {info['median_s'] * 1e3:.3f} ms, {info['tokens_per_s']:.3g} tok/s, "
         f"{info['tflops']:.3g} TFLOP/s, roofline {'n/a' if roof is None else f'{roof:.1f}%'}, "
-        f"peak mem {mem} ({rounds} rounds x {iterations})",
+        f"peak mem {mem} ({rounds} rounds x {iterations})"
+        + (f", GPU busy {extra['device_s'] * 1e3:.3f} ms/call" if "device_s" in extra else ""),
         file=sys.stderr,
         flush=True,
     )

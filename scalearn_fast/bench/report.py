@@ -60,13 +60,19 @@ def _row_key(r: dict[str, Any]) -> tuple:
 
 def _add_relative(rows: list[dict[str, Any]]) -> None:
     base: dict[tuple, dict[str, float]] = defaultdict(dict)
+    busy: dict[tuple, dict[str, float]] = defaultdict(dict)
     for r in rows:
         base[(r["kind"], r["mode"], r["case"])][r["provider"]] = r["median_s"]
+        if r.get("device_s"):
+            busy[(r["kind"], r["mode"], r["case"])][r["provider"]] = r["device_s"]
     for r in rows:
         ref = base[(r["kind"], r["mode"], r["case"])]
         if r["kind"] == "model":
             plain = ref.get("plain")
             r["overhead_pct"] = 100.0 * (r["median_s"] / plain - 1.0) if plain else None
+            plain_busy = busy[(r["kind"], r["mode"], r["case"])].get("plain")
+            mine = r.get("device_s")
+            r["device_overhead_pct"] = 100.0 * (mine / plain_busy - 1.0) if mine and plain_busy else None
         else:
             naive = ref.get("naive")
             r["speedup_vs_naive"] = naive / r["median_s"] if naive and r["median_s"] > 0 else None
@@ -80,6 +86,10 @@ def _fmt(v: Any, spec: str = ".3g", none: str = "–", suffix: str = "") -> str:
     return format(v, spec) + suffix
 
 
+def _ms(seconds: Any, spec: str) -> str:
+    return "–" if seconds is None else format(seconds * 1e3, spec)
+
+
 def _mib(v: Any) -> str:
     return "–" if v is None else f"{v / 2**20:.1f}"
 
@@ -90,16 +100,17 @@ def _is_default(r: dict[str, Any]) -> bool:
 
 def layer_table(rows: list[dict[str, Any]], kind: str) -> list[str]:
     head = (
-        "| mode | shape | provider | median ms | tokens/s | TFLOP/s | GB/s | % roofline | peak MiB "
-        "| vs naive | vs compile |"
+        "| mode | shape | provider | median ms | GPU busy ms | tokens/s | TFLOP/s | GB/s | % roofline "
+        "| peak MiB | vs naive | vs compile |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         if r["kind"] != kind:
             continue
         lines.append(
             f"| {r['mode']} | {r['case']} | {r['provider']} | {r['median_s'] * 1e3:.3f} | "
-            f"{_fmt(r.get('tokens_per_s'))} | {_fmt(r.get('tflops'))} | {_fmt(r.get('gbps'))} | "
+            f"{_ms(r.get('device_s'), '.3f')} | {_fmt(r.get('tokens_per_s'))} | "
+            f"{_fmt(r.get('tflops'))} | {_fmt(r.get('gbps'))} | "
             f"{_fmt(r.get('roofline_pct'), '.1f')} | {_mib(r.get('peak_mem_bytes'))} | "
             f"{_fmt(r.get('speedup_vs_naive'), '.2f', suffix='x')} | "
             f"{_fmt(r.get('speedup_vs_compile'), '.2f', suffix='x')} |"
@@ -109,8 +120,9 @@ def layer_table(rows: list[dict[str, Any]], kind: str) -> list[str]:
 
 def model_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "| mode | model | variant | median ms | tokens/s | overhead vs plain | peak MiB | attached by |",
-        "|" + "---|" * 8,
+        "| mode | model | variant | median ms | tokens/s | overhead vs plain | GPU busy ms "
+        "| GPU-busy overhead | peak MiB | attached by |",
+        "|" + "---|" * 10,
     ]
     for r in rows:
         if r["kind"] != "model":
@@ -118,6 +130,7 @@ def model_table(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {r['mode']} | {r['case']} | {r['provider']} | {r['median_s'] * 1e3:.2f} | "
             f"{_fmt(r.get('tokens_per_s'))} | {_fmt(r.get('overhead_pct'), '+.1f', suffix='%')} | "
+            f"{_ms(r.get('device_s'), '.2f')} | {_fmt(r.get('device_overhead_pct'), '+.1f', suffix='%')} | "
             f"{_mib(r.get('peak_mem_bytes'))} | {r.get('attach', '')} |"
         )
     return lines

@@ -114,6 +114,40 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[int | None
     return max(0, hwm - base), "rss_high_water_delta"
 
 
+def kernel_totals(events: Any, calls: int) -> tuple[float, float]:
+    """(device seconds, kernel/memcpy launches) per call from profiler ``key_averages()``:
+    every event that ran on the GPU, its self time summed."""
+    device_us, launches = 0.0, 0
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(e, "self_device_time_total", None)
+        device_us += float(us if us is not None else e.self_cuda_time_total)
+        launches += e.count
+    return device_us / 1e6 / calls, launches / calls
+
+
+def device_time(fn: Callable[[], Any], device: torch.device, calls: int = 5) -> dict[str, Any]:
+    """What the GPU itself spends per call (kernel time, launches), from a torch.profiler trace
+    of ``calls`` back-to-back calls; the timed median minus this is host time the GPU waited
+    for. Empty off CUDA, or with the reason when the profiler cannot trace here."""
+    if device.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize(device)
+        seconds, launches = kernel_totals(prof.key_averages(), calls)
+    except Exception as exc:  # noqa: BLE001  (CUPTI missing or busy: the timing still stands)
+        return {"device_time_error": f"{type(exc).__name__}: {exc}"[:200]}
+    if launches == 0:
+        return {"device_time_error": "the profiler saw no GPU activity"}
+    return {"device_s": seconds, "kernels_per_call": launches}
+
+
 def median_seconds(benchmark: Any) -> float:
     """The median of the rounds pytest-benchmark just timed."""
     stats = benchmark.stats

@@ -10,7 +10,8 @@ is seen (``path_choice``, which also picks between the fused and two-kernel Trit
 
 Neither wins everywhere: cuBLAS GEMMs are hard to beat at large T, while the Triton kernels
 save the T x R intermediate's round trip and launches. Where nothing can be measured (no
-autotuning, the interpreter, CUDA graph capture) the Triton kernels run, as before.
+autotuning, the interpreter, CUDA graph capture) a choice made earlier for the class holds,
+else the Triton kernels run.
 ``path_choice.choices()`` lists what was picked.
 """
 
@@ -38,11 +39,10 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``triton_backend.forward`` or ``torch_backend.forward``, whichever is faster here."""
     args = (z, w_down, b_down, w_up, b_up, omega, source_index, residual, row_scale, activation, save_pre)
-    if not path_choice._can_measure(z):
-        return triton_backend.forward(*args)
     flags = (row_scale is not None, save_pre, omega is None, residual is not None)
     key = ("forward", *path_choice.shape_class(z, w_down.shape[0], *flags))
-    name = path_choice.fastest(key, {n: (lambda m=m: m.forward(*args)) for n, m in _CANDIDATES.items()})
+    candidates = {n: (lambda m=m: m.forward(*args)) for n, m in _CANDIDATES.items()}
+    name = path_choice.fastest(key, candidates, measure=path_choice._can_measure(z))
     return _CANDIDATES[name].forward(*args)
 
 
@@ -61,8 +61,7 @@ def backward(
 ) -> list[torch.Tensor]:
     """``triton_backend.backward`` or ``torch_backend.backward``, whichever is faster here."""
     args = (grad_out, z, pre, w_down, w_up, b_up, omega, source_index, row_scale, activation, needs)
-    if not path_choice._can_measure(z):
-        return triton_backend.backward(*args)
     key = ("backward", *path_choice.shape_class(z, pre.shape[1], row_scale is not None, *needs))
-    name = path_choice.fastest(key, {n: (lambda m=m: m.backward(*args)) for n, m in _CANDIDATES.items()})
+    candidates = {n: (lambda m=m: m.backward(*args)) for n, m in _CANDIDATES.items()}
+    name = path_choice.fastest(key, candidates, measure=path_choice._can_measure(z))
     return _CANDIDATES[name].backward(*args)

@@ -16,9 +16,10 @@ autotuner times configs) and the faster one is kept for every later call of that
     class = (CUDA device index, dtype, d, R, next_pow2(T), row_scale?, save_pre?, ω folded?, residual?)
 
 T is bucketed by powers of two, so a run with dynamic padding measures at most ~17 classes per
-layer shape, ~0.1-0.3 s each, in its first steps. Elsewhere (CPU / the interpreter, autotune off,
-CUDA graph capture) the fused kernel runs whenever it fits. ``USE_FUSED`` in ``triton_backend``
-forces one path (True: fused when it fits, False: never fused).
+layer shape, ~0.1-0.3 s each, in its first steps. Where nothing can be measured (CPU / the
+interpreter, autotune off, CUDA graph capture) a choice made earlier for the class still holds
+(warm up before capturing a graph), else the fused kernel runs whenever it fits.
+``USE_FUSED`` in ``triton_backend`` forces one path (True: fused when it fits, False: never).
 """
 
 from __future__ import annotations
@@ -51,15 +52,21 @@ def shape_class(z: torch.Tensor, r: int, *flags: bool) -> tuple:
     return (z.device.index, z.dtype, d, r, bucket, *flags)
 
 
-def fused_is_faster(key: Hashable, fused: Callable[[], object], two_kernel: Callable[[], object]) -> bool:
+def fused_is_faster(
+    key: Hashable, fused: Callable[[], object], two_kernel: Callable[[], object], *, measure: bool = True
+) -> bool:
     """The cached choice for ``key``, timing both paths the first time (ties go to fused)."""
-    return fastest(key, {"fused": fused, "two_kernel": two_kernel}) == "fused"
+    return fastest(key, {"fused": fused, "two_kernel": two_kernel}, measure=measure) == "fused"
 
 
-def fastest(key: Hashable, candidates: dict[str, Callable[[], object]]) -> str:
+def fastest(key: Hashable, candidates: dict[str, Callable[[], object]], *, measure: bool = True) -> str:
     """The name of the fastest candidate for ``key``, each timed the first time (ties go to
-    the first listed); later calls only look the choice up."""
+    the first listed); later calls only look the choice up. With ``measure=False`` (nothing can
+    be timed now, e.g. during CUDA graph capture) a choice made earlier still holds, and an
+    unseen key gets the first candidate without being cached."""
     if key not in _CHOICES:
+        if not measure:
+            return next(iter(candidates))
         times = {name: _time_ms(fn) for name, fn in candidates.items()}
         _CHOICES[key] = min(times, key=times.__getitem__)
     return _CHOICES[key]

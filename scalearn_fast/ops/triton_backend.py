@@ -63,9 +63,10 @@ def forward(
 
     r = w_down.shape[0]
     use = USE_FUSED is not False and k.fused_fits(r, z.dtype)
-    if use and USE_FUSED is None and path_choice._can_measure(z):
+    if use and USE_FUSED is None:
         flags = (row_scale is not None, save_pre, omega is None, residual is not None)
-        use = path_choice.fused_is_faster(path_choice.shape_class(z, r, *flags), fused, two_kernel)
+        key = path_choice.shape_class(z, r, *flags)
+        use = path_choice.fused_is_faster(key, fused, two_kernel, measure=path_choice._can_measure(z))
     return fused() if use else two_kernel()
 
 
