@@ -70,6 +70,10 @@ def _synthetic() -> dict:
     for t in (512, 16384):
         benches.append(_bench("scalearn", "naive", "fwd", 8, t, t * 1e-6))
         benches.append(_bench("scalearn", "torch", "fwd", 8, t, t * 2.5e-7))
+    for b in benches:
+        e = b["extra_info"]
+        if e["mode"] == "fwdbwd" and e["n"] == 8:
+            e["saved_activation_bytes"] = {"naive": 8 * 2**20, "torch": 2**20}[e["provider"]]
     auto = _bench("scalearn", "auto", "fwd", 8, 4096, 7e-4)
     key = "forward 0 torch.bfloat16 768 384 4096 False False True True"
     auto["extra_info"]["path_choices"] = {key: "torch"}
@@ -100,6 +104,7 @@ def test_report_writes_tables_json_and_plots(tmp_path: Path) -> None:
     md = written["md"].read_text()
     assert "| fwd | d768-r48-N8-T4096-bfloat16 | torch | 0.800 |" in md
     assert "## Headline" in md and "| torch | 0.80 | 10.00x |" in md
+    assert "| 3.0 | 1.0 (12.5%) |" in md  # headline: peak MiB, then saved for backward vs naive
     assert "+5.0%" in md and "| 4.10 | +2.5% |" in md
     assert "## Measured path choices" in md
     assert "| scalearn | fwd | d768-r48-N8-T4096-bfloat16 | auto | forward 0 torch.bfloat16 768 384" in md

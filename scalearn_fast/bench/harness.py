@@ -15,7 +15,14 @@ from ..ops import path_choice
 from .device import DeviceRecord
 from .flops import OpCost
 from .providers import Provider
-from .timing import device_time, fill_extra_info, peak_memory, synced, use_device_clock
+from .timing import (
+    device_time,
+    fill_extra_info,
+    peak_memory,
+    saved_activation_bytes,
+    synced,
+    use_device_clock,
+)
 
 MODES = ("fwd", "fwdbwd")
 
@@ -159,6 +166,10 @@ def run_layer_case(
         "seq": c.seq,
     }
     cost = cost_fn(c.tokens, c.d, c.r, c.n, elem_bytes=z.element_size(), backward=mode == "fwdbwd")
+    if mode == "fwdbwd":  # what the provider keeps for its backward (issue 3's memory target)
+        zg = z.detach().clone().requires_grad_(True)
+        owned = [z, zg, residual, *p.module.parameters(), *p.module.buffers(), *p.trainable]
+        params["saved_activation_bytes"] = saved_activation_bytes(lambda: p.module(zg, residual), owned)
     return run_case(
         benchmark,
         layer_step(p, z, residual, mode),

@@ -61,7 +61,10 @@ def _row_key(r: dict[str, Any]) -> tuple:
 def _add_relative(rows: list[dict[str, Any]]) -> None:
     base: dict[tuple, dict[str, float]] = defaultdict(dict)
     busy: dict[tuple, dict[str, float]] = defaultdict(dict)
+    saved: dict[tuple, dict[str, int]] = defaultdict(dict)
     for r in rows:
+        if r.get("saved_activation_bytes") is not None:
+            saved[(r["kind"], r["mode"], r["case"])][r["provider"]] = r["saved_activation_bytes"]
         base[(r["kind"], r["mode"], r["case"])][r["provider"]] = r["median_s"]
         if r.get("device_s"):
             busy[(r["kind"], r["mode"], r["case"])][r["provider"]] = r["device_s"]
@@ -76,6 +79,9 @@ def _add_relative(rows: list[dict[str, Any]]) -> None:
         else:
             naive = ref.get("naive")
             r["speedup_vs_naive"] = naive / r["median_s"] if naive and r["median_s"] > 0 else None
+            naive_saved = saved[(r["kind"], r["mode"], r["case"])].get("naive")
+            mine = r.get("saved_activation_bytes")
+            r["saved_vs_naive"] = mine / naive_saved if mine is not None and naive_saved else None
             comp = ref.get("compile")
             r["speedup_vs_compile"] = comp / r["median_s"] if comp and r["median_s"] > 0 else None
 
@@ -90,6 +96,13 @@ def _ms(seconds: Any, spec: str) -> str:
     return "–" if seconds is None else format(seconds * 1e3, spec)
 
 
+def _saved(r: dict[str, Any]) -> str:
+    """Saved-for-backward MiB, with the share of the naive loop's when known."""
+    ratio = r.get("saved_vs_naive")
+    share = "" if ratio is None else f" ({100 * ratio:.1f}%)"
+    return _mib(r.get("saved_activation_bytes")) + share
+
+
 def _mib(v: Any) -> str:
     return "–" if v is None else f"{v / 2**20:.1f}"
 
@@ -101,9 +114,9 @@ def _is_default(r: dict[str, Any]) -> bool:
 def layer_table(rows: list[dict[str, Any]], kind: str) -> list[str]:
     head = (
         "| mode | shape | provider | median ms | GPU busy ms | tokens/s | TFLOP/s | GB/s | % roofline "
-        "| peak MiB | vs naive | vs compile |"
+        "| peak MiB | saved MiB | vs naive | vs compile |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         if r["kind"] != kind:
             continue
@@ -112,6 +125,7 @@ def layer_table(rows: list[dict[str, Any]], kind: str) -> list[str]:
             f"{_ms(r.get('device_s'), '.3f')} | {_fmt(r.get('tokens_per_s'))} | "
             f"{_fmt(r.get('tflops'))} | {_fmt(r.get('gbps'))} | "
             f"{_fmt(r.get('roofline_pct'), '.1f')} | {_mib(r.get('peak_mem_bytes'))} | "
+            f"{_mib(r.get('saved_activation_bytes'))} | "
             f"{_fmt(r.get('speedup_vs_naive'), '.2f', suffix='x')} | "
             f"{_fmt(r.get('speedup_vs_compile'), '.2f', suffix='x')} |"
         )
@@ -146,8 +160,8 @@ def headline_table(rows: list[dict[str, Any]]) -> list[str]:
         return []
     lines = [
         "| provider | fwd ms | fwd vs naive | fwd vs compile | fwd+bwd ms | fwd+bwd vs naive | "
-        "fwd+bwd peak MiB |",
-        "|" + "---|" * 7,
+        "fwd+bwd peak MiB | saved for bwd MiB (vs naive) |",
+        "|" + "---|" * 8,
     ]
     for prov in sorted(by, key=lambda p: _order("scalearn", p)):
         f, b = by[prov].get("fwd", {}), by[prov].get("fwdbwd", {})
@@ -156,7 +170,8 @@ def headline_table(rows: list[dict[str, Any]]) -> list[str]:
             f"{_fmt(f.get('speedup_vs_naive'), '.2f', suffix='x')} | "
             f"{_fmt(f.get('speedup_vs_compile'), '.2f', suffix='x')} | "
             f"{_fmt(b.get('median_s') and b['median_s'] * 1e3, '.2f')} | "
-            f"{_fmt(b.get('speedup_vs_naive'), '.2f', suffix='x')} | {_mib(b.get('peak_mem_bytes'))} |"
+            f"{_fmt(b.get('speedup_vs_naive'), '.2f', suffix='x')} | {_mib(b.get('peak_mem_bytes'))} | "
+            f"{_saved(b)} |"
         )
     return lines
 

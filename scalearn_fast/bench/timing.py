@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -112,6 +112,29 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[int | None
     if base is None or hwm is None:
         return None, "unavailable (no /proc/self/status)"
     return max(0, hwm - base), "rss_high_water_delta"
+
+
+def saved_activation_bytes(forward: Callable[[], Any], exclude: Iterable[torch.Tensor]) -> int | None:
+    """Bytes autograd keeps for the backward after one ``forward()``: the distinct storages its
+    saved-tensor hooks see, minus those of ``exclude`` (inputs, parameters, buffers: they exist
+    whether or not anything is saved). Device-independent and exact, unlike a peak; None when
+    the forward cannot run under saved-tensor hooks."""
+    known = {t.untyped_storage().data_ptr() for t in exclude}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in known:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = forward()
+    except Exception:  # noqa: BLE001  (e.g. a compiled graph that rejects the hooks)
+        return None
+    del out
+    return sum(saved.values())
 
 
 def kernel_totals(events: Any, calls: int) -> tuple[float, float]:
