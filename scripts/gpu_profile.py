@@ -65,8 +65,8 @@ def layers(tokens: list[int]) -> None:
         z = torch.randn(t, 768, device=dev, dtype=torch.bfloat16, generator=g)
         res = torch.randn(t, 768, device=dev, dtype=torch.bfloat16, generator=g)
         for family, registry, names in (
-            ("scalearn", SCALEARN_PROVIDERS, ("naive", "torch", "triton")),
-            ("fusion", FUSION_PROVIDERS, ("naive", "torch", "triton")),
+            ("scalearn", SCALEARN_PROVIDERS, ("naive", "torch", "triton", "auto")),
+            ("fusion", FUSION_PROVIDERS, ("naive", "torch", "triton", "auto")),
         ):
             for prov in names:
                 p = registry[prov](src)

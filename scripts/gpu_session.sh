@@ -4,8 +4,9 @@
 # folder) or ./gpu-out: at most 8 files, as the tool brings back.
 #
 #   bash scripts/gpu_session.sh tests          # triton + fusion tests on the GPU (bf16/fp16 cases)
+#   bash scripts/gpu_session.sh profile        # host vs device time per provider (scripts/gpu_profile.py)
 #   bash scripts/gpu_session.sh bench [ARGS]   # benchmark suite (+ pytest args, e.g. -k "scalearn and fwd")
-#   bash scripts/gpu_session.sh all            # both, the benchmark with the time left
+#   bash scripts/gpu_session.sh all            # tests, then the benchmark with the time left
 #
 # Then, here: copy <out>/results/* into bench/results/ (file names carry the GPU's name), update the
 # README headline table and docs/benchmarks.md from <out>/results/<gpu>.md, and commit.
@@ -27,6 +28,12 @@ triton.__version__, 'transformers', transformers.__version__)"
   } 2>&1 | tee "$out/tests.txt"
 }
 
+profile() {
+  timeout "${PROFILE_TIMEOUT:-400}" python scripts/gpu_profile.py "$@" 2>&1 | grep -v "Warning" \
+    | tee "$out/profile.txt"
+  echo "profile rc=${PIPESTATUS[0]}" | tee -a "$out/profile.txt"
+}
+
 bench() {
   timeout "${BENCH_TIMEOUT:-540}" python -m pytest bench/ --benchmark-only -v -s -rs -p no:cacheprovider \
     --benchmark-json="$out/bench-raw.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name \
@@ -39,7 +46,8 @@ bench() {
 
 case "$stage" in
   tests) tests ;;
+  profile) profile "$@" ;;
   bench) bench "$@" ;;
   all) tests; BENCH_TIMEOUT="${BENCH_TIMEOUT:-300}" bench "$@" ;;
-  *) echo "usage: $0 tests|bench|all [pytest args]" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|profile|bench|all [args]" >&2; exit 2 ;;
 esac
