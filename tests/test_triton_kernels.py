@@ -627,3 +627,36 @@ def test_gpu_auto_backend_is_exact_and_records_its_choices(monkeypatch):
         "backward",
         "forward",
     ]
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_gpu_eval_layer_replays_in_a_cuda_graph(monkeypatch, backend):
+    """After a warm-up (autotuning, measured choices, the inference plan), an eval-mode layer is
+    captured in a CUDA graph and its replay equals the eager call: serving can hide host time."""
+    from scalearn_fast import ScaLearnLayer
+    from scalearn_fast.ops import path_choice
+
+    monkeypatch.setenv("SCALEARN_FAST_AUTOTUNE", "1")
+    monkeypatch.setattr(path_choice, "_CHOICES", {})
+    wd, bd, wu, bu = cast(make_sources(8, 16, 256), torch.bfloat16)
+    layer = ScaLearnLayer(wd, bd, wu, bu, omega_dropout=0.0, backend=backend).eval()
+    z, _, res, _ = make_inputs((4, 64), n=8, d=256)
+    z, res = cast(z, torch.bfloat16).detach(), cast(res, torch.bfloat16).detach()
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                eager = layer.compose(z, res)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = layer.compose(z, res)
+        z.mul_(0.5)  # new input in the same buffer
+        graph.replay()
+        expect = layer.compose(z, res)
+    torch.cuda.synchronize()
+    assert not torch.equal(eager, expect)
+    assert torch.equal(captured, expect)
