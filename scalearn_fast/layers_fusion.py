@@ -25,8 +25,15 @@ import torch
 import torch.nn as nn
 
 from .layers_base import FrozenSources, check_sublayer_inputs
-from .ops.fusion import adapter_fusion_packed
-from .ops.packing import TensorOrList, check_activation
+from .ops.backends import resolve_backend
+from .ops.fusion import (
+    FusionFold,
+    adapter_fusion_folded,
+    adapter_fusion_packed,
+    fold_fusion,
+    scaling_as_omega,
+)
+from .ops.packing import TensorOrList, check_activation, check_inputs
 
 START_TEMPERATURE = 50.0  # the library's annealing start; it falls by START / 1000 per call
 
@@ -119,6 +126,7 @@ class AdapterFusionLayer(FrozenSources):
         self.residual_before = residual_before
         self.query_before_ln = query_before_ln
         self.layer_norm = layer_norm
+        self._folded: tuple[tuple, FusionFold] | None = None
 
     def fusion_parameters(self) -> list[nn.Parameter]:
         """The trainable fusion weights (query, key, value)."""
@@ -135,13 +143,81 @@ class AdapterFusionLayer(FrozenSources):
         t = None if module is None else getattr(module, name)
         return None if t is None else t.to(dtype)
 
+    def _fold(self, z: torch.Tensor, merged: bool) -> FusionFold:
+        """The weights folded for inference (``ops.fusion.fold_fusion``), cached; rebuilt when a
+        source or fusion weight changes (in place or replaced), or z's dtype or device does."""
+        weights = [
+            *self._parameters.values(),
+            *(p for m in (self.query, self.key, self.value) if m is not None for p in m.parameters()),
+        ]
+        if isinstance(self.scaling, torch.Tensor):
+            weights.append(self.scaling)
+        key = (z.dtype, z.device, merged, *((w.data_ptr(), w._version) for w in weights))
+        if self._folded is None or self._folded[0] != key:
+            resolve_backend(self.backend, z.device)  # a bad name fails here as elsewhere
+            dtype = z.dtype
+            packed = self.packed().to(dtype)
+            omega = scaling_as_omega(self.scaling, packed, z)
+            check_inputs(z, packed, omega.to(dtype), None)  # devices and dtypes, once
+            fold = fold_fusion(
+                packed,
+                self._weight(self.query, "weight", dtype),
+                self._weight(self.query, "bias", dtype),
+                self._weight(self.key, "weight", dtype),
+                self._weight(self.value, "weight", dtype),
+                omega,
+                merged=merged,
+                dtype=dtype,
+            )
+            self._folded = (key, fold)
+        return self._folded[1]
+
+    def _folded_compose(
+        self, z: torch.Tensor, residual: torch.Tensor | None, query_input: torch.Tensor | None
+    ) -> torch.Tensor:
+        fold = self._fold(z, merged=query_input is None)
+        for name, t in (("residual", residual), ("query_input", query_input)):
+            if t is not None and (t.shape != z.shape or t.dtype != z.dtype or t.device != z.device):
+                raise ValueError(
+                    f"{name} ({list(t.shape)}, {t.dtype}, {t.device}) must match z "
+                    f"({list(z.shape)}, {z.dtype}, {z.device})"
+                )
+        if z.shape[-1] != self.hidden_size:
+            raise ValueError(f"z has shape {list(z.shape)}: its last dim must be d={self.hidden_size}")
+        if self.residual_before and residual is None:
+            raise ValueError("residual_before=True adds the residual to keys and values; pass residual")
+        return adapter_fusion_folded(
+            z, fold, residual, query_input=query_input, temperature=self.T,
+            residual_before=self.residual_before, activation=self.activation,
+        )  # fmt: skip
+
+    def _needs_grad(self, *inputs: torch.Tensor | None) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return any(t is not None and t.requires_grad for t in (*inputs, *self.parameters()))
+
     def compose(
         self,
         z: torch.Tensor,
         residual: torch.Tensor | None = None,
         query_input: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The library's ``BertFusion.forward`` on adapter input ``z [..., d]`` (anneals τ)."""
+        """The library's ``BertFusion.forward`` on adapter input ``z [..., d]`` (anneals τ).
+
+        In eval mode with nothing to differentiate (and not under ``torch.compile``), backends
+        ``torch`` and ``auto`` fold the fixed weights once (``FusionFold``) and a call is two
+        GEMMs and a softmax; ``triton`` keeps its kernels, ``reference`` its loop."""
+        if (
+            self.backend in ("auto", "torch")
+            and not self.training
+            and isinstance(z, torch.Tensor)
+            and z.is_floating_point()
+            and not self._needs_grad(z, residual, query_input)
+            and not torch.compiler.is_compiling()
+        ):
+            out = self._folded_compose(z, residual, query_input)
+            self.T = max(self.T - self.reduction, 1.0)
+            return out
         dtype = z.dtype
         scaling = self.scaling.to(dtype) if isinstance(self.scaling, torch.Tensor) else self.scaling
         out = adapter_fusion_packed(

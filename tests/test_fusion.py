@@ -356,3 +356,87 @@ def test_load_fusion_checkpoint_from_adapters_save(tmp_path, safetensors):
     assert ckpt.config["value"] is True and ckpt.config["dropout_prob"] is None
     with pytest.raises(ValueError, match="adapter_fusion_config.json"):
         load_fusion_checkpoint(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------- the folded inference path
+
+
+def _fusion_layer(backend, ranks=None, scaling=1.0, activation="relu", d=16, **options):
+    from scalearn_fast.layers_fusion import AdapterFusionLayer
+
+    src, fusion, _, _ = make_case(d=d, ranks=ranks)
+    layer = AdapterFusionLayer(*src, backend=backend, scaling=scaling, activation=activation, **options)
+    layer = layer.double()
+    with torch.no_grad():
+        pairs = ((layer.query, fusion[:2]), (layer.key, fusion[2:4]), (layer.value, fusion[4:]))
+        for module, weights in pairs:
+            if module is not None:
+                for p, w in zip(module.parameters(), weights, strict=False):
+                    p.copy_(w)
+    return layer
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        dict(residual_before=True),
+        dict(query_before_ln=True, temperature=True),
+        dict(value=False),
+        dict(query=False),
+        dict(key=False, value=False),
+        dict(ranks=[2, 5, 3]),
+        dict(scaling=torch.tensor([0.5, 2.0, -1.0], dtype=F64)),
+        dict(activation="gelu", residual_before=True, query_before_ln=True),
+    ],
+    ids=["dynamic", "residual_before", "query_before_ln+temperature", "no_value", "no_query",
+         "no_key_no_value", "mixed_ranks", "scaling", "gelu"],
+)  # fmt: skip
+def test_folded_inference_equals_the_reference(options):
+    """Eval + no_grad: Q·K folded into the score weights, V into the up projections, one GEMM
+    for S and the scores; same output as the reference loop (float64), τ annealing included."""
+    fast, ref = _fusion_layer("torch", **options).eval(), _fusion_layer("reference", **options).eval()
+    g = torch.Generator().manual_seed(5)
+    h, x = (torch.randn(2, 5, 16, generator=g, dtype=F64) for _ in range(2))
+    fast.layer_norm = ref.layer_norm = torch.nn.LayerNorm(16, dtype=F64)
+    with torch.no_grad():
+        for _ in range(2):
+            got, expect = fast(h, x), ref(h, x)
+            torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-10)
+    assert fast._folded is not None and fast.T == ref.T
+
+
+def test_folded_inference_follows_weight_changes_and_checks_inputs():
+    layer = _fusion_layer("torch").eval()
+    ref = _fusion_layer("reference").eval()
+    z, h = torch.randn(3, 16, dtype=F64), torch.randn(3, 16, dtype=F64)
+    with torch.no_grad():
+        first = layer.compose(z, h)
+        torch.testing.assert_close(first, ref.compose(z, h), rtol=1e-10, atol=1e-10)
+        for mod in (layer.key, ref.key):
+            mod.weight.mul_(-2.0)  # in place: the fold must be rebuilt
+        torch.testing.assert_close(layer.compose(z, h), ref.compose(z, h), rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(layer.compose(z, h), first)
+        with pytest.raises(ValueError, match=r"residual \(\[3, 15\].*must match z"):
+            layer.compose(z, h[:, :15])
+        with pytest.raises(ValueError, match=r"z has shape \[3, 15\]"):
+            layer.compose(z[:, :15])
+    with torch.no_grad():
+        low = layer.float().compose(z.float(), h.float())  # float32: a fold of its own
+    err = (low.double() - ref.compose(z, h).detach()).abs().max().item()
+    assert low.dtype == torch.float32 and err < 1e-4
+
+
+def test_folded_inference_matches_the_adapters_library():
+    names = ("a", "b", "c")
+    for overrides in ({}, dict(residual_before=True), dict(query_before_ln=True)):
+        model, fusion_name = tiny_bert_with_fuse(names, **overrides)
+        out_mod = model.encoder.layer[1].output
+        layer = layer_from_library(out_mod, fusion_name, names, "torch").eval()
+        model.eval()
+        h, x = torch.randn(2, 5, 24, dtype=F64), torch.randn(2, 5, 24, dtype=F64)
+        with torch.no_grad():
+            expect = out_mod.bottleneck_layer_forward(h, x, out_mod.LayerNorm)
+            got = layer(h, x)
+        assert layer._folded is not None
+        torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-10)

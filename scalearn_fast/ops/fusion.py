@@ -48,6 +48,8 @@ key and value weights, and (if they require grad) the sources and the scaling.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -236,6 +238,116 @@ def _adapter_fusion_fast(
     if residual_before or rho2 is None:
         return mixed @ value_weight.T
     return torch.addmm(rho2, mixed, value_weight.T)
+
+
+# ---------------------------------------------------------------- inference: weights folded once
+
+
+@dataclass(frozen=True)
+class FusionFold:
+    """AdapterFusion's fixed weights folded for inference (``fold_fusion``). With
+    ``X = [U | Cᵀ]`` (the scaled up projections and biases, ``[d, R + N]``):
+
+        score_weight = W_qᵀ·W_k·X  [d, R + N],  score_bias = b_q·W_k·X  [R + N]
+        up_value = W_v·U  [d, R],               bias_value = C·W_vᵀ  [N, d]
+
+    (a missing query/key/value is the identity, a missing query bias zero). Then per token
+    ``u·a_i = (c·score_weight + score_bias)`` split into Π [R] and the bias scores [N], and
+    ``W_v·Σ_i p_i a_i = (S ⊙ p[src])·up_valueᵀ + p·bias_value``: the query, key and value
+    GEMMs (3 x 2·T·d² FLOPs) are gone. With ``merged`` (the query input is z) the down
+    projection shares one GEMM with the scores: ``weight = [Dᵀ | score_weight]``."""
+
+    weight: torch.Tensor  # [d, R (+ R + N when merged)]
+    bias: torch.Tensor  # [R (+ R + N)]
+    score_weight: torch.Tensor | None  # [d, R + N] when not merged (the query input is not z)
+    score_bias: torch.Tensor | None
+    up_value: torch.Tensor  # [d, R]
+    bias_value: torch.Tensor  # [N, d]
+    value_weight: torch.Tensor | None  # W_v, for ρ·W_vᵀ under residual_before
+    packed: PackedSources
+    merged: bool
+
+
+def fold_fusion(
+    packed: PackedSources,
+    query_weight: torch.Tensor | None,
+    query_bias: torch.Tensor | None,
+    key_weight: torch.Tensor | None,
+    value_weight: torch.Tensor | None,
+    omega: torch.Tensor,
+    *,
+    merged: bool,
+    dtype: torch.dtype,
+) -> FusionFold:
+    """Fold AdapterFusion's weights for inference (see ``FusionFold``), in float64 on CPU or
+    float32 elsewhere, then cast to ``dtype``. The key bias drops out: it adds the same score
+    to every adapter, and softmax ignores that without score dropout (R2)."""
+    acc = torch.float64 if packed.w_down.device.type == "cpu" else torch.float32
+    with torch.no_grad():
+        omega_cols = omega.to(acc).index_select(0, packed.source_index)
+        up = packed.w_up.to(acc) * omega_cols.T  # U [d, R]
+        c = omega.to(acc) * packed.b_up.to(acc)  # C [N, d]
+        x = torch.cat([up, c.T], 1)  # [d, R + N]
+        if key_weight is not None:
+            x = key_weight.to(acc) @ x
+        score_bias = query_bias.to(acc) @ x if query_bias is not None else x.new_zeros(x.shape[1])
+        score_weight = query_weight.to(acc).T @ x if query_weight is not None else x
+        if value_weight is not None:
+            up_value, bias_value = value_weight.to(acc) @ up, c @ value_weight.to(acc).T
+        else:
+            up_value, bias_value = up, c
+        w_down, b_down = packed.w_down.to(acc).T, packed.b_down.to(acc)
+        if merged:
+            weight, bias = torch.cat([w_down, score_weight], 1), torch.cat([b_down, score_bias])
+            score_weight = score_bias = None
+        else:
+            weight, bias = w_down, b_down
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(dtype).contiguous()
+
+    return FusionFold(
+        cast(weight), cast(bias), cast(score_weight), cast(score_bias), cast(up_value), cast(bias_value),
+        None if value_weight is None else value_weight.detach().to(dtype), packed.to(dtype), merged,
+    )  # fmt: skip
+
+
+def adapter_fusion_folded(
+    z: torch.Tensor,
+    fold: FusionFold,
+    residual: torch.Tensor | None = None,
+    *,
+    query_input: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    residual_before: bool = False,
+    activation: str = "relu",
+) -> torch.Tensor:
+    """Inference AdapterFusion (no score dropout, nothing to differentiate) on folded weights:
+    one GEMM for S and the scores (two with a separate query input), a [T, N] softmax, one
+    GEMM for the value-projected weighted sum. Callers check z and the residual."""
+    packed = fold.packed
+    d, r = packed.hidden_size, packed.total_rank
+    z2 = z.reshape(-1, d)
+    rho = None if residual is None else residual.reshape(-1, d)
+    y = torch.addmm(fold.bias, z2, fold.weight)  # [T, R] or [T, 2R + N]
+    if fold.merged:
+        pre, scored = y[:, :r], y[:, r:]
+    else:
+        c2 = z2 if query_input is None else query_input.reshape(-1, d)
+        pre, scored = y, torch.addmm(fold.score_bias, c2, fold.score_weight)
+    hidden = activation_fn(activation, pre, inplace=True)  # S
+    scores = _block_row_sum(hidden * scored[:, :r], packed) + scored[:, r:]
+    probs = torch.softmax(scores / temperature, dim=-1)
+    hidden.mul_(probs.index_select(1, packed.source_index))  # S ⊙ p[src]
+    if rho is None:
+        out = hidden @ fold.up_value.T
+    elif residual_before:  # ρ joined every value: Σ p_i (a_i + ρ) = Σ p_i a_i + ρ, then W_v
+        base = rho if fold.value_weight is None else rho @ fold.value_weight.T
+        out = torch.addmm(base, hidden, fold.up_value.T)
+    else:
+        out = torch.addmm(rho, hidden, fold.up_value.T)
+    out.addmm_(probs, fold.bias_value)
+    return out.reshape(z.shape)
 
 
 def adapter_fusion_packed(
