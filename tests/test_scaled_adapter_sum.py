@@ -368,3 +368,11 @@ def test_eager_route_equals_the_custom_op(with_row_scale):
         assert torch.equal(eager, op)
     with torch.no_grad():  # the no-grad shortcut: same forward
         assert torch.equal(_run_op(*args[:11], False)[0], results[0][0])
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    z, sources, omega, residual = inputs((4,), n=2, d=8, r=3)
+    out = scaled_adapter_sum(z, *sources, omega, residual, backend="torch")
+    (g_omega,) = torch.autograd.grad(out.sum(), omega, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g_omega.sum(), z)

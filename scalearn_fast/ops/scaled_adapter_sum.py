@@ -17,6 +17,7 @@ Both routes share ``_setup_context`` and ``_backward``; only the dispatch differ
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .backends import backend_module, resolve_backend
 from .packing import (
@@ -136,6 +137,7 @@ class _EagerScaledAdapterSum(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable  # like the op: no double backward (the Triton backward is not differentiable)
     def backward(ctx, grad_out, grad_pre):
         return _backward(ctx, grad_out, grad_pre)
 
