@@ -200,6 +200,7 @@ def test_measured_path_choice_runs_the_faster_path_and_caches_it(monkeypatch, fa
         return 1.0 if fn.__name__ == faster else 2.0
 
     monkeypatch.setattr(path_choice, "_time_ms", fake_time)
+
     def spy(name, real):
         def launcher(*args, **kwargs):
             ran.append(name)

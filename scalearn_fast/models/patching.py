@@ -119,9 +119,7 @@ def unpatch_site(site: Any, attr: str) -> nn.Module | None:
     return module._modules.pop(attr, None)
 
 
-def restore_sites(
-    model: nn.Module, sites: Any, attr: str, requires_grad: dict[str, bool] | None
-) -> None:
+def restore_sites(model: nn.Module, sites: Any, attr: str, requires_grad: dict[str, bool] | None) -> None:
     """Undo an ``attach_*``: unpatch every site still carrying ``attr`` and put back the
     ``requires_grad`` flags recorded before it froze the model."""
     for site in sites:
@@ -131,4 +129,3 @@ def restore_sites(
         for name, p in model.named_parameters():
             if name in requires_grad:
                 p.requires_grad_(requires_grad[name])
-

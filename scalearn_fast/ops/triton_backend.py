@@ -104,7 +104,7 @@ def backward(
         d_pre, gs = k.grad_pre(
             g, pre, w_up, omega, source_index, row_scale, activation, store_gs=need_rs,
             b_up=b_up if need_rs else None,
-        )
+        )  # fmt: skip
         if need_rs:  # gs [T, R + N]: the R units' act(P)⊙G, then each source's bias unit g·(ω_i⊙B_i)
             unit_source = torch.cat([source_index, torch.arange(n, device=source_index.device)])
             d_rs = gs.new_zeros(gs.shape[0], n).index_add_(1, unit_source, gs).to(row_scale.dtype)

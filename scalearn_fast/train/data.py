@@ -154,6 +154,7 @@ def batches(
     def length(i: int) -> int:
         e = examples[i]
         return len(e.text_a) + len(e.text_b or "")
+
     order = list(range(len(examples)))
     if shuffle:
         rng = random.Random(seed)
