@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup.sh
 ruff check .
+ruff format --check .
 python -m pytest -q tests "$@"
