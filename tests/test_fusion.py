@@ -440,3 +440,73 @@ def test_folded_inference_matches_the_adapters_library():
             got = layer(h, x)
         assert layer._folded is not None
         torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- the folded path with gradients (T > R)
+
+
+def _spy_folded(monkeypatch):
+    from scalearn_fast.ops import fusion as fusion_ops
+
+    calls = []
+    real = fusion_ops._adapter_fusion_weights_folded
+    monkeypatch.setattr(fusion_ops, "_adapter_fusion_weights_folded", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        dict(dropout_p=0.3, training=True),
+        dict(dropout_p=0.3, training=True, temperature=3.0),
+        dict(residual_before=True, temperature=2.5),
+    ],
+    ids=["eval", "dropout", "dropout+temperature", "residual_before"],
+)
+def test_folded_training_path_grads_match_reference(monkeypatch, kw):
+    """With more tokens than bottleneck units the fast path folds Q·K and V into the adapters'
+    weights on every call (differentiably): outputs and all gradients equal the reference."""
+    calls = _spy_folded(monkeypatch)
+    src, fusion, z, h = make_case(lead=(4, 8), seed=3)  # T = 32 > R = 12
+    names = ["z", "residual", "query_weight", "query_bias", "key_weight", "key_bias", "value_weight"]
+    ref = _grads("reference", src, fusion, z, h, seed=7, **kw)
+    got = _grads("torch", src, fusion, z, h, seed=7, **kw)
+    assert calls  # the folded route ran
+    for name, a, b in zip(names, got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(dropout_p=0.3, training=True)], ids=["eval", "dropout"])
+def test_gradcheck_folded_path_with_trainable_sources_and_scaling(monkeypatch, kw):
+    calls = _spy_folded(monkeypatch)
+    src, fusion, z, h = make_case(n=2, r=3, d=5, lead=(8,), seed=4)  # T = 8 > R = 6
+    wd = src[0].clone().requires_grad_()
+    scaling = torch.tensor([0.7, 1.3], dtype=F64, requires_grad=True)
+    inputs = [t.clone().requires_grad_() for t in (z, h, *fusion)]
+
+    def fn(z_, h_, qw, qb, kw_, kb, vw, wd_, s_):
+        torch.manual_seed(5)
+        return adapter_fusion(z_, wd_, *src[1:], qw, qb, kw_, kb, vw, h_, scaling=s_, backend="torch", **kw)
+
+    assert torch.autograd.gradcheck(fn, (*inputs, wd, scaling))
+    assert calls
+
+
+def test_folded_training_path_matches_the_adapters_library_with_dropout():
+    names = ("a", "b", "c")
+    model, fusion_name = tiny_bert_with_fuse(names)
+    out_mod = model.encoder.layer[1].output
+    layer = layer_from_library(out_mod, fusion_name, names, "torch")
+    h, x = torch.randn(4, 8, 24, dtype=F64), torch.randn(4, 8, 24, dtype=F64)  # T = 32 > R = 20
+    assert h.shape[0] * h.shape[1] > layer.w_down.shape[0]
+    model.train()
+    layer.train()
+    torch.manual_seed(3)
+    expect = out_mod.bottleneck_layer_forward(h, x, out_mod.LayerNorm)
+    torch.manual_seed(3)
+    got = layer(h, x)
+    torch.testing.assert_close(got, expect, rtol=1e-11, atol=1e-11)
+    g_lib = torch.autograd.grad(expect.sum(), out_mod.adapter_fusion_layer[fusion_name].query.weight)
+    g_ours = torch.autograd.grad(got.sum(), layer.query.weight)
+    torch.testing.assert_close(g_ours[0], g_lib[0], rtol=1e-9, atol=1e-11)

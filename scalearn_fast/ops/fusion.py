@@ -208,6 +208,12 @@ def _adapter_fusion_fast(
     z2, c2, rho2, packed, query_weight, query_bias, key_weight, key_bias, value_weight,
     omega, temperature, dropout_p, training, residual_before, activation, backend,
 ) -> torch.Tensor:  # fmt: skip
+    dropping = training and dropout_p > 0.0
+    if z2.shape[0] > packed.total_rank and not (dropping and residual_before):
+        return _adapter_fusion_weights_folded(
+            z2, c2, rho2, packed, query_weight, query_bias, key_weight, key_bias, value_weight,
+            omega, temperature, dropout_p, dropping, residual_before, activation, backend,
+        )  # fmt: skip
     q = _linear(c2, query_weight, query_bias)  # [T, d]
     u = q if key_weight is None else q @ key_weight  # u_t = W_kᵀ q_t
     scores, hidden, up = fusion_scores(z2, u, packed, omega, activation)
@@ -238,6 +244,57 @@ def _adapter_fusion_fast(
     if residual_before or rho2 is None:
         return mixed @ value_weight.T
     return torch.addmm(rho2, mixed, value_weight.T)
+
+
+def _adapter_fusion_weights_folded(
+    z2, c2, rho2, packed, query_weight, query_bias, key_weight, key_bias, value_weight,
+    omega, temperature, dropout_p, dropping, residual_before, activation, backend,
+) -> torch.Tensor:  # fmt: skip
+    """R5 with gradients (``T > R``): the folds of ``fold_fusion`` built differentiably on every
+    call, so no [T, d] x [d, d] GEMM runs. Per call the folds cost ~6·d²·R MACs against the
+    ~6·T·d² of the Q, K and V GEMMs they replace. With score dropout the per-token shift
+    γ_t = q_t·b_k is kept (R2) as ``c·(W_qᵀ b_k) + b_q·b_k``; dropout with ``residual_before``
+    (γ also needs u·ρ) stays on the unfolded path."""
+    r, dtype = packed.total_rank, z2.dtype
+    acc = torch.promote_types(dtype, torch.float32)  # folds in >= fp32, then one cast
+    omega_cols = omega.to(acc).index_select(0, packed.source_index)
+    up = packed.w_up.to(acc) * omega_cols.T  # U [d, R]
+    c = omega.to(acc) * packed.b_up.to(acc)  # C [N, d]
+    x = torch.cat([up, c.T], 1)  # [d, R + N]
+    if key_weight is not None:
+        x = key_weight.to(acc) @ x
+    score_weight = x if query_weight is None else query_weight.to(acc).T @ x
+    scored = c2 @ score_weight.to(dtype)  # [T, R + N]: Π and the bias scores of every adapter
+    if query_bias is not None:
+        scored = scored + (query_bias.to(acc) @ x).to(dtype)
+    hidden = activation_fn(activation, torch.addmm(packed.b_down, z2, packed.w_down.T))  # S
+    scores = _block_row_sum(hidden * scored[:, :r], packed) + scored[:, r:]
+    if dropping:
+        if key_bias is not None:  # γ_t = q_t·b_k, folded: c·(W_qᵀ b_k) + b_q·b_k
+            kb = key_bias.to(acc)
+            shift = c2 @ (kb if query_weight is None else query_weight.to(acc).T @ kb).to(dtype)
+            if query_bias is not None:
+                shift = shift + (query_bias.to(acc) @ kb).to(dtype)
+            scores = scores + shift[:, None]
+        scores = F.dropout(scores, dropout_p, True)
+    elif key_bias is not None and key_bias.requires_grad and torch.is_grad_enabled():
+        scores = scores + key_bias.sum() * 0.0  # ∂L/∂b_k is exactly 0 here (R2); say so explicitly
+    probs = torch.softmax(scores / temperature, dim=-1)
+    if value_weight is not None:  # W_v into the up projections and biases
+        up, c = value_weight.to(acc) @ up, c @ value_weight.to(acc).T
+    if rho2 is None:
+        residual = None
+    elif residual_before:  # Σ p_i (a_i + ρ) = Σ p_i a_i + ρ, then W_v
+        residual = rho2 if value_weight is None else rho2 @ value_weight.T
+    else:
+        residual = rho2
+    mixed = PackedSources(
+        packed.w_down, packed.b_down, up.to(dtype), c.to(dtype), packed.source_index, packed.ranks
+    )
+    ones = torch.ones(packed.num_sources, 1, dtype=dtype, device=z2.device)
+    return scaled_adapter_sum_packed(
+        z2, mixed, ones, residual, activation=activation, backend=backend, row_scale=probs
+    )
 
 
 # ---------------------------------------------------------------- inference: weights folded once
