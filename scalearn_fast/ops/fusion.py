@@ -246,6 +246,23 @@ def _adapter_fusion_fast(
     return torch.addmm(rho2, mixed, value_weight.T)
 
 
+def _fold_weights(packed, omega, query_weight, query_bias, key_weight, value_weight, acc):
+    """R5's folds in dtype ``acc`` (differentiable): ``(score_weight [d, R + N], score_bias
+    [R + N] or None, up_value [d, R], bias_value [N, d])`` with ``X = [U | Cᵀ]``:
+    ``W_qᵀ·W_k·X``, ``b_q·W_k·X``, ``W_v·U``, ``C·W_vᵀ`` (a missing weight is the identity)."""
+    omega_cols = omega.to(acc).index_select(0, packed.source_index)
+    up = packed.w_up.to(acc) * omega_cols.T  # U [d, R]
+    c = omega.to(acc) * packed.b_up.to(acc)  # C [N, d]
+    x = torch.cat([up, c.T], 1)  # [d, R + N]
+    if key_weight is not None:
+        x = key_weight.to(acc) @ x
+    score_weight = x if query_weight is None else query_weight.to(acc).T @ x
+    score_bias = None if query_bias is None else query_bias.to(acc) @ x
+    if value_weight is not None:
+        up, c = value_weight.to(acc) @ up, c @ value_weight.to(acc).T
+    return score_weight, score_bias, up, c
+
+
 def _adapter_fusion_weights_folded(
     z2, c2, rho2, packed, query_weight, query_bias, key_weight, key_bias, value_weight,
     omega, temperature, dropout_p, dropping, residual_before, activation, backend,
@@ -257,16 +274,12 @@ def _adapter_fusion_weights_folded(
     (γ also needs u·ρ) stays on the unfolded path."""
     r, dtype = packed.total_rank, z2.dtype
     acc = torch.promote_types(dtype, torch.float32)  # folds in >= fp32, then one cast
-    omega_cols = omega.to(acc).index_select(0, packed.source_index)
-    up = packed.w_up.to(acc) * omega_cols.T  # U [d, R]
-    c = omega.to(acc) * packed.b_up.to(acc)  # C [N, d]
-    x = torch.cat([up, c.T], 1)  # [d, R + N]
-    if key_weight is not None:
-        x = key_weight.to(acc) @ x
-    score_weight = x if query_weight is None else query_weight.to(acc).T @ x
+    score_weight, score_bias, up, c = _fold_weights(
+        packed, omega, query_weight, query_bias, key_weight, value_weight, acc
+    )
     scored = c2 @ score_weight.to(dtype)  # [T, R + N]: Π and the bias scores of every adapter
-    if query_bias is not None:
-        scored = scored + (query_bias.to(acc) @ x).to(dtype)
+    if score_bias is not None:
+        scored = scored + score_bias.to(dtype)
     hidden = activation_fn(activation, torch.addmm(packed.b_down, z2, packed.w_down.T))  # S
     scores = _block_row_sum(hidden * scored[:, :r], packed) + scored[:, r:]
     if dropping:
@@ -280,8 +293,6 @@ def _adapter_fusion_weights_folded(
     elif key_bias is not None and key_bias.requires_grad and torch.is_grad_enabled():
         scores = scores + key_bias.sum() * 0.0  # ∂L/∂b_k is exactly 0 here (R2); say so explicitly
     probs = torch.softmax(scores / temperature, dim=-1)
-    if value_weight is not None:  # W_v into the up projections and biases
-        up, c = value_weight.to(acc) @ up, c @ value_weight.to(acc).T
     if rho2 is None:
         residual = None
     elif residual_before:  # Σ p_i (a_i + ρ) = Σ p_i a_i + ρ, then W_v
@@ -341,18 +352,11 @@ def fold_fusion(
     to every adapter, and softmax ignores that without score dropout (R2)."""
     acc = torch.float64 if packed.w_down.device.type == "cpu" else torch.float32
     with torch.no_grad():
-        omega_cols = omega.to(acc).index_select(0, packed.source_index)
-        up = packed.w_up.to(acc) * omega_cols.T  # U [d, R]
-        c = omega.to(acc) * packed.b_up.to(acc)  # C [N, d]
-        x = torch.cat([up, c.T], 1)  # [d, R + N]
-        if key_weight is not None:
-            x = key_weight.to(acc) @ x
-        score_bias = query_bias.to(acc) @ x if query_bias is not None else x.new_zeros(x.shape[1])
-        score_weight = query_weight.to(acc).T @ x if query_weight is not None else x
-        if value_weight is not None:
-            up_value, bias_value = value_weight.to(acc) @ up, c @ value_weight.to(acc).T
-        else:
-            up_value, bias_value = up, c
+        score_weight, score_bias, up_value, bias_value = _fold_weights(
+            packed, omega, query_weight, query_bias, key_weight, value_weight, acc
+        )
+        if score_bias is None:
+            score_bias = score_weight.new_zeros(score_weight.shape[1])
         w_down, b_down = packed.w_down.to(acc).T, packed.b_down.to(acc)
         if merged:
             weight, bias = torch.cat([w_down, score_weight], 1), torch.cat([b_down, score_bias])
