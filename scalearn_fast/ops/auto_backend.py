@@ -41,8 +41,10 @@ def forward(
     args = (z, w_down, b_down, w_up, b_up, omega, source_index, residual, row_scale, activation, save_pre)
     flags = (row_scale is not None, save_pre, omega is None, residual is not None)
     key = ("forward", *path_choice.shape_class(z, w_down.shape[0], *flags))
-    candidates = {n: (lambda m=m: m.forward(*args)) for n, m in _CANDIDATES.items()}
-    name = path_choice.fastest(key, candidates, measure=path_choice._can_measure(z))
+    name = path_choice.choice(key)  # the common case: chosen before
+    if name is None:
+        candidates = {n: (lambda m=m: m.forward(*args)) for n, m in _CANDIDATES.items()}
+        name = path_choice.fastest(key, candidates, measure=path_choice._can_measure(z))
     return _CANDIDATES[name].forward(*args)
 
 
@@ -62,6 +64,8 @@ def backward(
     """``triton_backend.backward`` or ``torch_backend.backward``, whichever is faster here."""
     args = (grad_out, z, pre, w_down, w_up, b_up, omega, source_index, row_scale, activation, needs)
     key = ("backward", *path_choice.shape_class(z, pre.shape[1], row_scale is not None, *needs))
-    candidates = {n: (lambda m=m: m.backward(*args)) for n, m in _CANDIDATES.items()}
-    name = path_choice.fastest(key, candidates, measure=path_choice._can_measure(z))
+    name = path_choice.choice(key)
+    if name is None:
+        candidates = {n: (lambda m=m: m.backward(*args)) for n, m in _CANDIDATES.items()}
+        name = path_choice.fastest(key, candidates, measure=path_choice._can_measure(z))
     return _CANDIDATES[name].backward(*args)

@@ -72,6 +72,11 @@ def fastest(key: Hashable, candidates: dict[str, Callable[[], object]], *, measu
     return _CHOICES[key]
 
 
+def choice(key: Hashable) -> str | None:
+    """The choice made for ``key``, or None if it has not been measured yet."""
+    return _CHOICES.get(key)
+
+
 def choices() -> dict[Hashable, str]:
     """A copy of the choices made so far (shape class -> the name picked), e.g. to log them."""
     return dict(_CHOICES)
