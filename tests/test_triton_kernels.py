@@ -661,3 +661,41 @@ def test_gpu_eval_layer_replays_in_a_cuda_graph(monkeypatch, backend):
     torch.cuda.synchronize()
     assert not torch.equal(eager, expect)
     assert torch.equal(captured, expect)
+
+
+def test_auto_backend_mixes_forward_and_backward_choices(monkeypatch):
+    """Both backends save the same P [T, R], so a forward on one and a backward on the other
+    give the same gradients."""
+    from scalearn_fast.ops import path_choice
+    from scalearn_fast.ops.scaled_adapter_sum import _run_op
+
+    monkeypatch.setattr(path_choice, "_can_measure", lambda z: False)  # only the choices below
+    monkeypatch.setattr(triton_backend, "USE_FUSED", True)
+    z, omega, res, _ = make_inputs((9,), n=2, d=24)
+    packed = pack_sources(*make_sources(2, 4, 24))
+    leaves = [t.detach().float().requires_grad_() for t in (z, omega, res)]
+    tail = (packed.source_index, leaves[2], None, "relu")
+    weights = [packed.w_down.float(), packed.b_down.float(), packed.w_up.float(), packed.b_up.float()]
+    flags = (False, True, False, True)
+    from scalearn_fast.ops import torch_backend
+
+    ran = []
+    for name, module in (("torch", torch_backend), ("triton", triton_backend)):
+        for fn in ("forward", "backward"):
+            real = getattr(module, fn)
+            monkeypatch.setattr(module, fn, lambda *a, real=real, tag=(fn, name): ran.append(tag) or real(*a))
+    results = {}
+    for fwd, bwd in (("torch", "torch"), ("torch", "triton"), ("triton", "torch")):
+        ran.clear()
+        monkeypatch.setattr(path_choice, "_CHOICES", {})
+        path_choice._CHOICES[("forward", *path_choice.shape_class(leaves[0], 8, *flags))] = fwd
+        needs = [True, False, False, False, False, True, False]
+        path_choice._CHOICES[("backward", *path_choice.shape_class(leaves[0], 8, False, *needs))] = bwd
+        out, _ = _run_op(leaves[0], *weights, leaves[1], *tail, "auto", True)
+        grads = torch.autograd.grad((out * torch.cos(out.detach())).sum(), leaves)
+        results[(fwd, bwd)] = (out.detach(), *grads)
+        assert ran == [("forward", fwd), ("backward", bwd)]
+    base = results[("torch", "torch")]
+    for key in (("torch", "triton"), ("triton", "torch")):
+        for got, want in zip(results[key], base, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=str(key))
