@@ -195,9 +195,10 @@ def _has_triton_backend() -> bool:
 
 @pytest.mark.skipif(not _has_triton_backend(), reason="the core op's triton backend is not in this tree")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_backend_against_reference(dtype):
+@pytest.mark.parametrize("lead, n, r", [((2, 7), 3, 16), ((3, 12), 2, 8)], ids=["T<R", "T>R:folded"])
+def test_triton_backend_against_reference(dtype, lead, n, r):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    src, fusion, z, h = make_case(lead=(2, 7), n=3, r=16, d=32, dtype=dtype)
+    src, fusion, z, h = make_case(lead=lead, n=n, r=r, d=32, dtype=dtype)
     src, fusion = [t.to(device) for t in src], [t.to(device) for t in fusion]
     z, h = z.to(device), h.to(device)
     ref64 = adapter_fusion(z.double(), *[t.double() for t in src], *[t.double() for t in fusion], h.double(),
@@ -208,8 +209,9 @@ def test_triton_backend_against_reference(dtype):
 
 
 @pytest.mark.skipif(not _has_triton_backend(), reason="the core op's triton backend is not in this tree")
-def test_triton_backend_grads_match_torch():
-    src, fusion, z, h = make_case(lead=(9,), n=2, r=16, d=32, dtype=torch.float32, seed=6)
+@pytest.mark.parametrize("tokens", [9, 40], ids=["T<R", "T>R:folded"])
+def test_triton_backend_grads_match_torch(tokens):
+    src, fusion, z, h = make_case(lead=(tokens,), n=2, r=8, d=32, dtype=torch.float32, seed=6)
     if torch.cuda.is_available():
         src, fusion, z, h = [t.cuda() for t in src], [t.cuda() for t in fusion], z.cuda(), h.cuda()
     kw = dict(dropout_p=0.3, training=True)
