@@ -14,6 +14,7 @@ back instead of staying in glibc's heap, ``cpu_memory_setup`` fixes glibc's mmap
 from __future__ import annotations
 
 import ctypes
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -153,8 +154,9 @@ def kernel_totals(events: Any, calls: int) -> tuple[float, float]:
 def device_time(fn: Callable[[], Any], device: torch.device, calls: int = 5) -> dict[str, Any]:
     """What the GPU itself spends per call (kernel time, launches), from a torch.profiler trace
     of ``calls`` back-to-back calls; the timed median minus this is host time the GPU waited
-    for. Empty off CUDA, or with the reason when the profiler cannot trace here."""
-    if device.type != "cuda":
+    for. Empty off CUDA or with ``SCALEARN_BENCH_DEVICE_TIME=0`` (a trace per case costs a
+    little time), or with the reason when the profiler cannot trace here."""
+    if device.type != "cuda" or os.environ.get("SCALEARN_BENCH_DEVICE_TIME", "1") == "0":
         return {}
     from torch.profiler import ProfilerActivity, profile
 
