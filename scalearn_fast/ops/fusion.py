@@ -170,6 +170,14 @@ def adapter_fusion_reference(
     return out.reshape(*lead, d)
 
 
+def _scale_blocks_(values: torch.Tensor, weights: torch.Tensor, packed: PackedSources) -> None:
+    """``values [T, R] *= weights[:, s(·)]`` in place (each source's r columns by its weight)."""
+    if len(set(packed.ranks)) == 1 and values.stride(-1) == 1:  # a view splits the columns
+        values.view(values.shape[0], packed.num_sources, -1).mul_(weights[:, :, None])
+    else:
+        values.mul_(weights.index_select(1, packed.source_index))
+
+
 def _block_row_sum(values: torch.Tensor, packed: PackedSources) -> torch.Tensor:
     """``[T, R]`` -> ``[T, N]``: sum each source's r columns."""
     n = packed.num_sources
@@ -398,8 +406,8 @@ def adapter_fusion_folded(
         pre, scored = y, torch.addmm(fold.score_bias, c2, fold.score_weight)
     hidden = activation_fn(activation, pre, inplace=True)  # S
     scores = _block_row_sum(hidden * scored[:, :r], packed) + scored[:, r:]
-    probs = torch.softmax(scores / temperature, dim=-1)
-    hidden.mul_(probs.index_select(1, packed.source_index))  # S ⊙ p[src]
+    probs = torch.softmax(scores if temperature == 1.0 else scores / temperature, dim=-1)
+    _scale_blocks_(hidden, probs, packed)  # S ⊙ p[src]
     if rho is None:
         out = hidden @ fold.up_value.T
     elif residual_before:  # ρ joined every value: Σ p_i (a_i + ρ) = Σ p_i a_i + ρ, then W_v
