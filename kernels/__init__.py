@@ -1,33 +1,46 @@
 """Triton kernels + thin launchers (DESIGN.md §3); installed as ``scalearn_fast.kernels``.
 
 Each launcher has a plain-PyTorch ``*_ref`` twin used by the tests.
+
+The names below load on first use (PEP 562), so importing this package needs no Triton.
+That matters beyond tidiness: run from a source tree, this folder is the top-level module
+``kernels``, the name of Hugging Face's kernel-hub library, and transformers 5.x imports
+whatever ``kernels`` it finds while it checks for that library. Importing must not fail
+there, and with no ``__version__`` here transformers reads it as "hub kernels unavailable".
 """
 
-from .scaled_adapter_sum import (
-    FUSED_MAX_R,
-    FUSED_MAX_R_FP32,
-    down_projection,
-    down_projection_ref,
-    fused_fits,
-    fused_forward,
-    fused_forward_ref,
-    up_projection,
-    up_projection_ref,
-)
-from .scaled_adapter_sum_backward import grad_pre, grad_pre_ref, tn_gemm, tn_gemm_ref
+from __future__ import annotations
 
-__all__ = [
-    "FUSED_MAX_R",
-    "FUSED_MAX_R_FP32",
-    "down_projection",
-    "down_projection_ref",
-    "fused_fits",
-    "fused_forward",
-    "fused_forward_ref",
-    "grad_pre",
-    "grad_pre_ref",
-    "up_projection",
-    "tn_gemm",
-    "tn_gemm_ref",
-    "up_projection_ref",
-]
+import importlib
+from typing import Any
+
+_SOURCE_MODULE = {
+    "FUSED_MAX_R": "scaled_adapter_sum",
+    "FUSED_MAX_R_FP32": "scaled_adapter_sum",
+    "down_projection": "scaled_adapter_sum",
+    "down_projection_ref": "scaled_adapter_sum",
+    "fused_fits": "scaled_adapter_sum",
+    "fused_forward": "scaled_adapter_sum",
+    "fused_forward_ref": "scaled_adapter_sum",
+    "up_projection": "scaled_adapter_sum",
+    "up_projection_ref": "scaled_adapter_sum",
+    "grad_pre": "scaled_adapter_sum_backward",
+    "grad_pre_ref": "scaled_adapter_sum_backward",
+    "tn_gemm": "scaled_adapter_sum_backward",
+    "tn_gemm_ref": "scaled_adapter_sum_backward",
+}
+
+__all__ = sorted(_SOURCE_MODULE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _SOURCE_MODULE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -22,6 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"report: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        if exc.name != "matplotlib":
+            raise
+        print(
+            "report: the plots need matplotlib (pip install 'scalearn-fast[bench]') or pass --no-plots",
+            file=sys.stderr,
+        )
+        return 2
     for key, path in written.items():
         print(f"{key}: {path}")
     return 0

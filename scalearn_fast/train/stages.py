@@ -160,9 +160,9 @@ def train_scalearn(
     cfg = TrainConfig(task=task, lr=lr, **train_kwargs)
     set_seed(cfg.seed)
     device = device or default_device()
+    srcs = load_adapterhub_sources(sources)  # before the model: a bad folder fails fast
     model, tokenizer = load_model(model_dir, task)
     model.to(device)
-    srcs = load_adapterhub_sources(sources)
     generator = torch.Generator().manual_seed(cfg.seed)
     attach_scalearn(model, srcs, variant, backend, omega_dropout=omega_dropout, generator=generator)
     params = omega_parameters(model) + [p for _, p in head_parameters(model)]
