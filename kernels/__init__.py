@@ -30,10 +30,14 @@ _SOURCE_MODULE = {
     "tn_gemm_ref": "scaled_adapter_sum_backward",
 }
 
+_SUBMODULES = frozenset(_SOURCE_MODULE.values())
+
 __all__ = sorted(_SOURCE_MODULE)
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)  # also binds it here
     module = _SOURCE_MODULE.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -43,4 +47,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)

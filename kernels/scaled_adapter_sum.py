@@ -54,7 +54,10 @@ FUSED_MAX_R_FP32 = 64  # the same for 4-byte operands (shared memory; see the mo
 
 
 def autotune_enabled() -> bool:
-    """``SCALEARN_FAST_AUTOTUNE=0`` (tests, the interpreter) pins one small config."""
+    """``SCALEARN_FAST_AUTOTUNE=0`` (tests) pins one small config; so does the interpreter
+    (``TRITON_INTERPRET=1``), where the autotuner has no device to time configs on."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
     return os.environ.get("SCALEARN_FAST_AUTOTUNE", "1") != "0"
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers_base import FrozenSources, check_sublayer_inputs
+from .layers_base import FrozenSources, check_sublayer_inputs, weights_key
 from .ops.backends import backend_module, resolve_backend
 from .ops.packing import TensorOrList, check_activation, check_inputs
 from .ops.scaled_adapter_sum import scaled_adapter_sum_packed
@@ -95,6 +95,8 @@ class ScaLearnLayer(FrozenSources):
         source_names: optional names of the N sources, in order.
     """
 
+    _folded: _InferencePlan | None
+
     def __init__(
         self,
         w_down: TensorOrList,
@@ -125,7 +127,6 @@ class ScaLearnLayer(FrozenSources):
         if not 0.0 <= self.omega_dropout < 1.0:
             raise ValueError(f"omega_dropout must be in [0, 1); got {self.omega_dropout}")
         self.layer_norm = layer_norm
-        self._folded: _InferencePlan | None = None
 
     def effective_omega(self) -> torch.Tensor:
         """ω with dropout applied in training (each call draws its own mask)."""
@@ -144,13 +145,10 @@ class ScaLearnLayer(FrozenSources):
         at the default shape is host-bound on a GPU)."""
         params = self._parameters  # not self.omega: nn.Module.__getattr__ costs per access
         omega, w_down, b_down, w_up, b_up = (params[k] for k in ("omega", "w_down", "b_down", "w_up", "b_up"))
-        key = (
-            z.dtype, z.device, self.backend,
-            omega.data_ptr(), omega._version, w_up.data_ptr(), w_up._version, b_up._version,
-            w_down.data_ptr(), w_down._version, b_down._version,
-        )  # fmt: skip
+        weights = weights_key((omega, w_down, b_down, w_up, b_up))
+        key = (z.dtype, z.device, self.backend, weights)
         plan = self._folded
-        if plan is None or plan.key != key:
+        if plan is None or plan.key != key or weights is None:
             backend = resolve_backend(self.backend, z.device)
             packed = self.packed().to(z.dtype)
             check_inputs(z, packed, omega.to(z.dtype), None)  # devices and dtypes, once

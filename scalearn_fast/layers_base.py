@@ -7,8 +7,33 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .ops.packing import PackedSources, TensorOrList, pack_sources
+
+_optimizer_steps = 0  # torch.optim steps taken in this process (fused optimizers included)
+_step_hook: object | None = None
+
+
+def _count_optimizer_step(*_: object) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def weights_key(tensors: Sequence[torch.Tensor]) -> tuple | None:
+    """What an eval-mode cache of values derived from ``tensors`` is valid for: each tensor's
+    storage and version counter, and the number of optimizer steps taken so far (a fused
+    optimizer such as ``AdamW(fused=True)``, the Trainer's default, updates parameters without
+    bumping their version counters). ``None`` (do not cache) for tensors made under
+    ``torch.inference_mode``, which have no version counter. In-place edits through ``.data``
+    are invisible to both; call the layer's ``invalidate_cache()`` after them."""
+    global _step_hook
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+    try:
+        return (_optimizer_steps, *((t.data_ptr(), t._version) for t in tensors))
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
 
 
 def check_sublayer_inputs(
@@ -63,6 +88,16 @@ class FrozenSources(nn.Module):
         self.source_names = list(source_names) if source_names is not None else [str(i) for i in range(n)]
         if len(self.source_names) != n:
             raise ValueError(f"source_names holds {len(self.source_names)} names for N={n} sources")
+        self._folded: object | None = None  # the subclass's eval-mode cache (see ``weights_key``)
+
+    def invalidate_cache(self) -> None:
+        """Drop the eval-mode cache of folded weights. Needed only after in-place edits through
+        ``.data``, which PyTorch does not track; every other change is seen (``weights_key``)."""
+        self._folded = None
+
+    def train(self, mode: bool = True) -> FrozenSources:
+        self._folded = None  # a train/eval switch always starts from fresh weights
+        return super().train(mode)
 
     @property
     def num_sources(self) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .layers_base import FrozenSources, check_sublayer_inputs
+from .layers_base import FrozenSources, check_sublayer_inputs, weights_key
 from .ops.backends import resolve_backend
 from .ops.fusion import (
     FusionFold,
@@ -84,6 +84,8 @@ class AdapterFusionLayer(FrozenSources):
         source_names: optional names of the N sources, in order.
     """
 
+    _folded: tuple[tuple, FusionFold] | None
+
     def __init__(
         self,
         w_down: TensorOrList,
@@ -126,7 +128,6 @@ class AdapterFusionLayer(FrozenSources):
         self.residual_before = residual_before
         self.query_before_ln = query_before_ln
         self.layer_norm = layer_norm
-        self._folded: tuple[tuple, FusionFold] | None = None
 
     def fusion_parameters(self) -> list[nn.Parameter]:
         """The trainable fusion weights (query, key, value)."""
@@ -150,10 +151,12 @@ class AdapterFusionLayer(FrozenSources):
             *self._parameters.values(),
             *(p for m in (self.query, self.key, self.value) if m is not None for p in m.parameters()),
         ]
-        if isinstance(self.scaling, torch.Tensor):
-            weights.append(self.scaling)
-        key = (z.dtype, z.device, merged, *((w.data_ptr(), w._version) for w in weights))
-        if self._folded is None or self._folded[0] != key:
+        scaling = self.scaling
+        if isinstance(scaling, torch.Tensor):
+            weights.append(scaling)
+            scaling = None
+        key = (z.dtype, z.device, merged, scaling, weights_key(weights))
+        if self._folded is None or self._folded[0] != key or key[-1] is None:
             resolve_backend(self.backend, z.device)  # a bad name fails here as elsewhere
             dtype = z.dtype
             packed = self.packed().to(dtype)

@@ -429,6 +429,24 @@ def test_folded_inference_follows_weight_changes_and_checks_inputs():
     assert low.dtype == torch.float32 and err < 1e-4
 
 
+def test_folded_inference_follows_scaling_optimizer_steps_and_empty_batches():
+    layer = _fusion_layer("torch").eval()
+    ref = _fusion_layer("reference").eval()
+    z, h = torch.randn(3, 16, dtype=F64), torch.randn(3, 16, dtype=F64)
+    opt = torch.optim.AdamW(layer.fusion_parameters() + ref.fusion_parameters(), lr=0.05, fused=True)
+    for _ in range(2):
+        with torch.no_grad():
+            torch.testing.assert_close(layer.compose(z, h), ref.compose(z, h), rtol=1e-10, atol=1e-10)
+        (layer.compose(z, h).sum() + ref.compose(z, h).sum()).backward()
+        opt.step()  # steps bump a process-wide counter the fold is keyed on
+        opt.zero_grad()
+    layer.scaling = ref.scaling = 0.5  # a float scaling is part of the key
+    with torch.no_grad():
+        torch.testing.assert_close(layer.compose(z, h), ref.compose(z, h), rtol=1e-10, atol=1e-10)
+        empty = layer.compose(z[:0], h[:0])  # T = 0 with equal ranks (a [T, N, r] view)
+    assert empty.shape == (0, 16)
+
+
 def test_folded_inference_matches_the_adapters_library():
     names = ("a", "b", "c")
     for overrides in ({}, dict(residual_before=True), dict(query_before_ln=True)):

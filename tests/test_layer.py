@@ -121,6 +121,63 @@ def test_eval_cache_is_used_and_invalidated_when_omega_changes():
         torch.testing.assert_close(layer.compose(z), torch.zeros_like(z) + 0.0, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["adamw", "adamw_fused"])
+def test_eval_cache_follows_optimizer_steps_taken_in_eval_mode(fused):
+    """A fused AdamW (the HF Trainer's default) updates ω without bumping its version counter."""
+    layer = ScaLearnLayer(*sources(), omega_dropout=0.0, backend="torch").eval()
+    opt = torch.optim.AdamW([layer.omega], lr=0.1, fused=fused)
+    z = torch.randn(5, D)
+
+    def oracle():
+        return scaled_adapter_sum_packed(z, layer.packed(), layer.omega, backend="reference").detach()
+
+    for _ in range(2):
+        with torch.no_grad():
+            torch.testing.assert_close(layer.compose(z), oracle(), rtol=1e-6, atol=1e-6)
+        layer.compose(z).square().sum().backward()  # ω requires grad: the unfolded path
+        opt.step()
+        opt.zero_grad()
+
+
+def test_eval_cache_follows_replaced_storage_and_explicit_invalidation():
+    layer = ScaLearnLayer(*sources(), omega_dropout=0.0, backend="torch").eval()
+    z = torch.randn(5, D)
+
+    def check():
+        with torch.no_grad():
+            got = layer.compose(z)
+        expect = scaled_adapter_sum_packed(z, layer.packed(), layer.omega, backend="reference").detach()
+        torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-6)
+
+    check()
+    layer.b_up.data = torch.randn_like(layer.b_up)  # new storage
+    check()
+    layer.load_state_dict({"b_down": torch.randn_like(layer.b_down)}, strict=False, assign=True)
+    check()
+    layer.omega.data.mul_(2.0)  # .data edits are not tracked by PyTorch: invalidate by hand
+    layer.invalidate_cache()
+    check()
+    layer.omega.data.mul_(-1.0)
+    layer.train()  # so does a train/eval switch
+    layer.eval()
+    check()
+
+
+def test_layers_built_under_inference_mode_run_uncached():
+    from scalearn_fast import AdapterFusionLayer
+
+    with torch.inference_mode():
+        layer = ScaLearnLayer(*sources(), omega_dropout=0.0, backend="torch").eval()
+        fusion = AdapterFusionLayer(*sources(), backend="torch").eval()
+        z = torch.randn(5, D)
+        expect = scaled_adapter_sum_packed(z, layer.packed(), layer.omega, backend="reference")
+        torch.testing.assert_close(layer.compose(z), expect, rtol=1e-6, atol=1e-6)
+        layer.omega.mul_(3.0)  # inference tensors have no version counter: nothing may be cached
+        expect = scaled_adapter_sum_packed(z, layer.packed(), layer.omega, backend="reference")
+        torch.testing.assert_close(layer.compose(z), expect, rtol=1e-6, atol=1e-6)
+        assert fusion.compose(z).shape == z.shape
+
+
 def test_eval_path_checks_inputs_and_follows_source_and_dtype_changes():
     layer = ScaLearnLayer(*sources(), omega_dropout=0.0, backend="torch").eval()
     z, res = torch.randn(2, 3, D), torch.randn(2, 3, D)

@@ -173,7 +173,7 @@ def adapter_fusion_reference(
 def _scale_blocks_(values: torch.Tensor, weights: torch.Tensor, packed: PackedSources) -> None:
     """``values [T, R] *= weights[:, s(·)]`` in place (each source's r columns by its weight)."""
     if len(set(packed.ranks)) == 1 and values.stride(-1) == 1:  # a view splits the columns
-        values.view(values.shape[0], packed.num_sources, -1).mul_(weights[:, :, None])
+        values.view(values.shape[0], packed.num_sources, packed.ranks[0]).mul_(weights[:, :, None])
     else:
         values.mul_(weights.index_select(1, packed.source_index))
 
