@@ -415,6 +415,21 @@ def _site_tag(key: SiteKey) -> str:
     return f"{key[0]}.{key[1]}"
 
 
+def _shared_omega(layers: Sequence[Any], variant: str) -> torch.Tensor:
+    """The one ω of a ``++`` variant, read from the layers (not from the attach record): a
+    ``load_state_dict(..., assign=True)`` gives every layer a Parameter of its own, so the
+    layers must be checked to still agree."""
+    first = layers[0].omega
+    for i, layer in enumerate(layers[1:], start=1):
+        if layer.omega is not first and not torch.equal(layer.omega, first):
+            raise ValueError(
+                f"{variant} shares one omega across layers, but layer {i} holds a different one "
+                f"(was the model loaded with load_state_dict(..., assign=True) or trained with "
+                "per-layer copies?); load it with load_scalearn, or re-attach"
+            )
+    return first
+
+
 def save_scalearn(
     model: torch.nn.Module,
     directory: str | os.PathLike[str],
@@ -437,7 +452,7 @@ def save_scalearn(
     out = Path(directory)
     tensors: dict[str, torch.Tensor] = {}
     if state.shared_omega is not None:
-        tensors["omega"] = state.shared_omega
+        tensors["omega"] = _shared_omega(layers, state.variant)
     for site, layer in zip(state.sites, layers, strict=True):
         if state.shared_omega is None:
             tensors[f"omega.{_site_tag(site.key)}"] = layer.omega

@@ -106,6 +106,24 @@ def test_save_load_round_trip(variant, tmp_path):
         torch.testing.assert_close(again(**inputs()).logits, expect, rtol=1e-5, atol=1e-6)
 
 
+def test_shared_omega_is_saved_from_the_layers(tmp_path):
+    """load_state_dict(assign=True) gives each layer its own ω Parameter: save what the layers
+    hold (when they agree), and refuse when they no longer agree."""
+    model = attach_scalearn(tiny_bert(), random_sources(2), "scalearn++", backend="torch")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for k in state:
+        if k.endswith("scalearn.omega"):
+            state[k] = torch.full_like(state[k], 0.125)
+    model.load_state_dict(state, assign=True)
+    save_scalearn(model, tmp_path)
+    fresh = load_scalearn(tiny_bert(), tmp_path, random_sources(2), backend="torch")
+    torch.testing.assert_close(omega_parameters(fresh)[0], torch.full_like(omega_parameters(fresh)[0], 0.125))
+    with torch.no_grad():
+        omega_parameters(model)[-1].add_(1.0)  # the layers' copies now differ
+    with pytest.raises(ValueError, match=r"scalearn\+\+ shares one omega across layers, but layer 1"):
+        save_scalearn(model, tmp_path / "again")
+
+
 def test_load_without_head_keeps_fresh_head(tmp_path):
     model = attach_scalearn(tiny_bert(), random_sources(2), "scalearn", backend="torch")
     randomise_omega_and_head(model)
