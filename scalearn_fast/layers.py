@@ -190,6 +190,10 @@ class ScaLearnLayer(FrozenSources):
 
     def compose(self, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``Σ_i ω_i ⊙ A_i(z) + residual`` for ``z [..., d]``."""
+        if not isinstance(z, torch.Tensor):
+            raise ValueError(f"z must be a tensor; got {type(z).__name__}")
+        if residual is not None and not isinstance(residual, torch.Tensor):
+            raise ValueError(f"residual must be a tensor or None; got {type(residual).__name__}")
         fold = self.backend != "reference"  # the reference backend stays the literal loop
         if (
             fold
@@ -197,8 +201,8 @@ class ScaLearnLayer(FrozenSources):
             and not self._needs_grad(z, residual)
             and not torch.compiler.is_compiling()
         ):
-            if not isinstance(z, torch.Tensor) or not z.is_floating_point():
-                raise ValueError(f"z must be a floating-point tensor; got {getattr(z, 'dtype', type(z))}")
+            if not z.is_floating_point():
+                raise ValueError(f"z must be a floating-point tensor; got dtype {z.dtype}")
             return self._folded_compose(z, residual)
         packed = self.packed().to(z.dtype)
         omega = self.effective_omega().to(z.dtype)

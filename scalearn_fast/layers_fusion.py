@@ -210,10 +210,14 @@ class AdapterFusionLayer(FrozenSources):
         In eval mode with nothing to differentiate (and not under ``torch.compile``), backends
         ``torch`` and ``auto`` fold the fixed weights once (``FusionFold``) and a call is two
         GEMMs and a softmax; ``triton`` keeps its kernels, ``reference`` its loop."""
+        for name, t in (("z", z), ("residual", residual), ("query_input", query_input)):
+            if not isinstance(t, torch.Tensor) and (t is not None or name == "z"):
+                raise ValueError(
+                    f"{name} must be a tensor{'' if name == 'z' else ' or None'}; got {type(t).__name__}"
+                )
         if (
             self.backend in ("auto", "torch")
             and not self.training
-            and isinstance(z, torch.Tensor)
             and z.is_floating_point()
             and not self._needs_grad(z, residual, query_input)
             and not torch.compiler.is_compiling()

@@ -423,6 +423,10 @@ def test_folded_inference_follows_weight_changes_and_checks_inputs():
             layer.compose(z, h[:, :15])
         with pytest.raises(ValueError, match=r"z has shape \[3, 15\]"):
             layer.compose(z[:, :15])
+        with pytest.raises(ValueError, match="query_input must be a tensor or None; got float"):
+            layer.compose(z, h, 2.0)
+        with pytest.raises(ValueError, match="z must be a tensor; got list"):
+            layer.compose(z.tolist())
     with torch.no_grad():
         low = layer.float().compose(z.float(), h.float())  # float32: a fold of its own
     err = (low.double() - ref.compose(z, h).detach()).abs().max().item()

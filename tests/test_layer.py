@@ -203,6 +203,12 @@ def test_eval_path_checks_inputs_and_follows_source_and_dtype_changes():
             layer.compose(torch.ones(2, D, dtype=torch.long))
         with pytest.raises(ValueError, match="w_down is on cpu but z is on meta"):
             layer.compose(z.to("meta"))
+        with pytest.raises(ValueError, match="residual must be a tensor or None; got float"):
+            layer.compose(z, 1.0)
+        with pytest.raises(ValueError, match="z must be a tensor; got ndarray"):
+            layer.compose(z.numpy())
+    with pytest.raises(ValueError, match="residual must be a tensor or None; got float"):
+        layer.compose(z, 1.0)  # with grad enabled too
 
 
 def test_mixed_precision_keeps_fp32_omega_master():

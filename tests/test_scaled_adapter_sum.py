@@ -299,6 +299,14 @@ def test_bad_lists_and_options():
         scaled_adapter_sum(z, [], [], [], [], omega)
     with pytest.raises(ValueError, match="row_scale has shape"):
         scaled_adapter_sum(z, wd, bd, wu, bu, omega, row_scale=torch.rand(5, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="row_scale must be a tensor .* got list"):
+        scaled_adapter_sum(z, wd, bd, wu, bu, omega, row_scale=[[1.0] * 3] * 5)
+    n, r = wd.shape[:2]
+    for stacked in (True, False):  # d = 0: refused up front, not a reshape error deep inside
+        zero = (torch.zeros(n, r, 0), bd, torch.zeros(n, 0, r), torch.zeros(n, 0))
+        args = zero if stacked else tuple(list(t) for t in zero)
+        with pytest.raises(ValueError, match="the hidden size d must be at least 1"):
+            scaled_adapter_sum(z[:, :0], *args, omega[:, :0], backend="torch")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a device mix")

@@ -119,6 +119,8 @@ def pack_sources(
         if len(lst) != n:
             raise ValueError(f"{name} holds {len(lst)} sources but w_down holds {n} (mismatched N)")
     d = wd[0].shape[1] if hidden_size is None else hidden_size
+    if d == 0:
+        raise ValueError(f"w_down[0] has shape {_shape(wd[0])}: the hidden size d must be at least 1")
     ranks = []
     for i in range(n):
         r = wd[i].shape[0]
@@ -148,6 +150,8 @@ def _pack_stacked(w_down, b_down, w_up, b_up, hidden_size) -> PackedSources:
         raise ValueError(f"w_down has shape {_shape(w_down)}: its last dim must be d={hidden_size}")
     if n == 0:
         raise ValueError("w_down holds no sources (N = 0); at least one source adapter is needed")
+    if d == 0:
+        raise ValueError(f"w_down has shape {_shape(w_down)}: the hidden size d must be at least 1")
     expect = {"b_down": (n, r), "w_up": (n, d, r), "b_up": (n, d)}
     for name, t in (("b_down", b_down), ("w_up", w_up), ("b_up", b_up)):
         if not isinstance(t, torch.Tensor):
@@ -204,6 +208,8 @@ def check_inputs(
         if residual.shape != z.shape:
             raise ValueError(f"residual has shape {_shape(residual)}, expected z's shape {_shape(z)}")
     if row_scale is not None:
+        if not isinstance(row_scale, torch.Tensor):
+            raise ValueError(f"row_scale must be a tensor [..., N] or None; got {type(row_scale).__name__}")
         expect = (*z.shape[:-1], n)
         if tuple(row_scale.shape) != expect:
             raise ValueError(f"row_scale has shape {_shape(row_scale)}, expected {list(expect)}")
