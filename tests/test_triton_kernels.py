@@ -699,3 +699,31 @@ def test_auto_backend_mixes_forward_and_backward_choices(monkeypatch):
     for key in (("torch", "triton"), ("triton", "torch")):
         for got, want in zip(results[key], base, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=str(key))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter case is a CPU one")
+def test_interpreter_runs_without_pinning_the_autotuner():
+    """TRITON_INTERPRET=1 alone must do: the autotuner cannot time configs without a device."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "SCALEARN_FAST_AUTOTUNE"}
+    env["TRITON_INTERPRET"] = "1"
+    code = (
+        "import torch\n"
+        "from scalearn_fast import scaled_adapter_sum\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "z = torch.randn(5, 16, generator=g)\n"
+        "src = (torch.randn(2, 4, 16, generator=g), torch.randn(2, 4, generator=g),\n"
+        "       torch.randn(2, 16, 4, generator=g), torch.randn(2, 16, generator=g))\n"
+        "omega = torch.randn(2, 16, generator=g)\n"
+        "got = scaled_adapter_sum(z, *src, omega, backend='triton')\n"
+        "ref = scaled_adapter_sum(z, *src, omega, backend='reference')\n"
+        "torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
