@@ -147,9 +147,15 @@ class AdapterFusionLayer(FrozenSources):
     def _fold(self, z: torch.Tensor, merged: bool) -> FusionFold:
         """The weights folded for inference (``ops.fusion.fold_fusion``), cached; rebuilt when a
         source or fusion weight changes (in place or replaced), or z's dtype or device does."""
-        weights = [
+        weights = [  # _parameters, not parameters(): no module traversal on every call
             *self._parameters.values(),
-            *(p for m in (self.query, self.key, self.value) if m is not None for p in m.parameters()),
+            *(
+                p
+                for m in (self.query, self.key, self.value)
+                if m is not None
+                for p in m._parameters.values()
+                if p is not None
+            ),
         ]
         scaling = self.scaling
         if isinstance(scaling, torch.Tensor):
@@ -223,7 +229,8 @@ class AdapterFusionLayer(FrozenSources):
             and not torch.compiler.is_compiling()
         ):
             out = self._folded_compose(z, residual, query_input)
-            self.T = max(self.T - self.reduction, 1.0)
+            if self.T > 1.0:  # annealed down to 1 (nn.Module.__setattr__ is slow: skip it after)
+                self.T = max(self.T - self.reduction, 1.0)
             return out
         dtype = z.dtype
         scaling = self.scaling.to(dtype) if isinstance(self.scaling, torch.Tensor) else self.scaling
@@ -245,7 +252,8 @@ class AdapterFusionLayer(FrozenSources):
             activation=self.activation,
             backend=self.backend,
         )
-        self.T = max(self.T - self.reduction, 1.0)
+        if self.T > 1.0:
+            self.T = max(self.T - self.reduction, 1.0)
         return out
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:

@@ -172,17 +172,18 @@ def adapter_fusion_reference(
 
 def _scale_blocks_(values: torch.Tensor, weights: torch.Tensor, packed: PackedSources) -> None:
     """``values [T, R] *= weights[:, s(·)]`` in place (each source's r columns by its weight)."""
-    if len(set(packed.ranks)) == 1 and values.stride(-1) == 1:  # a view splits the columns
-        values.view(values.shape[0], packed.num_sources, packed.ranks[0]).mul_(weights[:, :, None])
+    r = packed.equal_rank
+    if r is not None and values.stride(-1) == 1:  # a view splits the columns
+        values.view(values.shape[0], packed.num_sources, r).mul_(weights[:, :, None])
     else:
         values.mul_(weights.index_select(1, packed.source_index))
 
 
 def _block_row_sum(values: torch.Tensor, packed: PackedSources) -> torch.Tensor:
     """``[T, R]`` -> ``[T, N]``: sum each source's r columns."""
-    n = packed.num_sources
-    if len(set(packed.ranks)) == 1:
-        return values.reshape(values.shape[0], n, packed.ranks[0]).sum(-1)
+    n, r = packed.num_sources, packed.equal_rank
+    if r is not None:
+        return values.reshape(values.shape[0], n, r).sum(-1)
     return values.new_zeros(values.shape[0], n).index_add(1, packed.source_index, values)
 
 
@@ -400,12 +401,15 @@ def adapter_fusion_folded(
     rho = None if residual is None else residual.reshape(-1, d)
     y = torch.addmm(fold.bias, z2, fold.weight)  # [T, R] or [T, 2R + N]
     if fold.merged:
-        pre, scored = y[:, :r], y[:, r:]
+        pre, projected, bias_scores = y.split((r, r, packed.num_sources), dim=1)
     else:
         c2 = z2 if query_input is None else query_input.reshape(-1, d)
-        pre, scored = y, torch.addmm(fold.score_bias, c2, fold.score_weight)
+        pre = y
+        projected, bias_scores = torch.addmm(fold.score_bias, c2, fold.score_weight).split(
+            (r, packed.num_sources), dim=1
+        )
     hidden = activation_fn(activation, pre, inplace=True)  # S
-    scores = _block_row_sum(hidden * scored[:, :r], packed) + scored[:, r:]
+    scores = _block_row_sum(hidden * projected, packed) + bias_scores
     probs = torch.softmax(scores if temperature == 1.0 else scores / temperature, dim=-1)
     _scale_blocks_(hidden, probs, packed)  # S ⊙ p[src]
     if rho is None:

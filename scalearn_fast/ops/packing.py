@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -40,6 +41,12 @@ class PackedSources:
     @property
     def num_sources(self) -> int:
         return len(self.ranks)
+
+    @cached_property
+    def equal_rank(self) -> int | None:
+        """The common r when every source has the same rank (a [T, R] tensor then views as
+        [T, N, r]), else ``None``."""
+        return self.ranks[0] if len(set(self.ranks)) == 1 else None
 
     def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> PackedSources:
         """The same sources in another dtype (mixed precision) and optionally on another
