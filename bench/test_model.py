@@ -41,6 +41,7 @@ def test_model(benchmark, model_case, variant, model_mode, device, record, quick
         "n": c.n,
         "batch": c.batch,
         "seq": c.seq,
+        "ffn": c.ffn,
         "attach": m.attach,
     }
     run_case(

@@ -121,6 +121,31 @@ def test_report_rejects_foreign_json(tmp_path: Path) -> None:
         write_report([src], tmp_path / "out", plots=False)
 
 
+def test_report_recomputes_costs_refuses_mixed_devices_and_picks_one_headline_dtype(tmp_path: Path) -> None:
+    stale = _bench("fusion", "torch", "fwd", 8, 4096, 1e-3)
+    stale["extra_info"].update(flops=1.0, tflops=123.0, roofline_pct=999.0)  # counts of an older run
+    fp32 = _bench("scalearn", "torch", "fwd", 8, 4096, 5e-3)
+    fp32["extra_info"].update(dtype="float32", case="d768-r48-N8-T4096-float32")
+    src = tmp_path / "run.json"
+    src.write_text(json.dumps({"benchmarks": [*_synthetic()["benchmarks"], stale, fp32]}))
+    doc = json.loads(write_report([src], tmp_path / "out", plots=False)["json"].read_text())
+    row = next(r for r in doc["results"] if r["kind"] == "fusion")
+    # R5 inference: 2T(3dR + 2Nd) + 3TR FLOPs, against the fake GPU's 100 bf16 TFLOP/s
+    t, d, big_r, n = 4096, 768, 384, 8
+    flops = 2 * t * (3 * d * big_r + 2 * n * d) + 3 * t * big_r
+    assert row["flops"] == flops and row["tflops"] == pytest.approx(flops / 1e-3 / 1e12)
+    assert row["roofline_pct"] == pytest.approx(100 * max(flops / 100e12, row["min_bytes"] / 1e12) / 1e-3)
+    md = (tmp_path / "out" / "fake-gpu-9000.md").read_text()
+    assert "T=4096, bfloat16" in md and "| torch | 0.80 | 10.00x |" in md  # not the fp32 row
+
+    other = _bench("scalearn", "torch", "fwd", 8, 4096, 1e-3)
+    other["extra_info"]["device"] = {**DEVICE, "name": "Another GPU"}
+    src2 = tmp_path / "other.json"
+    src2.write_text(json.dumps({"benchmarks": [other]}))
+    with pytest.raises(ValueError, match="other.json holds results from another-gpu but .*fake-gpu-9000"):
+        write_report([src, src2], tmp_path / "out", plots=False)
+
+
 def _inputs(d: int = 32, n: int = 3) -> tuple:
     src = make_sources(n, d, 4, dtype=torch.float64, device="cpu", seed=3)
     g = torch.Generator().manual_seed(4)

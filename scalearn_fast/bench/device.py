@@ -104,6 +104,26 @@ def _nvml_details(index: int) -> dict[str, Any]:
         return {"nvml": f"unavailable: {exc}"}
 
 
+def nvml_sample(index: int) -> dict[str, Any]:
+    """SM clock, power and temperature now (the harness calls it right after a case's timed
+    rounds, so the figures describe the GPU under that load, not idle); ``{}`` without NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            h = pynvml.nvmlDeviceGetHandleByIndex(index)
+            return {
+                "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+                "power_w": pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0,
+                "temperature_c": pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU),
+            }
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML (CPU machine, container): the record says so once
+        return {}
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

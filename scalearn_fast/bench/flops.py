@@ -10,7 +10,9 @@ Notation: T tokens, d hidden, R = N·r total bottleneck width, e bytes per eleme
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -50,21 +52,27 @@ def scalearn_cost(tokens: int, d: int, r: int, n: int, *, elem_bytes: int, backw
 
 
 def fusion_cost(tokens: int, d: int, r: int, n: int, *, elem_bytes: int, backward: bool) -> OpCost:
-    """AdapterFusion ("dynamic"), counted by its exact rewrite (DESIGN.md §2).
+    """AdapterFusion ("dynamic"), counted by the cheapest exact form (docs/fusion.md, R5).
 
-    forward: the N adapters as two GEMMs (4TdR), q = Q·z (2Td²), Kᵀq (2Td²), scores through
-    the up projections (2TdR), softmax weights folded into S (free in the up GEMM), V after the
-    weighted sum (2Td²): 6TdR + 6Td². The library's own loop does 2(N+1)·2Td² more (K and V on
-    every adapter output); that extra work is what the faster providers save.
-    backward (fusion weights Q, K, V and z train): charged 2x forward, the usual rule.
-    bytes: z, residual, out (3Td), Q, K, V (3d²), D, U (2dR); backward doubles.
+    forward (inference, the fixed weights folded once): per token ``z·[Dᵀ | W_qᵀW_kX]``
+    (d·(2R + N) MACs), the value-projected up GEMM (R·d) and the bias values (N·d):
+    2T(3dR + 2Nd) FLOPs, plus ReLU, the block products and the scaling by p (3TR). The loop
+    the library runs computes the same function with the Q, K and V GEMMs on every adapter
+    output (about 2(2N + 1)·Td² more); that extra work is what the faster providers save, and
+    shows as a lower % of roofline.
+    forward+backward (the fusion weights and z train): the folds are rebuilt per call,
+    W_qᵀ·(W_k·X), W_v·U and C·W_vᵀ: 2d²(3R + 3N) FLOPs, so the forward is the per-token work
+    plus that, and the whole step is charged 3x that forward (backward = 2x forward).
+    bytes: z, residual, out (3Td) and the folded weights (d·(3R + 2N) + 2R + N) in inference;
+    with gradients Q, K, V (3d²) and D, U (2dR) instead, and the step doubles them.
     """
     t, big_r = tokens, n * r
-    flops = 6 * t * d * big_r + 6 * t * d * d
-    elems = 3 * t * d + 3 * d * d + 2 * d * big_r
-    if backward:
-        flops *= 3
-        elems *= 2
+    if not backward:
+        flops = 2 * t * (3 * d * big_r + 2 * n * d) + 3 * t * big_r
+        elems = 3 * t * d + d * (3 * big_r + 2 * n) + 2 * big_r + n
+    else:
+        flops = 3 * (2 * t * (3 * d * big_r + 2 * n * d) + 3 * t * big_r + 2 * d * d * (3 * big_r + 3 * n))
+        elems = 2 * (3 * t * d + 3 * d * d + 2 * d * big_r)
     return OpCost(float(flops), float(elems * elem_bytes))
 
 
@@ -91,3 +99,31 @@ def model_cost(
         flops += layers * adapter.flops
         total_bytes += layers * adapter.min_bytes
     return OpCost(flops, total_bytes)
+
+
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def row_cost(row: Mapping[str, Any]) -> OpCost | None:
+    """The cost of one recorded benchmark (its ``extra_info``) by the counts above, so a report
+    always uses today's counts; ``None`` for a row that lacks the fields."""
+    try:
+        kind, d, n, tokens = row["kind"], int(row["d"]), int(row["n"]), int(row["tokens"])
+        elem = DTYPE_BYTES[row["dtype"]]
+        train = row["mode"] in ("fwdbwd", "train")
+        if kind in ("scalearn", "fusion"):
+            cost = scalearn_cost if kind == "scalearn" else fusion_cost
+            return cost(tokens, d, int(row["r"]), n, elem_bytes=elem, backward=train)
+        if kind == "model":
+            provider, r = str(row["provider"]), d // 16
+            adapter = None
+            if provider.startswith("scalearn"):
+                adapter = scalearn_cost(tokens, d, r, n, elem_bytes=elem, backward=train)
+            elif provider.startswith("fusion"):
+                adapter = fusion_cost(tokens, d, r, n, elem_bytes=elem, backward=train)
+            ffn = int(row.get("ffn") or 4 * d)  # RoBERTa's 4d when older rows did not record it
+            layers, seq = int(row["layers"]), int(row["seq"])
+            return model_cost(tokens, seq, d, ffn, layers, elem_bytes=elem, backward=train, adapter=adapter)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None

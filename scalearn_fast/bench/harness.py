@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..ops import path_choice
-from .device import DeviceRecord
+from .device import DeviceRecord, nvml_sample
 from .flops import OpCost
 from .providers import Provider
 from .timing import (
@@ -107,7 +107,10 @@ def run_case(
         peak_bytes=peak,
         peak_method=method,
     )
-    extra = {"rounds": rounds, "iterations": iterations, "timing": timing, **device_time(fn, device)}
+    extra: dict[str, Any] = {"rounds": rounds, "iterations": iterations, "timing": timing}
+    if device.type == "cuda":  # clocks and power under this case's load (the record's are idle)
+        extra.update({f"after_{k}": v for k, v in nvml_sample(device.index or 0).items()})
+    extra.update(device_time(fn, device))
     if path_choice.choices():  # which implementation each measured choice picked
         extra["path_choices"] = {" ".join(map(str, k)): v for k, v in path_choice.choices().items()}
     info.update(extra)

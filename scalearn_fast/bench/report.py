@@ -3,8 +3,11 @@
     python -m scalearn_fast.bench report run.json [more.json ...] [--out bench/results]
 
 Rows are keyed by (kind, mode, case, provider); a later file wins on a duplicate key, so a
-re-run of some cases can be merged over a full run. Speedups are against the ``naive``
-provider of the same kind, mode and case; model-level rows get the overhead over ``plain``.
+re-run of some cases can be merged over a full run (of the same device: mixing devices is
+refused). Speedups are against the ``naive`` provider of the same kind, mode and case;
+model-level rows get the overhead over ``plain``. FLOPs, bytes and the roofline are recomputed
+from each row's shape with today's counts (``flops.row_cost``) and the peaks its own run
+recorded, so older raw files report consistently.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .device import device_slug
+from .flops import row_cost
 
 DEFAULT = {"d": 768, "n": 8, "tokens": 4096}
 PROVIDER_ORDER = ("naive", "reference", "compile", "adapters", "torch", "triton", "auto")
@@ -31,26 +35,63 @@ def load_rows(paths: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(device record, one flat row per benchmark) from pytest-benchmark JSON files."""
     rows: dict[tuple, dict[str, Any]] = {}
     device: dict[str, Any] | None = None
+    first: Path | None = None
+    peaks: dict[str, str] = {}  # input file -> its run's peaks, when they differ (CPU: measured)
     for path in paths:
         data = json.loads(Path(path).read_text())
         for bench in data.get("benchmarks", []):
             info = dict(bench.get("extra_info") or {})
             if "kind" not in info:
                 continue  # not one of ours
-            rec = info.pop("device", None)
+            rec = info.pop("device", None) or {}
             if device is None and rec:
-                device = rec
+                device, first = rec, Path(path)
+            elif rec and device_slug(rec) != device_slug(device):
+                raise ValueError(
+                    f"{path} holds results from {device_slug(rec)} but {first} from {device_slug(device)}; "
+                    "report one device at a time"
+                )
+            if rec:
+                peaks[Path(path).name] = _peaks_text(rec)
             stats = bench.get("stats", {})
             row = {"name": bench.get("name"), **info}
             row["median_s"] = float(stats.get("median", info.get("median_s", 0.0)))
             row["stddev_s"] = stats.get("stddev")
             row["rounds"] = stats.get("rounds", info.get("rounds"))
+            _recompute_cost(row, rec or device or {})
             rows[(row["kind"], row["mode"], row["case"], row["provider"])] = row
     if device is None:
         raise ValueError(f"no scalearn_fast benchmark results (extra_info with a device) in {paths}")
+    if len(set(peaks.values())) > 1:
+        device = {**device, "peaks_per_input": peaks}
     out = sorted(rows.values(), key=_row_key)
     _add_relative(out)
     return device, out
+
+
+def _peaks_text(rec: dict[str, Any]) -> str:
+    tflops = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in rec.get("peak_tflops", {}).items())
+    return f"{tflops}; {rec.get('peak_bw_tbps', 0):.3g} TB/s"
+
+
+def _recompute_cost(row: dict[str, Any], rec: dict[str, Any]) -> None:
+    """FLOPs, bytes, TFLOP/s, GB/s and % roofline of ``row`` from its shape (``row_cost``) and the
+    peaks of the run that measured it; left as recorded when the row lacks the fields."""
+    cost = row_cost(row)
+    median = row["median_s"]
+    if cost is None or median <= 0:
+        return
+    key = {"bfloat16": "bf16", "float16": "fp16"}.get(row.get("dtype", ""), "fp32")
+    roof = cost.roofline_time(rec.get("peak_tflops", {}).get(key, 0.0), rec.get("peak_bw_tbps", 0.0))
+    row.update(
+        flops=cost.flops,
+        min_bytes=cost.min_bytes,
+        intensity=cost.intensity,
+        tflops=cost.flops / median / 1e12,
+        gbps=cost.min_bytes / median / 1e9,
+        roofline_s=roof or None,
+        roofline_pct=100.0 * roof / median if roof else None,
+    )
 
 
 def _row_key(r: dict[str, Any]) -> tuple:
@@ -150,11 +191,18 @@ def model_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def headline_dtype(rows: list[dict[str, Any]]) -> str | None:
+    """The dtype the headline shows: the first of bf16, fp16, fp32 among the default-shape rows."""
+    present = {r.get("dtype") for r in rows if r["kind"] == "scalearn" and _is_default(r)}
+    return next((dt for dt in ("bfloat16", "float16", "float32", "float64") if dt in present), None)
+
+
 def headline_table(rows: list[dict[str, Any]]) -> list[str]:
     """ScaLearn at the default shape: one row per provider, forward and forward+backward."""
     by: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    dtype = headline_dtype(rows)
     for r in rows:
-        if r["kind"] == "scalearn" and _is_default(r):
+        if r["kind"] == "scalearn" and _is_default(r) and r.get("dtype") == dtype:
             by[r["provider"]][r["mode"]] = r
     if not by:
         return []
@@ -192,11 +240,25 @@ def markdown(device: dict[str, Any], rows: list[dict[str, Any]], plots: list[str
         f"{device.get('peak_bw_tbps', 0):.3g} TB/s",
         f"- dtypes: {', '.join(dtypes)}; peak memory: {', '.join(mem)} (extra bytes during one call)",
         "- times are medians; speedups against the `naive` loop of the same shape and mode",
-        "",
     ]
+    clocks = [r["after_sm_clock_mhz"] for r in rows if r.get("after_sm_clock_mhz")]
+    power = [r["after_power_w"] for r in rows if r.get("after_power_w")]
+    if clocks:
+        out.append(
+            f"- sampled right after each case's timed rounds: SM clock {min(clocks)}-{max(clocks)} MHz"
+            + (f", power {min(power):.0f}-{max(power):.0f} W" if power else "")
+            + " (the device line above is one idle sample)"
+        )
+    for name, text in device.get("peaks_per_input", {}).items():
+        out.append(f"- peaks of the run in {name} (its rows' % roofline use them): {text}")
+    out += [""]
     head = headline_table(rows)
     if head:
-        out += [f"## Headline: ScaLearn layer, d={DEFAULT['d']}, N={DEFAULT['n']}, T={DEFAULT['tokens']}", ""]
+        out += [
+            f"## Headline: ScaLearn layer, d={DEFAULT['d']}, N={DEFAULT['n']}, T={DEFAULT['tokens']}, "
+            f"{headline_dtype(rows)}",
+            "",
+        ]
         out += head + [""]
     for kind, title in (("scalearn", "ScaLearn layer"), ("fusion", "AdapterFusion layer")):
         if any(r["kind"] == kind for r in rows):
@@ -284,20 +346,28 @@ def _plot_roofline(device: dict[str, Any], rows, path: Path) -> bool:
         ridge = peak / bw
         grid = [lo, min(max(ridge, lo), hi), hi]
         ax.plot(grid, [min(peak, bw * x) for x in grid], lw=1.2, label=f"roof {dt} ({peak:.3g} TFLOP/s)")
-    markers = {"fwd": "o", "fwdbwd": "s"}
-    for prov in sorted({r["provider"] for r in pts}, key=lambda p: _order("scalearn", p)):
-        for kind in ("scalearn", "fusion"):
-            sel = [r for r in pts if r["provider"] == prov and r["kind"] == kind]
-            for mode, mk in markers.items():
-                s = [r for r in sel if r["mode"] == mode]
-                if s:
-                    ax.scatter(
-                        [r["intensity"] for r in s],
-                        [r["tflops"] for r in s],
-                        marker=mk,
-                        s=22,
-                        label=f"{kind} {prov} {mode}",
-                    )
+    # colour = provider, marker = kind and mode: every series is told apart at a glance
+    providers = sorted({r["provider"] for r in pts}, key=lambda p: _order("scalearn", p))
+    cmap = plt.get_cmap("tab10" if len(providers) <= 10 else "tab20")
+    colours = {p: cmap(i) for i, p in enumerate(providers)}
+    markers = {
+        ("scalearn", "fwd"): "o",
+        ("scalearn", "fwdbwd"): "s",
+        ("fusion", "fwd"): "^",
+        ("fusion", "fwdbwd"): "D",
+    }
+    for prov in providers:
+        for (kind, mode), mk in markers.items():
+            s = [r for r in pts if r["provider"] == prov and r["kind"] == kind and r["mode"] == mode]
+            if s:
+                ax.scatter(
+                    [r["intensity"] for r in s],
+                    [r["tflops"] for r in s],
+                    marker=mk,
+                    s=22,
+                    color=colours[prov],
+                    label=f"{kind} {prov} {mode}",
+                )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP / minimum byte)")
