@@ -48,6 +48,7 @@ REQUIRED_CONFIG = {
     "use_gating": False,
     "phm_layer": False,
     "is_parallel": False,
+    "cross_adapter": False,
 }
 _NON_LINEARITY = {"relu": "relu", "gelu": "gelu", "swish": "silu", "silu": "silu", "tanh": "tanh"}
 
@@ -133,6 +134,12 @@ def check_adapter_config(config: Mapping[str, Any], where: str = "adapter") -> s
                 f"adapter config has {key}={config[key]!r}, but only Pfeiffer/SeqBnConfig adapters "
                 f"({key}={expect!r}) are supported",
             )
+    if config.get("inv_adapter"):
+        raise _fail(
+            where,
+            f"adapter config has inv_adapter={config['inv_adapter']!r} (an invertible adapter on the "
+            "embeddings, as MAD-X's pfeiffer+inv); only plain Pfeiffer/SeqBnConfig adapters are supported",
+        )
     if config.get("leave_out"):
         raise _fail(where, f"adapter config leaves out layers {config['leave_out']}; not supported")
     act = str(config.get("non_linearity", "relu")).lower()
@@ -314,6 +321,12 @@ def load_adapterhub_sources(sources: Sequence[SourceSpec] | Mapping[str, SourceS
 # Atomic writes
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -323,6 +336,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

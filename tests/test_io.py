@@ -223,6 +223,17 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left behind
 
 
+def test_atomic_write_gives_the_mode_a_plain_write_would(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "x.json", {"v": 1})
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
+    assert (tmp_path / "plain.json").stat().st_mode & 0o777 == 0o644
+
+
 # --------------------------------------------------------------------------------------------
 # AdapterHub format
 
@@ -282,6 +293,8 @@ def test_bart_keys_parse_to_encoder_and_decoder_sites():
         ({"ln_after": True}, "ln_after"),
         ({"non_linearity": "leakyrelu"}, "non_linearity"),
         ({"scaling": "learned"}, "scaling"),
+        ({"inv_adapter": "nice", "inv_adapter_reduction_factor": 2}, "inv_adapter='nice'"),
+        ({"cross_adapter": True}, "cross_adapter"),
     ],
 )
 def test_non_pfeiffer_configs_are_refused(config, message):
