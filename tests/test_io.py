@@ -223,6 +223,33 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left behind
 
 
+def test_saving_one_weights_format_removes_a_stale_file_of_the_other(tmp_path):
+    from scalearn_fast.io import ADAPTER_SAFE, AdapterWeights, save_adapterhub_adapter
+
+    def save(seed, safetensors):
+        layers = {
+            f"bert.encoder.layer.{i}.output": AdapterWeights(*w)
+            for i, w in random_sources(1, seed=seed)["src0"].items()
+        }
+        save_adapterhub_adapter(
+            tmp_path,
+            "a",
+            layers,
+            model_type="bert",
+            hidden_size=D,
+            reduction_factor=D / R,
+            safetensors=safetensors,
+        )
+        return layers
+
+    save(1, safetensors=True)
+    fresh = save(2, safetensors=False)  # a later stage-1 run into the same folder
+    assert not (tmp_path / ADAPTER_SAFE).exists() and (tmp_path / ADAPTER_BIN).exists()
+    loaded = load_adapterhub_source(tmp_path)
+    first = next(iter(loaded.layers.values()))
+    torch.testing.assert_close(first.w_down, fresh["bert.encoder.layer.0.output"].w_down)
+
+
 def test_atomic_write_gives_the_mode_a_plain_write_would(tmp_path):
     old = os.umask(0o022)
     try:

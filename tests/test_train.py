@@ -107,8 +107,29 @@ def test_missing_glue_dir_and_unknown_task(tmp_path):
     with pytest.raises(FileNotFoundError, match=ENV_GLUE_DIR):
         read_glue("rte", "train", tmp_path)
     with pytest.raises(ValueError, match="unknown GLUE task"):
-        read_glue("qqp", "train", tmp_path)
-    assert set(TASKS) == {"rte", "mrpc", "sts-b", "cola", "sst-2", "qnli", "mnli"}
+        read_glue("ax", "train", tmp_path)
+    assert set(TASKS) == {"rte", "mrpc", "sts-b", "cola", "sst-2", "qnli", "mnli", "qqp", "wnli"}
+
+
+def test_qqp_and_wnli_read_the_glue_layout(tmp_path):
+    # the layouts of the official GLUE TSVs (not in ../shared/data/glue)
+    (tmp_path / "QQP").mkdir()
+    (tmp_path / "QQP" / "dev.tsv").write_text(
+        "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+        "7\t15\t16\tHow do I learn?\tHow can I learn?\t1\n"
+        "8\t17\t18\tWhy is it blue?\tWhat is rain?\t0\n"
+    )
+    (tmp_path / "WNLI").mkdir()
+    (tmp_path / "WNLI" / "train.tsv").write_text(
+        "index\tsentence1\tsentence2\tlabel\n0\tI stuck a pin.\tThe pin had a hole.\t1\n"
+    )
+    qqp = read_glue("qqp", "dev", tmp_path)
+    assert [(e.text_a, e.text_b, e.label) for e in qqp] == [
+        ("How do I learn?", "How can I learn?", 1),
+        ("Why is it blue?", "What is rain?", 0),
+    ]
+    assert read_glue("wnli", "train", tmp_path)[0].label == 1
+    assert metrics.compute_metrics("qqp", np.array([1, 0]), np.array([1, 1]))["main"] == pytest.approx(2 / 3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,6 +286,39 @@ def test_cli_reports_bad_input(tmp_path, capsys):
         ["train-scalearn", "--task", "rte", "--output", str(tmp_path / "o"), "--sources", str(tmp_path)]
     )
     assert code == 2 and "adapter_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch-size", "0"], "batch_size must be > 0; got 0"),
+        (["--epochs", "0"], "epochs must be > 0"),
+        (["--max-eval-samples", "0"], "max_eval_samples must be >= 1; got 0"),
+        (["--warmup-ratio", "1.5"], "warmup_ratio must be in"),
+        (["--model", "/no/such/model"], "--model /no/such/model: no such folder"),
+        (["--output", "FILE/sub"], "Not a directory"),
+    ],
+)
+def test_cli_checks_options_before_any_work(tmp_path, capsys, extra, message):
+    """Bad options fail at once (no model load, no training) with a message naming them."""
+    from scalearn_fast import cli
+
+    (tmp_path / "FILE").write_text("not a folder")
+    args = ["train-adapter", "--task", "rte", "--output", str(tmp_path / "o"), "--no-progress"]
+    extra = [str(tmp_path / e) if e.startswith("FILE") else e for e in extra]
+    code = cli.main(args + extra)
+    assert code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the case is a machine without CUDA")
+def test_cli_refuses_cuda_without_a_device(tmp_path, capsys):
+    from scalearn_fast import cli
+
+    code = cli.main(["train-adapter", "--task", "rte", "--output", str(tmp_path / "o"), "--device", "cuda"])
+    assert (
+        code == 2
+        and "--device 'cuda': this torch build or machine has no CUDA device" in capsys.readouterr().err
+    )
 
 
 def test_cli_summarize_tables_runs_and_rejects_bad_files(tmp_path, capsys):

@@ -44,6 +44,9 @@ TASKS: dict[str, TaskSpec] = {
     "sst-2": TaskSpec("SST-2", 0, None, 1, ("0", "1")),
     "qnli": TaskSpec("QNLI", 1, 2, 3, ("entailment", "not_entailment")),
     "mnli": TaskSpec("MNLI", 8, 9, -1, ("entailment", "neutral", "contradiction")),
+    # not in ../shared/data/glue, read from a full GLUE copy (same layout) or --data hub
+    "qqp": TaskSpec("QQP", 3, 4, 5, ("0", "1")),
+    "wnli": TaskSpec("WNLI", 1, 2, 3, ("0", "1")),
 }
 
 

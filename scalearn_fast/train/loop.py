@@ -38,6 +38,18 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if not self.lr >= 0:
+            raise ValueError(f"lr must be >= 0; got {self.lr}")
+        for name in ("epochs", "batch_size", "max_length", "eval_every", "max_steps"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0; got {value}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0 (0: no early stopping); got {self.patience}")
+
 
 @dataclass
 class TrainResult:

@@ -63,6 +63,8 @@ TASK_METRICS = {
     "sst-2": (("accuracy",), "accuracy"),
     "qnli": (("accuracy",), "accuracy"),
     "mnli": (("accuracy",), "accuracy"),
+    "qqp": (("accuracy", "f1"), "f1"),
+    "wnli": (("accuracy",), "accuracy"),
 }
 
 _FUNCS = {

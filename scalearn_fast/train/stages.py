@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..io import atomic_write_json, atomic_write_tensors, load_adapterhub_sources, save_scalearn
+from ..ops.backends import resolve_backend
 from .adapter import attach_bottleneck_adapters, save_bottleneck_adapters
 from .data import canonical_task, majority_baseline, read_glue, read_hub, task_spec
 from .loop import TrainConfig, fit, set_seed
@@ -40,6 +41,33 @@ def default_model_dir() -> str:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_run_options(
+    device: str | None,
+    model_dir: str | None,
+    output_dir: str | os.PathLike[str],
+    max_train_samples: int | None,
+    max_eval_samples: int | None,
+) -> str:
+    """What a run can check before it loads or trains anything; returns the device to use."""
+    device = device or default_device()
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device!r}: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: this torch build or machine has no CUDA device")
+    if model_dir is not None and not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"--model {model_dir}: no such folder (a local Hugging Face model folder)")
+    for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1; got {value}")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)  # fails now (permissions, a file on the path), not after training
+    return device
 
 
 def device_name(device: str) -> str:
@@ -112,8 +140,8 @@ def train_adapter(
     task_head.safetensors, results.json}`` and returns the results."""
     task = canonical_task(task)
     cfg = TrainConfig(task=task, lr=lr, **train_kwargs)
+    device = check_run_options(device, model_dir, output_dir, max_train_samples, max_eval_samples)
     set_seed(cfg.seed)
-    device = device or default_device()
     model, tokenizer = load_model(model_dir, task)
     model.to(device)
     for p in model.parameters():
@@ -158,8 +186,9 @@ def train_scalearn(
 
     task = canonical_task(task)
     cfg = TrainConfig(task=task, lr=lr, **train_kwargs)
+    device = check_run_options(device, model_dir, output_dir, max_train_samples, max_eval_samples)
+    resolve_backend(backend, torch.device(device))  # a bad name fails before any work
     set_seed(cfg.seed)
-    device = device or default_device()
     srcs = load_adapterhub_sources(sources)  # before the model: a bad folder fails fast
     model, tokenizer = load_model(model_dir, task)
     model.to(device)
