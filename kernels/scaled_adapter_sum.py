@@ -379,6 +379,17 @@ def fused_fits(num_units: int, dtype: torch.dtype | None = None) -> bool:
     return max(16, triton.next_power_of_2(max(num_units, 1))) <= _fused_limit(dtype)
 
 
+def _unit_stride(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The kernels index 1-D vectors (b_down, source_index, a ``[d]`` bias) and bias rows with
+    unit stride: make them so (a no-op for the contiguous tensors the op layer passes)."""
+    return tuple(None if x is None else x.contiguous() for x in tensors)
+
+
+def _check_bias(bias: torch.Tensor | None, t: int, d: int) -> None:
+    if bias is not None and tuple(bias.shape) not in ((d,), (t, d)):
+        raise ValueError(f"bias has shape {list(bias.shape)}; expected [d={d}] or [T={t}, d={d}] (per row)")
+
+
 def down_projection(
     z: torch.Tensor,
     w_down: torch.Tensor,
@@ -389,6 +400,7 @@ def down_projection(
     save_pre: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P or empty, S)`` for ``z [T, d]``: P = z·Dᵀ + b_D, S = act(P) ⊙ row_scale[:, s(·)]."""
+    b_down, source_index = _unit_stride(b_down, source_index)
     t, d = z.shape
     r = w_down.shape[0]
     hidden = z.new_empty(t, r)
@@ -438,6 +450,8 @@ def up_projection(
     """
     t, r = hidden.shape
     d = w_up.shape[0]
+    _check_bias(bias, t, d)
+    source_index, bias = _unit_stride(source_index, bias)
     out = hidden.new_empty(t, d, dtype=out_dtype or hidden.dtype)
     if t == 0:
         return out
@@ -486,6 +500,8 @@ def fused_forward(
     """``(out [T, d], P or empty)`` in one kernel, S kept on chip (needs ``fused_fits(R)``)."""
     t, d = z.shape
     r = w_down.shape[0]
+    _check_bias(bias, t, d)
+    b_down, source_index, bias = _unit_stride(b_down, source_index, bias)
     r_pad = max(16, triton.next_power_of_2(max(r, 1)))
     if r_pad > _fused_limit(z.dtype):
         raise ValueError(

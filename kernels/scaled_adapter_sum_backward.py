@@ -42,7 +42,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .scaled_adapter_sum import _act_id, _activation, _activation_grad, _configs, _mma, _omega_strides
+from .scaled_adapter_sum import (
+    _act_id,
+    _activation,
+    _activation_grad,
+    _configs,
+    _mma,
+    _omega_strides,
+    _unit_stride,
+)
 
 _GRAD_PRE_CONFIGS = _configs(
     [
@@ -204,6 +212,7 @@ def grad_pre(
 
     With ``b_up`` [N, d] (and ``omega``) the second output is ``[T, R + N]``: its last N
     columns are the bias units' g·(ω ⊙ B)ᵀ, so dw = its per-source column sum."""
+    (source_index,) = _unit_stride(source_index)
     t, d = grad_out.shape
     r = pre.shape[1]
     ext = store_gs and b_up is not None
@@ -272,6 +281,7 @@ def tn_gemm(
 
     With ``activation`` and ``num_sources = N`` the result is ``[R + N, d]``: row R + i is
     Σ_t w[t, i]·b[t, :] (w = row_scale, or 1), the bias units' share of dω and dB."""
+    (source_index,) = _unit_stride(source_index)
     t, r = a.shape
     d = b.shape[1]
     n_ext = num_sources if activation is not None else 0

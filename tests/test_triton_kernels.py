@@ -727,3 +727,41 @@ def test_interpreter_runs_without_pinning_the_autotuner():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False
     )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_launchers_accept_strided_vectors_and_check_the_bias_shape():
+    """b_down, source_index and biases given as strided views index like contiguous ones."""
+    g = torch.Generator().manual_seed(7)
+    t, d, n, r = 9, 24, 3, 4
+    z = torch.randn(t, d, generator=g)
+    w_down = torch.randn(n * r, d, generator=g)
+    b_down = torch.randn(2 * n * r, generator=g)[::2]  # stride 2
+    src = torch.arange(n).repeat_interleave(r).repeat(2)[::2].sort().values  # a fresh tensor
+    src_strided = torch.stack([src, src], 1)[:, 0]  # stride 2, same values
+    pre, hidden = K.down_projection(z, w_down, b_down, src_strided, None, "relu", True)
+    _, ref = K.down_projection_ref(z, w_down, b_down, src, None, "relu", True)
+    torch.testing.assert_close(hidden, ref, rtol=1e-5, atol=1e-5)
+    w_up, omega = torch.randn(d, n * r, generator=g), torch.randn(n, d, generator=g)
+    bias = torch.randn(2 * d, generator=g)[::2]
+    got = K.up_projection(hidden, w_up, omega, src_strided, bias)
+    torch.testing.assert_close(got, K.up_projection_ref(hidden, w_up, omega, src, bias), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"bias has shape \[1, 24\]; expected \[d=24\] or \[T=9, d=24\]"):
+        K.up_projection(hidden, w_up, omega, src, bias[None])
+
+
+@needs_cuda
+def test_float64_on_a_gpu_runs_the_torch_backend():
+    """The kernels accumulate in fp32 and do not compile for fp64 operands on a GPU."""
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    src = [
+        t.to(torch.float64)
+        for t in (torch.randn(2, 4, 16), torch.randn(2, 4), torch.randn(2, 16, 4), torch.randn(2, 16))
+    ]
+    omega = torch.randn(2, 16, generator=g, dtype=torch.float64)
+    ref = scaled_adapter_sum(z, *src, omega, backend="reference")
+    for backend in ("triton", "auto"):
+        args = [t.cuda() for t in (z, *src, omega)]
+        torch.testing.assert_close(
+            scaled_adapter_sum(*args, backend=backend).cpu(), ref, rtol=1e-10, atol=1e-10
+        )

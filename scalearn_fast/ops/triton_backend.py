@@ -9,6 +9,10 @@ Forward: the fused kernel (S kept on chip; only when next_pow2(R) <= ``kernels.F
 ``FUSED_MAX_R_FP32`` for fp32 inputs) or ``down_projection`` then ``up_projection``; on CUDA the
 faster of the two per shape class, measured once (``path_choice``). ``USE_FUSED`` forces a path:
 True fused whenever it fits, False never (tests flip it to exercise both); None (default) chooses.
+
+float64 on a GPU runs ``torch_backend`` (cuBLAS): the kernels accumulate in fp32 and do not
+compile for fp64 operands. (Under ``TRITON_INTERPRET=1`` on CPU they do run in fp64: the
+interpreter is numpy.)
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 
 from scalearn_fast._kernels import load_kernels
 
-from . import path_choice
+from . import path_choice, torch_backend
 
 USE_FUSED: bool | None = None
 
@@ -46,6 +50,10 @@ def forward(
     save_pre: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``z [T, d]`` -> ``(out [T, d], pre-activation [T, R] or empty)``; see ``torch_backend.forward``."""
+    if z.dtype == torch.float64 and z.is_cuda:
+        return torch_backend.forward(
+            z, w_down, b_down, w_up, b_up, omega, source_index, residual, row_scale, activation, save_pre
+        )
     k = load_kernels()
     dtype = z.dtype
     if w_down.dtype != dtype or w_up.dtype != dtype:
@@ -92,6 +100,10 @@ def backward(
     so g is never copied to fp32 here. The rest is O(R·d + N·d + T·(R + N)) torch, reduced in
     fp32 and cast back.
     """
+    if z.dtype == torch.float64 and z.is_cuda:
+        return torch_backend.backward(
+            grad_out, z, pre, w_down, w_up, b_up, omega, source_index, row_scale, activation, needs
+        )
     need_z, need_wd, need_bd, need_wu, need_bu, need_omega, need_rs = needs
     k = load_kernels()
     g = grad_out
