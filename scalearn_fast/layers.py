@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers_base import FrozenSources, check_sublayer_inputs, weights_key
+from .layers_base import FrozenSources, check_matches_z, check_sublayer_inputs, weights_key
 from .ops.backends import backend_module, resolve_backend
 from .ops.packing import TensorOrList, check_activation, check_inputs
 from .ops.scaled_adapter_sum import scaled_adapter_sum_packed
@@ -34,7 +34,6 @@ from .ops.torch_backend import fold_omega
 
 @dataclass(frozen=True)
 class _InferencePlan:
-    key: tuple
     backend: str  # resolved: "torch" or "triton"
     w_down: torch.Tensor  # [R, d]
     b_down: torch.Tensor  # [R]
@@ -95,8 +94,6 @@ class ScaLearnLayer(FrozenSources):
         source_names: optional names of the N sources, in order.
     """
 
-    _folded: _InferencePlan | None
-
     def __init__(
         self,
         w_down: TensorOrList,
@@ -145,24 +142,23 @@ class ScaLearnLayer(FrozenSources):
         at the default shape is host-bound on a GPU)."""
         params = self._parameters  # not self.omega: nn.Module.__getattr__ costs per access
         omega, w_down, b_down, w_up, b_up = (params[k] for k in ("omega", "w_down", "b_down", "w_up", "b_up"))
-        weights = weights_key((omega, w_down, b_down, w_up, b_up))
-        key = (z.dtype, z.device, self.backend, weights)
-        plan = self._folded
-        if plan is None or plan.key != key or weights is None:
+
+        def build() -> _InferencePlan:
             backend = resolve_backend(self.backend, z.device)
             packed = self.packed().to(z.dtype)
             check_inputs(z, packed, omega.to(z.dtype), None)  # devices and dtypes, once
             with torch.no_grad():
                 u, bias = fold_omega(w_up, b_up, omega, self.source_index)
-            plan = self._folded = _InferencePlan(
-                key,
+            return _InferencePlan(
                 backend,
                 packed.w_down.detach().contiguous(),
                 packed.b_down.detach().contiguous(),
                 u.to(z.dtype).contiguous(),
                 bias.to(z.dtype).reshape(1, -1).contiguous(),
             )
-        return plan
+
+        key = (z.dtype, z.device, self.backend, weights_key((omega, w_down, b_down, w_up, b_up)))
+        return self._cached(key, build)
 
     def _folded_compose(self, z: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """``compose`` in eval mode with nothing to differentiate: ω folded, one backend call."""
@@ -172,13 +168,7 @@ class ScaLearnLayer(FrozenSources):
             raise ValueError(
                 f"z has shape {list(z.shape)}: its last dim must equal the sources' hidden size d={d}"
             )
-        if residual is not None and (
-            residual.shape != z.shape or residual.dtype != z.dtype or residual.device != z.device
-        ):
-            raise ValueError(
-                f"residual ({list(residual.shape)}, {residual.dtype}, {residual.device}) must match z "
-                f"({list(z.shape)}, {z.dtype}, {z.device})"
-            )
+        check_matches_z("residual", residual, z)
         rows = z.dim() == 2  # [T, d] already: no reshapes
         out, _ = backend_module(plan.backend).forward(
             (z if rows else z.reshape(-1, d)).contiguous(), plan.w_down, plan.b_down, plan.folded_up,

@@ -3,13 +3,16 @@ packed layout (``ops.packing``), their names, and the checks of a sub-layer ``fo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .ops.packing import PackedSources, TensorOrList, pack_sources
+
+T = TypeVar("T")
 
 _optimizer_steps = 0  # torch.optim steps taken in this process (fused optimizers included)
 _step_hook: object | None = None
@@ -34,6 +37,15 @@ def weights_key(tensors: Sequence[torch.Tensor]) -> tuple | None:
         return (_optimizer_steps, *((t.data_ptr(), t._version) for t in tensors))
     except RuntimeError:  # "Inference tensors do not track version counter"
         return None
+
+
+def check_matches_z(name: str, t: torch.Tensor | None, z: torch.Tensor) -> None:
+    """An eval-path input beside z (the residual, a query input) must have z's shape, dtype, device."""
+    if t is not None and (t.shape != z.shape or t.dtype != z.dtype or t.device != z.device):
+        raise ValueError(
+            f"{name} ({list(t.shape)}, {t.dtype}, {t.device}) must match z "
+            f"({list(z.shape)}, {z.dtype}, {z.device})"
+        )
 
 
 def check_sublayer_inputs(
@@ -88,7 +100,14 @@ class FrozenSources(nn.Module):
         self.source_names = list(source_names) if source_names is not None else [str(i) for i in range(n)]
         if len(self.source_names) != n:
             raise ValueError(f"source_names holds {len(self.source_names)} names for N={n} sources")
-        self._folded: object | None = None  # the subclass's eval-mode cache (see ``weights_key``)
+        self._folded: tuple[tuple, Any] | None = None  # (key, value): the eval-mode cache
+
+    def _cached(self, key: tuple, build: Callable[[], T]) -> T:
+        """The eval-mode cache: ``build()``'s value, kept while ``key`` stays the same. ``key``
+        ends with ``weights_key(...)``; when that is ``None`` nothing is kept."""
+        if self._folded is None or self._folded[0] != key or key[-1] is None:
+            self._folded = (key, build())
+        return self._folded[1]
 
     def invalidate_cache(self) -> None:
         """Drop the eval-mode cache of folded weights. Needed only after in-place edits through

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .layers_base import FrozenSources, check_sublayer_inputs, weights_key
+from .layers_base import FrozenSources, check_matches_z, check_sublayer_inputs, weights_key
 from .ops.backends import resolve_backend
 from .ops.fusion import (
     FusionFold,
@@ -83,8 +83,6 @@ class AdapterFusionLayer(FrozenSources):
         layer_norm: the layer's pre-trained output LayerNorm, used by ``forward``.
         source_names: optional names of the N sources, in order.
     """
-
-    _folded: tuple[tuple, FusionFold] | None
 
     def __init__(
         self,
@@ -161,14 +159,14 @@ class AdapterFusionLayer(FrozenSources):
         if isinstance(scaling, torch.Tensor):
             weights.append(scaling)
             scaling = None
-        key = (z.dtype, z.device, merged, scaling, weights_key(weights))
-        if self._folded is None or self._folded[0] != key or key[-1] is None:
+
+        def build() -> FusionFold:
             resolve_backend(self.backend, z.device)  # a bad name fails here as elsewhere
             dtype = z.dtype
             packed = self.packed().to(dtype)
             omega = scaling_as_omega(self.scaling, packed, z)
             check_inputs(z, packed, omega.to(dtype), None)  # devices and dtypes, once
-            fold = fold_fusion(
+            return fold_fusion(
                 packed,
                 self._weight(self.query, "weight", dtype),
                 self._weight(self.query, "bias", dtype),
@@ -178,19 +176,15 @@ class AdapterFusionLayer(FrozenSources):
                 merged=merged,
                 dtype=dtype,
             )
-            self._folded = (key, fold)
-        return self._folded[1]
+
+        return self._cached((z.dtype, z.device, merged, scaling, weights_key(weights)), build)
 
     def _folded_compose(
         self, z: torch.Tensor, residual: torch.Tensor | None, query_input: torch.Tensor | None
     ) -> torch.Tensor:
         fold = self._fold(z, merged=query_input is None)
-        for name, t in (("residual", residual), ("query_input", query_input)):
-            if t is not None and (t.shape != z.shape or t.dtype != z.dtype or t.device != z.device):
-                raise ValueError(
-                    f"{name} ({list(t.shape)}, {t.dtype}, {t.device}) must match z "
-                    f"({list(z.shape)}, {z.dtype}, {z.device})"
-                )
+        check_matches_z("residual", residual, z)
+        check_matches_z("query_input", query_input, z)
         if z.shape[-1] != self.hidden_size:
             raise ValueError(f"z has shape {list(z.shape)}: its last dim must be d={self.hidden_size}")
         if self.residual_before and residual is None:
