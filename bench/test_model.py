@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scalearn_fast.bench.flops import fusion_cost, model_cost, scalearn_cost
+from scalearn_fast.bench.flops import row_cost
 from scalearn_fast.bench.harness import run_case
 from scalearn_fast.bench.model import build_model, inference_step, train_step
 from scalearn_fast.bench.providers import ProviderUnavailable
@@ -23,13 +23,6 @@ def test_model(benchmark, model_case, variant, model_mode, device, record, quick
     labels = torch.randint(0, 2, (c.batch,), generator=gen).to(device)
     train = model_mode == "train"
     fn = train_step(m, ids, labels) if train else inference_step(m, ids)
-    elem = torch.empty(0, dtype=c.dtype).element_size()
-    adapter = None
-    if variant.startswith("scalearn"):
-        adapter = scalearn_cost(c.tokens, c.d, c.d // 16, c.n, elem_bytes=elem, backward=train)
-    elif variant.startswith("fusion"):
-        adapter = fusion_cost(c.tokens, c.d, c.d // 16, c.n, elem_bytes=elem, backward=train)
-    cost = model_cost(c.tokens, c.seq, c.d, c.ffn, c.layers, elem_bytes=elem, backward=train, adapter=adapter)
     benchmark.group = f"model {model_mode} {c.id}"
     params = {
         "kind": "model",
@@ -44,6 +37,9 @@ def test_model(benchmark, model_case, variant, model_mode, device, record, quick
         "ffn": c.ffn,
         "attach": m.attach,
     }
+    dtype_name = str(c.dtype).removeprefix("torch.")
+    cost = row_cost({**params, "dtype": dtype_name, "tokens": c.tokens})  # the report's count too
+    assert cost is not None, params
     run_case(
         benchmark,
         fn,
