@@ -22,8 +22,6 @@ from functools import cached_property
 
 import torch
 
-ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "identity")
-
 TensorOrList = torch.Tensor | Sequence[torch.Tensor]
 
 
@@ -92,12 +90,6 @@ def _as_list(name: str, value: TensorOrList, rank_if_stacked: int) -> list[torch
                 )
         return list(value)
     raise ValueError(f"{name} must be a tensor or a list of tensors; got {type(value).__name__}")
-
-
-def check_activation(activation: str) -> str:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
-    return activation
 
 
 def pack_sources(

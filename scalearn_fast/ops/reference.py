@@ -10,42 +10,9 @@ fast backend is tested against it in float64.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .activations import activation_fn, activation_grad  # noqa: F401  (re-exported)
 from .packing import PackedSources
-
-
-def activation_fn(name: str, x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
-    """``act(x)``; with ``inplace=True`` it may overwrite ``x`` (the inference path)."""
-    if name == "relu":
-        return x.relu_() if inplace else F.relu(x)
-    if name == "gelu":
-        return F.gelu(x)
-    if name == "silu":
-        return F.silu(x, inplace=inplace)
-    if name == "tanh":
-        return x.tanh_() if inplace else torch.tanh(x)
-    if name == "identity":
-        return x
-    raise ValueError(f"activation must be one of relu/gelu/silu/tanh/identity; got {name!r}")
-
-
-def activation_grad(name: str, pre: torch.Tensor) -> torch.Tensor:
-    """d act(x) / dx evaluated at the saved pre-activation."""
-    if name == "relu":
-        return (pre > 0).to(pre.dtype)
-    if name == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(pre * 0.7071067811865476))
-        pdf = torch.exp(-0.5 * pre * pre) * 0.3989422804014327
-        return cdf + pre * pdf
-    if name == "silu":
-        sig = torch.sigmoid(pre)
-        return sig * (1.0 + pre * (1.0 - sig))
-    if name == "tanh":
-        return 1.0 - torch.tanh(pre) ** 2
-    if name == "identity":
-        return torch.ones_like(pre)
-    raise ValueError(f"unknown activation {name!r}")
 
 
 def scaled_adapter_sum_reference(
