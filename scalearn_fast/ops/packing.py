@@ -22,6 +22,8 @@ from functools import cached_property
 
 import torch
 
+from .activations import ACTIVATIONS, check_activation  # noqa: F401  (re-exported)
+
 TensorOrList = torch.Tensor | Sequence[torch.Tensor]
 
 
