@@ -1,6 +1,6 @@
 """``ScaLearnLayer``: N frozen source adapters and learned scales ω for one transformer layer.
 
-Sub-layer form (DESIGN.md §1), with ``h`` the FFN output, ``x`` its residual input and
+Sub-layer form (docs/design.md), with ``h`` the FFN output, ``x`` its residual input and
 ``LN`` the layer's own pre-trained output LayerNorm:
 
     z = LN(h + x)
@@ -19,26 +19,27 @@ invalidated when ω or the sources change (in place or replaced).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers_base import FrozenSources, check_matches_z, check_sublayer_inputs, weights_key
-from .ops.backends import backend_module, resolve_backend
+from .ops.algebra import scale_up_projections
+from .ops.backends import resolve_backend
+from .ops.composition import Composition
+from .ops.dispatch import infer
 from .ops.packing import TensorOrList, check_activation, check_inputs
 from .ops.scaled_adapter_sum import scaled_adapter_sum_packed
-from .ops.torch_backend import fold_omega
 
 
-@dataclass(frozen=True)
-class _InferencePlan:
-    backend: str  # resolved: "torch" or "triton"
-    w_down: torch.Tensor  # [R, d]
-    b_down: torch.Tensor  # [R]
-    folded_up: torch.Tensor  # U = W ⊙ ω[s(·)]ᵀ  [d, R]
-    folded_bias: torch.Tensor  # Σ_i ω_i ⊙ b_up_i  [1, d]
+class _InferencePlan(NamedTuple):
+    """What an eval-mode call needs besides z and the residual, checked and cast once."""
+
+    backend: str  # resolved: "torch", "triton" or "auto"
+    sources_and_coefficients: tuple  # Composition's fields from w_down through row_scale
+    hidden_size: int
 
 
 VARIANTS = ("scalearn", "scalearn_uniform", "scalearn++", "scalearn_uniform++")
@@ -148,35 +149,34 @@ class ScaLearnLayer(FrozenSources):
             packed = self.packed().to(z.dtype)
             check_inputs(z, packed, omega.to(z.dtype), None)  # devices and dtypes, once
             with torch.no_grad():
-                u, bias = fold_omega(w_up, b_up, omega, self.source_index)
-            return _InferencePlan(
-                backend,
-                packed.w_down.detach().contiguous(),
-                packed.b_down.detach().contiguous(),
-                u.to(z.dtype).contiguous(),
-                bias.to(z.dtype).reshape(1, -1).contiguous(),
-            )
+                up, bias = scale_up_projections(w_up, b_up, omega, self.source_index)
+            fields = (
+                packed.w_down.detach().contiguous(), packed.b_down.detach().contiguous(),
+                packed.w_up.detach(), packed.b_up.detach(), self.source_index,
+                None, up.to(z.dtype).contiguous(), bias.to(z.dtype).contiguous(), None,
+            )  # fmt: skip
+            return _InferencePlan(backend, fields, self.hidden_size)
 
         key = (z.dtype, z.device, self.backend, weights_key((omega, w_down, b_down, w_up, b_up)))
         return self._cached(key, build)
 
     def _folded_compose(self, z: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """``compose`` in eval mode with nothing to differentiate: ω folded, one backend call."""
+        """``compose`` in eval mode with nothing to differentiate: ω applied once, one call of
+        the inference entry point."""
         plan = self._inference_plan(z)
-        d = plan.w_down.shape[1]
+        d = plan.hidden_size
         if z.shape[-1] != d:
             raise ValueError(
                 f"z has shape {list(z.shape)}: its last dim must equal the sources' hidden size d={d}"
             )
         check_matches_z("residual", residual, z)
-        rows = z.dim() == 2  # [T, d] already: no reshapes
-        out, _ = backend_module(plan.backend).forward(
-            (z if rows else z.reshape(-1, d)).contiguous(), plan.w_down, plan.b_down, plan.folded_up,
-            plan.folded_bias, None, self.source_index,
-            None if residual is None else (residual if rows else residual.reshape(-1, d)).contiguous(),
-            None, self.activation, False,
-        )  # fmt: skip
-        return out if rows else out.reshape(z.shape)
+        flat = z.dim() != 2  # [T, d] already: no reshapes
+        rows = z.reshape(-1, d) if flat else z
+        res = residual.reshape(-1, d) if flat and residual is not None else residual
+        res = None if res is None else res.contiguous()
+        call = Composition(rows.contiguous(), *plan.sources_and_coefficients, res, self.activation)
+        out = infer(call, plan.backend)
+        return out.reshape(z.shape) if flat else out
 
     def compose(self, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``Σ_i ω_i ⊙ A_i(z) + residual`` for ``z [..., d]``."""

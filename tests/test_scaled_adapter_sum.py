@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from scalearn_fast import scaled_adapter_sum
 from scalearn_fast.ops import pack_sources, scaled_adapter_sum_packed
+from scalearn_fast.ops.composition import Composition
 
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
@@ -207,20 +208,12 @@ def test_torch_compile_fullgraph():
 def test_custom_op_passes_opcheck():
     z, sources, omega, residual = inputs((5,), n=2, d=8, r=3)
     packed = pack_sources(*sources)
-    args = (
-        z.detach().float(),
-        packed.w_down.float(),
-        packed.b_down.float(),
-        packed.w_up.float(),
-        packed.b_up.float(),
-        omega.detach().float().requires_grad_(),
-        packed.source_index,
-        residual.detach().float(),
-        None,
-        "relu",
-        "torch",
-        True,
-    )
+    call = Composition(
+        z.detach().float(), packed.w_down.float(), packed.b_down.float(), packed.w_up.float(),
+        packed.b_up.float(), packed.source_index, omega.detach().float().requires_grad_(), None, None,
+        None, residual.detach().float(), "relu", True,
+    )  # fmt: skip
+    args = (*call, "torch")
     torch.library.opcheck(torch.ops.scalearn_fast.scaled_adapter_sum.default, args)
 
 
@@ -228,15 +221,13 @@ def test_op_pre_activation_output_is_not_differentiable():
     """The op's second output (P, saved for backward) is marked non-differentiable."""
     z, sources, omega, residual = inputs((5,), n=2, d=8, r=3)
     packed = pack_sources(*sources)
-    out, pre = torch.ops.scalearn_fast.scaled_adapter_sum(
-        z, packed.w_down, packed.b_down, packed.w_up, packed.b_up, omega, packed.source_index,
-        residual, None, "relu", "torch", True,
+    call = Composition(
+        z, packed.w_down, packed.b_down, packed.w_up, packed.b_up, packed.source_index, omega, None, None,
+        None, residual, "relu", True,
     )  # fmt: skip
+    out, pre = torch.ops.scalearn_fast.scaled_adapter_sum(*call, "torch")
     assert out.requires_grad and not pre.requires_grad
-    out, _ = torch.ops.scalearn_fast.scaled_adapter_sum(
-        z, packed.w_down, packed.b_down, packed.w_up, packed.b_up, omega, packed.source_index,
-        residual, None, "relu", "torch", True,
-    )  # fmt: skip
+    out, _ = torch.ops.scalearn_fast.scaled_adapter_sum(*call, "torch")
     out.sum().backward()
     assert omega.grad is not None and z.grad is not None
 
@@ -324,11 +315,11 @@ def test_device_mix_is_rejected_with_meta_tensors():
 
 def test_folded_entry_point_checks_its_inputs():
     from scalearn_fast.ops import scaled_adapter_sum_folded
-    from scalearn_fast.ops.torch_backend import fold_omega
+    from scalearn_fast.ops.algebra import scale_up_projections
 
     z, wd, bd, wu, bu, omega, residual = good()
     packed = pack_sources(wd, bd, wu, bu)
-    up, bias = fold_omega(packed.w_up, packed.b_up, omega, packed.source_index)
+    up, bias = scale_up_projections(packed.w_up, packed.b_up, omega, packed.source_index)
     with torch.no_grad():
         out = scaled_adapter_sum_folded(z, packed, up, bias, residual, backend="torch")
         ref = scaled_adapter_sum(z, wd, bd, wu, bu, omega, residual, backend="reference")
@@ -357,7 +348,7 @@ def test_packed_entry_point_matches_functional():
 def test_eager_route_equals_the_custom_op(with_row_scale):
     """Eager calls skip the torch.library dispatch (an autograd.Function around the same backend
     functions); outputs and every gradient must equal the custom op's, bit for bit."""
-    from scalearn_fast.ops.scaled_adapter_sum import _run_op
+    from scalearn_fast.ops.dispatch import run
 
     z, sources, omega, residual = inputs((6,), n=3, d=8, r=2)
     packed = pack_sources(*(s.detach().requires_grad_() for s in sources))
@@ -365,22 +356,40 @@ def test_eager_route_equals_the_custom_op(with_row_scale):
     leaves = [z, packed.w_down, packed.b_down, packed.w_up, packed.b_up, omega, residual]
     if row_scale is not None:
         leaves.append(row_scale)
-    args = (z, packed.w_down, packed.b_down, packed.w_up, packed.b_up, omega, packed.source_index,
-            residual, row_scale, "relu", "torch", True)  # fmt: skip
+    call = Composition(z, packed.w_down, packed.b_down, packed.w_up, packed.b_up, packed.source_index,
+                       omega, None, None, row_scale, residual, "relu", True)  # fmt: skip
     weight = torch.linspace(-1, 1, 48, dtype=torch.float64).reshape(6, 8)
     results = []
-    for run in (_run_op, torch.ops.scalearn_fast.scaled_adapter_sum):
-        out, _ = run(*args)
+    for route in (
+        lambda: run(call, "torch"),
+        lambda: torch.ops.scalearn_fast.scaled_adapter_sum(*call, "torch"),
+    ):
+        out, _ = route()
         results.append((out, *torch.autograd.grad((out * weight).sum(), leaves)))
     for eager, op in zip(*results, strict=True):
         assert torch.equal(eager, op)
     with torch.no_grad():  # the no-grad shortcut: same forward
-        assert torch.equal(_run_op(*args[:11], False)[0], results[0][0])
+        assert torch.equal(run(call._replace(save_for_backward=False), "torch")[0], results[0][0])
 
 
-def test_double_backward_is_refused_not_silently_wrong():
-    z, sources, omega, residual = inputs((4,), n=2, d=8, r=3)
-    out = scaled_adapter_sum(z, *sources, omega, residual, backend="torch")
-    (g_omega,) = torch.autograd.grad(out.sum(), omega, create_graph=True)
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad(g_omega.sum(), z)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_double_backward_matches_the_reference(backend, activation):
+    """A gradient penalty (``create_graph=True``) differentiates through the op on every backend:
+    d/dθ of out.sum() + |dout/dz|² equals the loop's, for ω, z and row_scale (it once came back
+    as if the penalty were a constant, with no error)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    z, sources, omega, residual = inputs((5,), n=3, d=8, r=2)
+    row_scale = torch.rand(5, 3, dtype=torch.float64, requires_grad=True)
+    results = []
+    for name in (backend, "reference"):
+        out = scaled_adapter_sum(
+            z, *sources, omega, residual, backend=name, activation=activation, row_scale=row_scale
+        )
+        (gz,) = torch.autograd.grad(out.sum(), z, create_graph=True)
+        assert gz.requires_grad
+        loss = out.sum() + gz.pow(2).sum()
+        results.append(torch.autograd.grad(loss, (omega, z, row_scale)))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

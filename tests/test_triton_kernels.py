@@ -16,7 +16,8 @@ pytest.importorskip("triton")
 from scalearn_fast import scaled_adapter_sum  # noqa: E402
 from scalearn_fast._kernels import load_kernels  # noqa: E402
 from scalearn_fast.ops import pack_sources, scaled_adapter_sum_folded, triton_backend  # noqa: E402
-from scalearn_fast.ops.torch_backend import fold_omega  # noqa: E402
+from scalearn_fast.ops.algebra import scale_up_projections as fold_omega  # noqa: E402
+from scalearn_fast.ops.composition import Composition, Gradients  # noqa: E402
 
 K = load_kernels()
 KF = K.scaled_adapter_sum  # the module, for monkeypatching FUSED_MAX_R
@@ -280,34 +281,15 @@ def test_outputs_do_not_alias_inputs():
     z, omega, res, _ = make_inputs((5,), n=2, d=40)
     zc, om, rc = (cast(t, torch.float32) for t in (z, omega, res))
     packed = pack_sources(*cast(make_sources(2, 4, 40), torch.float32))
-    args = (
-        zc.detach(),
-        packed.w_down,
-        packed.b_down,
-        packed.w_up,
-        packed.b_up,
-        om.detach(),
-        packed.source_index,
-        rc.detach(),
-        None,
-        "relu",
-    )
-    out, pre = triton_backend.forward(*args, True)
+    call = Composition(
+        zc.detach(), packed.w_down, packed.b_down, packed.w_up, packed.b_up, packed.source_index,
+        om.detach(), None, None, None, rc.detach(), "relu", True,
+    )  # fmt: skip
+    out, pre = triton_backend.forward(call)
     assert pre.shape == (5, 8) and out.data_ptr() != pre.data_ptr()
     g = torch.randn_like(out)
-    grads = triton_backend.backward(
-        g,
-        zc.detach(),
-        pre,
-        packed.w_down,
-        packed.w_up,
-        packed.b_up,
-        om.detach(),
-        packed.source_index,
-        None,
-        "relu",
-        [True] * 6 + [False],
-    )
+    grads = triton_backend.backward(call, pre, g, Gradients(*[True] * 6 + [False]))
+    grads = [g.new_empty(0) if t is None else t for t in grads]  # absent: None, shown empty
     ptrs = [t.data_ptr() for t in grads if t.numel()]
     assert len(set(ptrs)) == len(ptrs)
     assert grads[-1].numel() == 0
@@ -571,18 +553,18 @@ def test_auto_backend_measures_forward_and_backward_per_class(monkeypatch, faste
     chosen = {"triton": triton_backend, "torch": torch_backend}[faster]
     z, omega, res, _ = make_inputs((7,), n=2, d=24)
     packed = pack_sources(*make_sources(2, 4, 24))
-    args = [z.detach().float(), packed.w_down.float(), packed.b_down.float(), packed.w_up.float(),
-            packed.b_up.float(), omega.detach().float(), packed.source_index, res.detach().float(), None,
-            "relu", True]  # fmt: skip
+    call = Composition(z.detach().float(), packed.w_down.float(), packed.b_down.float(), packed.w_up.float(),
+                       packed.b_up.float(), packed.source_index, omega.detach().float(), None, None, None,
+                       res.detach().float(), "relu", True)  # fmt: skip
     for _ in range(2):
-        out, pre = auto_backend.forward(*args)
-        expect_out, expect_pre = chosen.forward(*args)
+        out, pre = auto_backend.forward(call)
+        expect_out, expect_pre = chosen.forward(call)
         assert torch.equal(out, expect_out) and torch.equal(pre, expect_pre)
         g = torch.randn_like(out)
-        needs = [True, False, False, False, False, True, False]
-        bargs = (g, args[0], pre, args[1], args[3], args[4], args[5], args[6], None, "relu", needs)
+        needs = Gradients(True, False, False, False, False, True, False)
+        bargs = (call, pre, g, needs)
         for got, want in zip(auto_backend.backward(*bargs), chosen.backward(*bargs), strict=True):
-            assert torch.equal(got, want)
+            assert (got is None and want is None) or torch.equal(got, want)
     assert timed == ["triton", "torch"] * 2  # forward and backward classes, each timed once
     assert sorted(k[0] for k in path_choice.choices()) == ["backward", "forward"]
     assert set(path_choice.choices().values()) == {faster}
@@ -599,14 +581,15 @@ def test_auto_backend_without_measuring_keeps_earlier_choices(monkeypatch):
     for name, module in (("triton", triton_backend), ("torch", torch_backend)):
         monkeypatch.setattr(module, "forward", lambda *a, name=name: ran.append(name) or ("out", "pre"))
     packed = pack_sources(*make_sources(2, 4, 24))
-    args = (torch.zeros(3, 24, dtype=torch.float64), packed.w_down, packed.b_down, packed.w_up, packed.b_up,
-            None, packed.source_index, None, None, "relu", False)  # fmt: skip
+    call = Composition(torch.zeros(3, 24, dtype=torch.float64), packed.w_down, packed.b_down, packed.w_up,
+                       packed.b_up, packed.source_index, None, packed.w_up, packed.b_up[0], None, None,
+                       "relu", False)  # fmt: skip
     monkeypatch.setattr(path_choice, "_can_measure", lambda z: False)
-    auto_backend.forward(*args)
+    auto_backend.forward(call)
     assert ran == ["triton"] and path_choice.choices() == {}
-    key = ("forward", *path_choice.shape_class(args[0], 8, False, False, True, False))
+    key = ("forward", *path_choice.shape_class(call.z, 8, False, False, True, False))
     path_choice._CHOICES[key] = "torch"  # as if measured in a warm-up before a capture
-    auto_backend.forward(*args)
+    auto_backend.forward(call)
     assert ran == ["triton", "torch"]
 
 
@@ -667,15 +650,17 @@ def test_auto_backend_mixes_forward_and_backward_choices(monkeypatch):
     """Both backends save the same P [T, R], so a forward on one and a backward on the other
     give the same gradients."""
     from scalearn_fast.ops import path_choice
-    from scalearn_fast.ops.scaled_adapter_sum import _run_op
+    from scalearn_fast.ops.dispatch import run
 
     monkeypatch.setattr(path_choice, "_can_measure", lambda z: False)  # only the choices below
     monkeypatch.setattr(triton_backend, "USE_FUSED", True)
     z, omega, res, _ = make_inputs((9,), n=2, d=24)
     packed = pack_sources(*make_sources(2, 4, 24))
     leaves = [t.detach().float().requires_grad_() for t in (z, omega, res)]
-    tail = (packed.source_index, leaves[2], None, "relu")
     weights = [packed.w_down.float(), packed.b_down.float(), packed.w_up.float(), packed.b_up.float()]
+    call = Composition(
+        leaves[0], *weights, packed.source_index, leaves[1], None, None, None, leaves[2], "relu", True
+    )
     flags = (False, True, False, True)
     from scalearn_fast.ops import torch_backend
 
@@ -691,7 +676,7 @@ def test_auto_backend_mixes_forward_and_backward_choices(monkeypatch):
         path_choice._CHOICES[("forward", *path_choice.shape_class(leaves[0], 8, *flags))] = fwd
         needs = [True, False, False, False, False, True, False]
         path_choice._CHOICES[("backward", *path_choice.shape_class(leaves[0], 8, False, *needs))] = bwd
-        out, _ = _run_op(leaves[0], *weights, leaves[1], *tail, "auto", True)
+        out, _ = run(call, "auto")
         grads = torch.autograd.grad((out * torch.cos(out.detach())).sum(), leaves)
         results[(fwd, bwd)] = (out.detach(), *grads)
         assert ran == [("forward", fwd), ("backward", bwd)]

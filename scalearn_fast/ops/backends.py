@@ -1,8 +1,8 @@
 """Which backends exist on this machine, and how ``backend="auto"`` picks one.
 
-A backend module exposes ``forward`` and ``backward`` with the signatures of
-``torch_backend``; the custom op dispatches to it by name (``torch``, ``triton``, or ``auto``:
-the measured choice between the two on CUDA).
+A backend module implements ``composition.Backend`` (``forward``/``backward`` over a
+``Composition``); ``ops/dispatch.py`` reaches it by name (``reference``, ``torch``, ``triton``,
+or ``auto``: the measured choice between the last two on CUDA).
 """
 
 from __future__ import annotations
@@ -50,12 +50,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 @functools.cache
 def backend_module(name: str) -> ModuleType:
-    """The module implementing ``forward``/``backward`` for a resolved backend name (imported
-    on first use: the triton backend imports triton)."""
-    if name == "torch":
-        return importlib.import_module("scalearn_fast.ops.torch_backend")
-    if name == "triton":
-        return importlib.import_module("scalearn_fast.ops.triton_backend")
-    if name == "auto":
-        return importlib.import_module("scalearn_fast.ops.auto_backend")
-    raise ValueError(f"backend {name!r} has no fused implementation")
+    """The module implementing ``forward``/``backward`` over a ``Composition`` for a resolved
+    backend name (imported on first use: the triton backend imports triton)."""
+    modules = {
+        "reference": "reference",
+        "torch": "torch_backend",
+        "triton": "triton_backend",
+        "auto": "auto_backend",
+    }
+    if name not in modules:
+        raise ValueError(f"backend {name!r} has no implementation; expected one of {tuple(modules)}")
+    return importlib.import_module(f"{__package__}.{modules[name]}")

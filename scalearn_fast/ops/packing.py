@@ -1,6 +1,6 @@
 """Input validation and packing of N source adapters into the two-GEMM layout.
 
-Every backend works on one packed form (DESIGN.md §2):
+Every backend works on one packed form (docs/design.md, "The algebra"):
 
     w_down  D      [R, d]   the N down projections stacked (R = Σ r_i)
     b_down  b_D    [R]
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -29,7 +28,7 @@ TensorOrList = torch.Tensor | Sequence[torch.Tensor]
 
 @dataclass(frozen=True)
 class PackedSources:
-    """N source adapters in the concatenated layout of DESIGN.md §2."""
+    """N source adapters in the concatenated layout of docs/design.md ("The algebra")."""
 
     w_down: torch.Tensor  # [R, d]
     b_down: torch.Tensor  # [R]
@@ -42,7 +41,7 @@ class PackedSources:
     def num_sources(self) -> int:
         return len(self.ranks)
 
-    @cached_property
+    @property
     def equal_rank(self) -> int | None:
         """The common r when every source has the same rank (a [T, R] tensor then views as
         [T, N, r]), else ``None``."""

@@ -1,136 +1,111 @@
-"""The collapsed two-GEMM form in plain PyTorch (any device; the CPU default).
+"""The two-GEMM form in plain PyTorch (any device; the CPU default).
 
-Forward, with the packed layout of ``packing.py`` and per-column source ids s(c):
+Forward (``algebra`` names the pieces):
 
     P   = z·Dᵀ + b_D                    [T, R]   pre-activation (saved for backward)
-    S   = act(P) ⊙ w[:, s(·)]           [T, R]   w = per-token row_scale, 1 if absent
-    U   = W ⊙ ω[s(·)]ᵀ                  [d, R]   ω-scaled up projections
-    out = S·Uᵀ + w·(ω ⊙ B) + residual   [T, d]   (w·(ω⊙B) is Σ_i ω_i ⊙ b_up_i without w)
+    S   = act(P) ⊙ w[:, s]              [T, R]   w = per-row row_scale, 1 if absent
+    U   = W ⊙ ω[s]ᵀ                     [d, R]   or the call's scaled_up
+    out = S·Uᵀ + w·(ω ⊙ B) + residual   [T, d]
 
-Backward, g = dL/dout (DESIGN.md §2):
+Backward, g = dL/dout (docs/design.md, "The algebra"):
 
     G   = g·U                           [T, R]
-    dP  = G ⊙ w[:, s(·)] ⊙ act'(P)      → dz = dP·D
+    dP  = G ⊙ w[:, s] ⊙ act'(P)         → dz = dP·D,  dD = dPᵀ·z,  db_D = Σ_t dP
     M   = Sᵀ·g                          [R, d]   the one GEMM behind dω and dW
-    dω[i, j] = Σ_{c: s(c)=i} W[j, c]·M[c, j] + B[i, j]·Σ_t w[t, i]·g[t, j]
-    dW  = (M ⊙ ω[s(·)])ᵀ,  dB = ω ⊙ (wᵀ·g),  dD = dPᵀ·z,  db_D = Σ_t dP
+    dω  = algebra.omega_gradient(W, M, B, wᵀ·g)
+    dW  = (M ⊙ ω[s])ᵀ,  dB = ω ⊙ (wᵀ·g)
     dw[t, i] = Σ_{c: s(c)=i} act(P)[t, c]·G[t, c] + Σ_j g[t, j]·ω_i[j]·B[i, j]
 
-Only P (T x R) is kept for backward: O(T·N·r) memory, never N [T, d] outputs.
+Only P (T x R) is kept for backward: O(T·N·r) memory, never N [T, d] outputs. Every operation
+here is differentiable by autograd, so a backward run with ``create_graph=True`` (a gradient
+penalty) differentiates through these formulas.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .reference import activation_fn, activation_grad
+from . import algebra
+from .activations import activation_fn, activation_grad
+from .composition import Composition, Gradients
+
+Tensor = torch.Tensor
 
 
-def fold_omega(w_up: torch.Tensor, b_up: torch.Tensor, omega: torch.Tensor, source_index: torch.Tensor):
-    """U = W ⊙ ω[s(·)]ᵀ  [d, R] and the folded bias Σ_i ω_i ⊙ b_up_i  [d]."""
-    omega_cols = omega.index_select(0, source_index)  # [R, d] or [R, 1]
-    return w_up * omega_cols.T, (omega * b_up).sum(0)
-
-
-def _segment_sum(values: torch.Tensor, source_index: torch.Tensor, num_sources: int) -> torch.Tensor:
-    """Sum columns of ``values [T, R]`` that belong to the same source -> [T, N]."""
-    out = values.new_zeros(values.shape[0], num_sources)
-    return out.index_add_(1, source_index, values)
-
-
-def forward(
-    z: torch.Tensor,
-    w_down: torch.Tensor,
-    b_down: torch.Tensor,
-    w_up: torch.Tensor,
-    b_up: torch.Tensor,
-    omega: torch.Tensor | None,
-    source_index: torch.Tensor,
-    residual: torch.Tensor | None,
-    row_scale: torch.Tensor | None,
-    activation: str,
-    save_pre: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``z [T, d]`` -> ``(out [T, d], pre-activation [T, R] or empty)``.
-
-    ``omega=None`` is the inference fast path: ``w_up`` is then the folded U and
-    ``b_up`` the folded bias ``[1, d]`` (see ``fold_omega``); no row_scale.
-    """
-    pre = torch.addmm(b_down, z, w_down.T)
-    # Inference never needs P again, so the activation (and row scaling) may overwrite it.
-    hidden = activation_fn(activation, pre, inplace=not save_pre)
+def forward(call: Composition) -> tuple[Tensor, Tensor]:
+    """``(out [T, d], pre [T, R] or empty)``."""
+    z, omega, row_scale = call.z, call.omega, call.row_scale
+    if (
+        z.dtype == torch.float16
+        and omega is not None
+        and algebra.fp16_fold_overflows(call.w_up, omega, call.source_index)
+    ):
+        return _forward_in_fp32(call)
+    pre = algebra.down_projection(z, call.w_down, call.b_down)
+    # P is needed again only when saved (or when autograd records this, for double backward)
+    keep_pre = call.save_for_backward or torch.is_grad_enabled() and pre.requires_grad
+    hidden = algebra.hidden_units(pre, call.activation, call.source_index, row_scale, overwrite=not keep_pre)
     if omega is None:
-        u, bias = w_up, b_up.reshape(-1)
+        u, bias = call.scaled_up, call.scaled_bias
     else:
-        u, bias = fold_omega(w_up, b_up, omega, source_index)
-    if row_scale is not None:
-        scale_cols = row_scale.index_select(1, source_index)
-        keeps_pre = save_pre and hidden is pre  # identity activation: P itself must survive
-        hidden = hidden * scale_cols if keeps_pre else hidden.mul_(scale_cols)
-        bias = row_scale @ (omega * b_up)  # [T, d]: Σ_i w[t, i]·ω_i ⊙ b_up_i
+        u, _ = algebra.scale_up_projections(call.w_up, call.b_up, omega, call.source_index)
+        bias = algebra.scaled_bias_rows(call.b_up, omega, row_scale)
     out = torch.addmm(bias, hidden, u.T)
-    if residual is not None:
-        out.add_(residual)
-    return out, (pre if save_pre else pre.new_empty(0))
+    if call.residual is not None:
+        out = out + call.residual if out.requires_grad else out.add_(call.residual)
+    return out, (pre if call.save_for_backward else pre.new_empty(0))
 
 
-def backward(
-    grad_out: torch.Tensor,
-    z: torch.Tensor,
-    pre: torch.Tensor,
-    w_down: torch.Tensor,
-    w_up: torch.Tensor,
-    b_up: torch.Tensor,
-    omega: torch.Tensor,
-    source_index: torch.Tensor,
-    row_scale: torch.Tensor | None,
-    activation: str,
-    needs: list[bool],
-) -> list[torch.Tensor]:
-    """Gradients ``[dz, dw_down, db_down, dw_up, db_up, domega, drow_scale]``.
+def _forward_in_fp32(call: Composition) -> tuple[Tensor, Tensor]:
+    """fp16 operands whose ω-scaled up projection leaves fp16's range: the same sum in fp32,
+    rounded once at the end (as the loop's separate products stay in range)."""
+    up = call._replace(
+        **{name: None if t is None else t.float() for name, t in _float_fields(call)},
+    )
+    out, pre = forward(up)
+    return out.to(call.z.dtype), pre.to(call.z.dtype)
 
-    ``needs`` has one flag per entry; an entry not needed comes back empty.
-    """
-    need_z, need_wd, need_bd, need_wu, need_bu, need_omega, need_rs = needs
+
+def _float_fields(call: Composition):
+    for name in ("z", "w_down", "b_down", "w_up", "b_up", "omega", "row_scale", "residual"):
+        yield name, getattr(call, name)
+
+
+def backward(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients) -> Gradients:
+    """The gradients flagged in ``needs``; others ``None``."""
     g = grad_out
-    n = omega.shape[0]
-    act = activation_fn(activation, pre)
+    omega, row_scale, source_index = call.omega, call.row_scale, call.source_index
+    n = call.num_sources
+    act = activation_fn(call.activation, pre)
     scale_cols = None if row_scale is None else row_scale.index_select(1, source_index)
-    if need_omega or need_bu:  # sum over tokens of g, weighted per source by row_scale: [N, d]
-        g_rows = g.sum(0, keepdim=True).expand(n, -1) if row_scale is None else row_scale.T @ g
+    if needs.omega or needs.b_up:
+        g_rows = algebra.source_rows_of_grad(g, row_scale, n)
 
     d_z = d_wd = d_bd = d_wu = d_bu = d_omega = d_rs = None
-    if need_z or need_wd or need_bd or need_rs:
-        g_u = g @ (w_up * omega.index_select(0, source_index).T)  # g·U  [T, R]
-        if need_rs:
-            d_rs = _segment_sum(act * g_u, source_index, n) + g @ (omega * b_up).T
-        if activation == "relu":  # one pass, same NaN rule as activation_grad (NaN > 0 is False)
+    if needs.z or needs.w_down or needs.b_down or needs.row_scale:
+        u, _ = algebra.scale_up_projections(call.w_up, call.b_up, omega, source_index)
+        g_u = g @ u  # G = g·U  [T, R]
+        if needs.row_scale:
+            d_rs = algebra.segment_sum(act * g_u, source_index, n) + g @ (omega * call.b_up).T
+        if call.activation == "relu":  # one pass, same NaN rule as activation_grad (NaN > 0 is False)
             d_pre = torch.where(pre > 0, g_u, 0.0)
         else:
-            d_pre = g_u * activation_grad(activation, pre)
+            d_pre = g_u * activation_grad(call.activation, pre)
         if scale_cols is not None:
             d_pre = d_pre * scale_cols
-        if need_z:
-            d_z = d_pre @ w_down
-        if need_wd:
-            d_wd = d_pre.T @ z
-        if need_bd:
+        if needs.z:
+            d_z = d_pre @ call.w_down
+        if needs.w_down:
+            d_wd = d_pre.T @ call.z
+        if needs.b_down:
             d_bd = d_pre.sum(0)
-    if need_omega or need_wu:
+    if needs.omega or needs.w_up:
         hidden = act if scale_cols is None else act * scale_cols
         m = hidden.T @ g  # [R, d]: the one GEMM
-        if need_omega:
-            acc = torch.promote_types(m.dtype, torch.float32)  # reduce in >= fp32
-            per_col = (w_up.T * m).to(acc)  # [R, d]
-            d_omega = torch.zeros(n, m.shape[1], dtype=acc, device=g.device)
-            d_omega.index_add_(0, source_index, per_col)
-            d_omega = d_omega + (b_up * g_rows).to(acc)
-            if omega.shape[1] == 1:
-                d_omega = d_omega.sum(1, keepdim=True)
-            d_omega = d_omega.to(omega.dtype)
-        if need_wu:
+        if needs.omega:
+            d_omega = algebra.omega_gradient(call.w_up, m, call.b_up, g_rows, source_index, omega)
+        if needs.w_up:
             d_wu = (m * omega.index_select(0, source_index)).T
-    if need_bu:
+    if needs.b_up:
         d_bu = omega * g_rows
-    grads = [d_z, d_wd, d_bd, d_wu, d_bu, d_omega, d_rs]
-    return [g.new_empty(0) if t is None else t for t in grads]  # one fresh empty each: no aliasing
+    return Gradients(d_z, d_wd, d_bd, d_wu, d_bu, d_omega, d_rs)

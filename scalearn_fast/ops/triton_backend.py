@@ -1,97 +1,84 @@
-"""The Triton backend of ``scalearn_fast::scaled_adapter_sum`` (the CUDA default).
+"""The Triton backend (the CUDA default): ``forward``/``backward`` over a ``Composition``.
 
-Same signatures and semantics as ``torch_backend`` (read its docstring for the math).
-The T-sized GEMMs (forward and backward) run in the kernels of ``kernels/`` (``scalearn_fast.kernels``); the
-O(N·d), O(R·d) and O(T·N) pieces (the folded bias, the per-source ω reduction, dB,
-db_D, the per-source row_scale reduction) are plain torch here.
+The math is ``torch_backend``'s. The T-sized GEMMs (forward and backward) run in the kernels of
+``kernels/`` (``scalearn_fast.kernels``); the O(N·d) and O(R·d) pieces (the scaled bias, the
+per-source ω reduction, dB, db_D, the per-source row_scale reduction) are ``algebra`` in torch.
 
 Forward: the fused kernel (S kept on chip; only when next_pow2(R) <= ``kernels.FUSED_MAX_R``,
 ``FUSED_MAX_R_FP32`` for fp32 inputs) or ``down_projection`` then ``up_projection``; on CUDA the
 faster of the two per shape class, measured once (``path_choice``). ``USE_FUSED`` forces a path:
 True fused whenever it fits, False never (tests flip it to exercise both); None (default) chooses.
 
-float64 on a GPU runs ``torch_backend`` (cuBLAS): the kernels accumulate in fp32 and do not
-compile for fp64 operands. (Under ``TRITON_INTERPRET=1`` on CPU they do run in fp64: the
-interpreter is numpy.)
+Operands the kernels cannot take run ``torch_backend`` (cuBLAS) instead: float64 (the kernels
+accumulate in fp32 and do not compile for fp64), and, under ``TRITON_INTERPRET=1``, float64 and
+bfloat16 (the interpreter's ``tl.dot`` is wrong for both).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from scalearn_fast._kernels import load_kernels
 
-from . import path_choice, torch_backend
+from . import algebra, path_choice, torch_backend
+from .composition import Composition, Gradients
 
+Tensor = torch.Tensor
 USE_FUSED: bool | None = None
 
 
-def _bias(b_up, omega, row_scale):
-    """Σ_i ω_i ⊙ b_up_i [d] (fp32), w·(ω⊙B) [T, d] with row_scale, or the folded b_up."""
-    if omega is None:
-        return b_up.reshape(-1).contiguous()
-    scaled = omega.float() * b_up.float()  # [N, d]
-    if row_scale is not None:
-        return (row_scale.float() @ scaled).contiguous()
-    return scaled.sum(0)
+def runs_on_torch(dtype: torch.dtype) -> bool:
+    """Whether calls in ``dtype`` go to the torch backend (see the module docstring)."""
+    if dtype == torch.float64:
+        return True
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def forward(
-    z: torch.Tensor,
-    w_down: torch.Tensor,
-    b_down: torch.Tensor,
-    w_up: torch.Tensor,
-    b_up: torch.Tensor,
-    omega: torch.Tensor | None,
-    source_index: torch.Tensor,
-    residual: torch.Tensor | None,
-    row_scale: torch.Tensor | None,
-    activation: str,
-    save_pre: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``z [T, d]`` -> ``(out [T, d], pre-activation [T, R] or empty)``; see ``torch_backend.forward``."""
-    if z.dtype == torch.float64 and z.is_cuda:
-        return torch_backend.forward(
-            z, w_down, b_down, w_up, b_up, omega, source_index, residual, row_scale, activation, save_pre
-        )
+def _bias(call: Composition) -> Tensor:
+    """Σ_i ω_i ⊙ b_up_i [d] (fp32), w·(ω⊙B) [T, d] with row_scale, or the call's scaled_bias."""
+    if call.omega is None:
+        return call.scaled_bias.reshape(-1).contiguous()
+    row_scale = None if call.row_scale is None else call.row_scale.float()
+    return algebra.scaled_bias_rows(call.b_up.float(), call.omega.float(), row_scale).contiguous()
+
+
+def forward(call: Composition) -> tuple[Tensor, Tensor]:
+    """``(out [T, d], pre [T, R] or empty)``; see ``torch_backend.forward``."""
+    z = call.z
+    if runs_on_torch(z.dtype):
+        return torch_backend.forward(call)
     k = load_kernels()
-    dtype = z.dtype
-    if w_down.dtype != dtype or w_up.dtype != dtype:
-        w_down, w_up = w_down.to(dtype), w_up.to(dtype)
-    bias = _bias(b_up, omega, row_scale)
+    w_down, w_up = call.w_down, call.w_up if call.omega is not None else call.scaled_up
+    if w_down.dtype != z.dtype or w_up.dtype != z.dtype:
+        w_down, w_up = w_down.to(z.dtype), w_up.to(z.dtype)
+    bias = _bias(call)
+    omega, row_scale, residual, save = call.omega, call.row_scale, call.residual, call.save_for_backward
 
-    def fused() -> tuple[torch.Tensor, torch.Tensor]:
+    def fused() -> tuple[Tensor, Tensor]:
         return k.fused_forward(
-            z, w_down, b_down, w_up, omega, source_index, bias, residual, row_scale, activation, save_pre
-        )
+            z, w_down, call.b_down, w_up, omega, call.source_index, bias, residual, row_scale,
+            call.activation, save,
+        )  # fmt: skip
 
-    def two_kernel() -> tuple[torch.Tensor, torch.Tensor]:
-        pre, hidden = k.down_projection(z, w_down, b_down, source_index, row_scale, activation, save_pre)
-        return k.up_projection(hidden, w_up, omega, source_index, bias, residual), pre
+    def two_kernel() -> tuple[Tensor, Tensor]:
+        pre, hidden = k.down_projection(
+            z, w_down, call.b_down, call.source_index, row_scale, call.activation, save
+        )
+        return k.up_projection(hidden, w_up, omega, call.source_index, bias, residual), pre
 
     r = w_down.shape[0]
     use = USE_FUSED is not False and k.fused_fits(r, z.dtype)
     if use and USE_FUSED is None:
-        flags = (row_scale is not None, save_pre, omega is None, residual is not None)
+        flags = (row_scale is not None, save, omega is None, residual is not None)
         key = path_choice.shape_class(z, r, *flags)
         use = path_choice.fused_is_faster(key, fused, two_kernel, measure=path_choice._can_measure(z))
     return fused() if use else two_kernel()
 
 
-def backward(
-    grad_out: torch.Tensor,
-    z: torch.Tensor,
-    pre: torch.Tensor,
-    w_down: torch.Tensor,
-    w_up: torch.Tensor,
-    b_up: torch.Tensor,
-    omega: torch.Tensor,
-    source_index: torch.Tensor,
-    row_scale: torch.Tensor | None,
-    activation: str,
-    needs: list[bool],
-) -> list[torch.Tensor]:
-    """Gradients ``[dz, dw_down, db_down, dw_up, db_up, domega, drow_scale]`` (see torch_backend).
+def backward(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients) -> Gradients:
+    """The gradients flagged in ``needs`` (see torch_backend).
 
     Kernels: dP (and act(P)⊙G for drow_scale) from ``grad_pre``; dz = dP·D from
     ``up_projection``; M = Sᵀ·g and dD = dPᵀ·z from ``tn_gemm`` (fp32, split over T).
@@ -100,48 +87,41 @@ def backward(
     so g is never copied to fp32 here. The rest is O(R·d + N·d + T·(R + N)) torch, reduced in
     fp32 and cast back.
     """
-    if z.dtype == torch.float64 and z.is_cuda:
-        return torch_backend.backward(
-            grad_out, z, pre, w_down, w_up, b_up, omega, source_index, row_scale, activation, needs
-        )
-    need_z, need_wd, need_bd, need_wu, need_bu, need_omega, need_rs = needs
+    z = call.z
+    if runs_on_torch(z.dtype):
+        return torch_backend.backward(call, pre, grad_out, needs)
     k = load_kernels()
     g = grad_out
     dtype = z.dtype
-    n = omega.shape[0]
-    w_down, w_up = w_down.to(dtype), w_up.to(dtype)
+    omega, row_scale, source_index, b_up = call.omega, call.row_scale, call.source_index, call.b_up
+    n = call.num_sources
+    w_down, w_up = call.w_down.to(dtype), call.w_up.to(dtype)
     r = pre.shape[1]
     d_z = d_wd = d_bd = d_wu = d_bu = d_omega = d_rs = None
-    if need_z or need_wd or need_bd or need_rs:
+    if needs.z or needs.w_down or needs.b_down or needs.row_scale:
         d_pre, gs = k.grad_pre(
-            g, pre, w_up, omega, source_index, row_scale, activation, store_gs=need_rs,
-            b_up=b_up if need_rs else None,
+            g, pre, w_up, omega, source_index, row_scale, call.activation, store_gs=needs.row_scale,
+            b_up=b_up if needs.row_scale else None,
         )  # fmt: skip
-        if need_rs:  # gs [T, R + N]: the R units' act(P)⊙G, then each source's bias unit g·(ω_i⊙B_i)
+        if needs.row_scale:  # gs [T, R + N]: the R units' act(P)⊙G, then each source's bias unit g·(ω_i⊙B_i)
             unit_source = torch.cat([source_index, torch.arange(n, device=source_index.device)])
-            d_rs = gs.new_zeros(gs.shape[0], n).index_add_(1, unit_source, gs).to(row_scale.dtype)
-        if need_z:
+            d_rs = algebra.segment_sum(gs, unit_source, n).to(row_scale.dtype)
+        if needs.z:
             d_z = k.up_projection(d_pre, w_down.T, None, source_index, None)
-        if need_wd:
+        if needs.w_down:
             d_wd = k.tn_gemm(d_pre, z).to(dtype)
-        if need_bd:
+        if needs.b_down:
             d_bd = d_pre.float().sum(0).to(dtype)
-    if need_omega or need_wu or need_bu:
+    if needs.omega or needs.w_up or needs.b_up:
         # [S, w]ᵀ·g: rows :R are M = Sᵀ·g, rows R: are g_rows[i] = Σ_t w[t, i]·g[t, :]
         m_ext = k.tn_gemm(
-            pre, g, activation=activation, source_index=source_index, row_scale=row_scale, num_sources=n
+            pre, g, activation=call.activation, source_index=source_index, row_scale=row_scale, num_sources=n
         )
         m, g_rows = m_ext[:r], m_ext[r:]
-        if need_omega:
-            d_omega = torch.zeros(n, m.shape[1], dtype=torch.float32, device=g.device)
-            d_omega.index_add_(0, source_index, w_up.float().T * m)
-            d_omega += b_up.float() * g_rows
-            if omega.shape[1] == 1:
-                d_omega = d_omega.sum(1, keepdim=True)
-            d_omega = d_omega.to(omega.dtype)
-        if need_wu:
+        if needs.omega:
+            d_omega = algebra.omega_gradient(w_up.float(), m, b_up.float(), g_rows, source_index, omega)
+        if needs.w_up:
             d_wu = (m * omega.float().index_select(0, source_index)).T.to(dtype)
-    if need_bu:
-        d_bu = (omega.float() * g_rows).to(b_up.dtype)
-    grads = [d_z, d_wd, d_bd, d_wu, d_bu, d_omega, d_rs]
-    return [g.new_empty(0) if t is None else t for t in grads]  # one fresh empty each: no aliasing
+        if needs.b_up:
+            d_bu = (omega.float() * g_rows).to(b_up.dtype)
+    return Gradients(d_z, d_wd, d_bd, d_wu, d_bu, d_omega, d_rs)

@@ -1,0 +1,98 @@
+"""The shared maths of the two-GEMM form, written once (docs/design.md, "The algebra").
+
+With D [R, d], b_D [R], W [d, R], B [N, d], s [R] the source of each unit, ω [N, d|1] and an
+optional per-row source weight w [T, N]:
+
+    P    = z·Dᵀ + b_D                       down projection           [T, R]
+    S    = act(P) ⊙ w[:, s]                 hidden units               [T, R]
+    U    = W ⊙ ω[s]ᵀ                         ω applied to the up GEMM   [d, R]
+    out  = S·Uᵀ + Σ_i w_i ω_i ⊙ B_i + residual
+
+Backward, g = dL/dout, M = Sᵀ·g [R, d]:
+
+    dω[i, j] = Σ_{c: s(c)=i} W[j, c]·M[c, j] + B[i, j]·Σ_t w[t, i]·g[t, j]
+
+The torch backend uses every function here; the triton backend uses the O(R·d + N·d) ones
+(the scaled bias, the per-source reductions) around its kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .activations import activation_fn
+
+Tensor = torch.Tensor
+
+
+def scale_up_projections(
+    w_up: Tensor, b_up: Tensor, omega: Tensor, source_index: Tensor
+) -> tuple[Tensor, Tensor]:
+    """U = W ⊙ ω[s]ᵀ [d, R] and Σ_i ω_i ⊙ B_i [d], in W's dtype.
+
+    Half-precision weights are scaled in fp32 and rounded once. An fp16 product can still
+    exceed the format's range (|ω·W| > 65504) where the loop's separate products do not; the
+    result then holds ±inf and ``fits_dtype`` says so (callers fall back to fp32).
+    """
+    if w_up.dtype in (torch.float16, torch.bfloat16):
+        u, bias = scale_up_projections(w_up.float(), b_up.float(), omega.float(), source_index)
+        return u.to(w_up.dtype), bias.to(w_up.dtype)
+    return w_up * omega.index_select(0, source_index).T, (omega * b_up).sum(0)
+
+
+def fp16_fold_overflows(w_up: Tensor, omega: Tensor, source_index: Tensor) -> bool:
+    """Whether U = W ⊙ ω[s]ᵀ leaves fp16's finite range while W and ω are finite (a host sync:
+    called only for fp16 operands)."""
+    u = w_up.float() * omega.float().index_select(0, source_index).T
+    finite_inputs = torch.isfinite(w_up).all() & torch.isfinite(omega).all()
+    return bool(finite_inputs & (u.abs() > torch.finfo(torch.float16).max).any())
+
+
+def scaled_bias_rows(b_up: Tensor, omega: Tensor, row_scale: Tensor | None) -> Tensor:
+    """Σ_i ω_i ⊙ B_i [d], or with ``row_scale`` the per-row w·(ω ⊙ B) [T, d]."""
+    scaled = omega * b_up
+    return scaled.sum(0) if row_scale is None else row_scale @ scaled
+
+
+def down_projection(z: Tensor, w_down: Tensor, b_down: Tensor) -> Tensor:
+    """P = z·Dᵀ + b_D [T, R]."""
+    return torch.addmm(b_down, z, w_down.T)
+
+
+def hidden_units(
+    pre: Tensor, activation: str, source_index: Tensor, row_scale: Tensor | None, *, overwrite: bool
+) -> Tensor:
+    """S = act(P) ⊙ w[:, s]; with ``overwrite`` (inference) P's storage may be reused."""
+    hidden = activation_fn(activation, pre, inplace=overwrite)
+    if row_scale is None:
+        return hidden
+    scale_cols = row_scale.index_select(1, source_index)
+    in_place = overwrite or (hidden is not pre and not hidden.requires_grad)
+    return hidden.mul_(scale_cols) if in_place else hidden * scale_cols
+
+
+def segment_sum(values: Tensor, source_index: Tensor, num_sources: int) -> Tensor:
+    """Sum the columns of ``values [T, R]`` that belong to the same source -> [T, N]."""
+    return values.new_zeros(values.shape[0], num_sources).index_add_(1, source_index, values)
+
+
+def omega_gradient(
+    w_up: Tensor, m: Tensor, b_up: Tensor, g_rows: Tensor, source_index: Tensor, omega: Tensor
+) -> Tensor:
+    """dω from M = Sᵀ·g [R, d] and g_rows[i] = Σ_t w[t, i]·g[t, :] [N, d], reduced in ≥ fp32,
+    summed over d for a uniform ω [N, 1]; in ω's dtype."""
+    acc = torch.promote_types(m.dtype, torch.float32)
+    per_unit = w_up.T.to(acc) * m.to(acc)  # [R, d]
+    d_omega = torch.zeros(omega.shape[0], m.shape[1], dtype=acc, device=m.device)
+    d_omega.index_add_(0, source_index, per_unit)
+    d_omega += b_up.to(acc) * g_rows.to(acc)
+    if omega.shape[1] == 1:
+        d_omega = d_omega.sum(1, keepdim=True)
+    return d_omega.to(omega.dtype)
+
+
+def source_rows_of_grad(grad_out: Tensor, row_scale: Tensor | None, num_sources: int) -> Tensor:
+    """g_rows[i] = Σ_t w[t, i]·g[t, :] [N, d] (w = 1 without ``row_scale``)."""
+    if row_scale is None:
+        return grad_out.sum(0, keepdim=True).expand(num_sources, -1)
+    return row_scale.T @ grad_out

@@ -1,0 +1,169 @@
+"""How a ``Composition`` reaches a backend: one ``torch.library`` custom op (traced by
+``torch.compile``), one eager ``torch.autograd.Function`` (less host time per call), and one
+inference entry point (``infer``) that the layers' eval path and ``scaled_adapter_sum_folded``
+share.
+
+Both differentiable routes are thin adapters over a backend's ``forward``/``backward``
+(``ops/composition.py``). The op's schema and the positions of its inputs are generated from
+``Composition``'s fields, so no position is written by hand anywhere:
+
+    scalearn_fast::scaled_adapter_sum(<Composition's fields>, str backend) -> (out, pre)
+    scalearn_fast::scaled_adapter_sum_backward(grad_out, pre, <fields>, str backend, bool[] needs)
+
+Why two routes: the custom-op dispatch (argument binding, alias checks, the autograd wrapper,
+a second op for the backward) costs more host time per call than the small GEMMs of a typical
+layer take on a GPU, and a layer at the default shape is host-bound.
+
+Double backward (a gradient penalty, ``create_graph=True``) differentiates through the torch
+backend's formulas (every one of them is a differentiable torch op), with the pre-activation
+recomputed from the saved inputs, on every backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import backend_module
+from .composition import GRAD_FIELDS, TENSOR_FIELDS, Composition, Gradients, op_schema
+
+Tensor = torch.Tensor
+
+_FIELD_POSITION = {name: i for i, name in enumerate(Composition._fields)}
+_NUM_INPUTS = len(Composition._fields) + 1  # the fields, then the backend name
+_RESIDUAL = _FIELD_POSITION["residual"]
+_SAVED = frozenset(TENSOR_FIELDS) - {"residual", "scaled_up", "scaled_bias"}  # what backward reads
+
+
+# ------------------------------------------------------------------ the custom ops
+
+
+@torch.library.custom_op(
+    "scalearn_fast::scaled_adapter_sum",
+    mutates_args=(),
+    schema=f"({op_schema()}, str backend) -> (Tensor, Tensor)",
+)
+def _forward_op(*args):
+    *fields, backend = args
+    return backend_module(backend).forward(Composition(*fields))
+
+
+@_forward_op.register_fake
+def _(*args):
+    call = Composition(*args[:-1])
+    pre_shape = (call.z.shape[0], call.total_rank) if call.save_for_backward else (0,)
+    return call.z.new_empty(call.z.shape), call.z.new_empty(pre_shape)
+
+
+@torch.library.custom_op(
+    "scalearn_fast::scaled_adapter_sum_backward",
+    mutates_args=(),
+    schema=f"(Tensor grad_out, Tensor pre, {op_schema()}, str backend, bool[] needs) -> Tensor[]",
+)
+def _backward_op(grad_out, pre, *args):
+    *fields, backend, needs = args
+    grads = backend_module(backend).backward(Composition(*fields), pre, grad_out, Gradients(*needs))
+    return [grad_out.new_empty(0) if t is None else t for t in grads]  # one fresh empty each: no aliasing
+
+
+@_backward_op.register_fake
+def _(grad_out, pre, *args):
+    *fields, _backend, needs = args
+    call = Composition(*fields)
+    return [
+        getattr(call, name).new_empty(getattr(call, name).shape) if need else grad_out.new_empty(0)
+        for name, need in zip(GRAD_FIELDS, needs, strict=True)
+    ]
+
+
+# ------------------------------------------------------------------ the autograd formula, shared
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    """Save what the backward needs: the call's tensors and the pre-activation."""
+    *fields, backend = inputs
+    call = Composition(*fields)
+    _, pre = output
+    ctx.save_for_backward(*(getattr(call, name) if name in _SAVED else None for name in TENSOR_FIELDS), pre)
+    ctx.activation = call.activation
+    ctx.saved_pre = call.save_for_backward
+    ctx.backend = backend
+    ctx.eager = False
+    ctx.mark_non_differentiable(pre)  # saved for backward only
+    ctx.set_materialize_grads(False)  # so no [T, R] zeros are made for its (absent) gradient
+
+
+def _backward(ctx, grad_out, _grad_pre):
+    if grad_out is None:  # the output was not used (e.g. only its shape): nothing flows back
+        return (None,) * _NUM_INPUTS
+    *tensors, pre = ctx.saved_tensors
+    call = Composition(*tensors, ctx.activation, ctx.saved_pre)
+    needs = Gradients(*(ctx.needs_input_grad[_FIELD_POSITION[name]] for name in GRAD_FIELDS))
+    if torch.is_grad_enabled():  # create_graph=True: differentiable formulas, P recomputed
+        grads = _differentiable_backward(call, grad_out, needs)
+    elif not ctx.saved_pre:
+        raise RuntimeError(
+            "scaled_adapter_sum ran without saving its activations (no input required grad "
+            "when it was called); call it with grad enabled to differentiate it"
+        )
+    elif ctx.eager:
+        grads = backend_module(ctx.backend).backward(call, pre, grad_out.contiguous(), needs)
+    else:
+        flat = torch.ops.scalearn_fast.scaled_adapter_sum_backward(
+            grad_out.contiguous(), pre, *tensors, ctx.activation, ctx.saved_pre, ctx.backend, list(needs)
+        )
+        grads = Gradients(*(t if need else None for t, need in zip(flat, needs, strict=True)))
+    result: list[Tensor | None] = [None] * _NUM_INPUTS
+    for name, grad in zip(GRAD_FIELDS, grads, strict=True):
+        if getattr(needs, name):
+            result[_FIELD_POSITION[name]] = grad
+    if ctx.needs_input_grad[_RESIDUAL]:
+        result[_RESIDUAL] = grad_out
+    return tuple(result)
+
+
+def _differentiable_backward(call: Composition, grad_out: Tensor, needs: Gradients) -> Gradients:
+    from . import algebra, torch_backend
+
+    pre = algebra.down_projection(call.z, call.w_down, call.b_down)
+    return torch_backend.backward(call, pre, grad_out, needs)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerComposition(torch.autograd.Function):
+    """The custom op's forward and autograd formula without the ``torch.library`` dispatch."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # the op's inputs: Composition's fields, then the backend name
+        output = backend_module(inputs[-1]).forward(Composition(*inputs[:-1]))
+        _setup_context(ctx, inputs, output)
+        ctx.eager = True
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_pre):
+        return _backward(ctx, grad_out, grad_pre)
+
+
+# ------------------------------------------------------------------ entry points
+
+
+def run(call: Composition, backend: str) -> tuple[Tensor, Tensor]:
+    """``(out, pre)`` of ``call`` on a resolved fused backend: traced as the custom op under
+    ``torch.compile``; in eager mode the autograd.Function when something needs a gradient
+    (``call.save_for_backward``), else the backend itself."""
+    if torch.compiler.is_compiling():
+        return torch.ops.scalearn_fast.scaled_adapter_sum(*call, backend)
+    if not call.save_for_backward:
+        with torch.no_grad():
+            return backend_module(backend).forward(call)
+    return _EagerComposition.apply(*call, backend)
+
+
+def infer(call: Composition, backend: str) -> Tensor:
+    """The inference entry point: ``call``'s output, nothing saved, no autograd record."""
+    if torch.compiler.is_compiling():
+        return torch.ops.scalearn_fast.scaled_adapter_sum(*call, backend)[0]
+    with torch.no_grad():
+        return backend_module(backend).forward(call)[0]
