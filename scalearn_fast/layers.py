@@ -25,7 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers_base import FrozenSources, check_matches_z, check_sublayer_inputs, weights_key
+from .layers_base import (
+    FrozenSources,
+    apply_layer_norm,
+    check_matches_z,
+    check_sublayer_inputs,
+    weights_key,
+)
 from .ops.algebra import scale_up_projections
 from .ops.backends import resolve_backend
 from .ops.composition import Composition
@@ -142,41 +148,49 @@ class ScaLearnLayer(FrozenSources):
         residual. This keeps the layer's host time per call near that of its two GEMMs (a model
         at the default shape is host-bound on a GPU)."""
         params = self._parameters  # not self.omega: nn.Module.__getattr__ costs per access
-        omega, w_down, b_down, w_up, b_up = (params[k] for k in ("omega", "w_down", "b_down", "w_up", "b_up"))
+        weights = (params["omega"], params["w_down"], params["b_down"], params["w_up"], params["b_up"])
+        key = (z.dtype, z.device, self.backend, weights_key(weights))
+        return self._cached(key, self._build_plan, z)
 
-        def build() -> _InferencePlan:
-            backend = resolve_backend(self.backend, z.device)
-            packed = self.packed().to(z.dtype)
-            check_inputs(z, packed, omega.to(z.dtype), None)  # devices and dtypes, once
-            with torch.no_grad():
-                up, bias = scale_up_projections(w_up, b_up, omega, self.source_index)
-            fields = (
-                packed.w_down.detach().contiguous(), packed.b_down.detach().contiguous(),
-                packed.w_up.detach(), packed.b_up.detach(), self.source_index,
-                None, up.to(z.dtype).contiguous(), bias.to(z.dtype).contiguous(), None,
-            )  # fmt: skip
-            return _InferencePlan(backend, fields, self.hidden_size)
+    def _build_plan(self, z: torch.Tensor) -> _InferencePlan:
+        omega = self._parameters["omega"]
+        backend = resolve_backend(self.backend, z.device)
+        packed = self.packed().to(z.dtype)
+        check_inputs(z, packed, omega.to(z.dtype), None)  # devices and dtypes, once
+        with torch.no_grad():
+            up, bias = scale_up_projections(self.w_up, self.b_up, omega, self.source_index)
+        fields = (
+            packed.w_down.detach().contiguous(), packed.b_down.detach().contiguous(),
+            packed.w_up.detach(), packed.b_up.detach(), self.source_index,
+            None, up.to(z.dtype).contiguous(), bias.to(z.dtype).contiguous(), None,
+        )  # fmt: skip
+        return _InferencePlan(backend, fields, self.hidden_size)
 
-        key = (z.dtype, z.device, self.backend, weights_key((omega, w_down, b_down, w_up, b_up)))
-        return self._cached(key, build)
-
-    def _folded_compose(self, z: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def _folded_compose(
+        self, z: torch.Tensor, residual: torch.Tensor | None, *, residual_checked: bool = False
+    ) -> torch.Tensor:
         """``compose`` in eval mode with nothing to differentiate: ω applied once, one call of
-        the inference entry point."""
+        the inference entry point. ``residual_checked``: the caller made z from the residual
+        (``forward``), so they match by construction."""
         plan = self._inference_plan(z)
         d = plan.hidden_size
         if z.shape[-1] != d:
             raise ValueError(
                 f"z has shape {list(z.shape)}: its last dim must equal the sources' hidden size d={d}"
             )
-        check_matches_z("residual", residual, z)
-        flat = z.dim() != 2  # [T, d] already: no reshapes
-        rows = z.reshape(-1, d) if flat else z
-        res = residual.reshape(-1, d) if flat and residual is not None else residual
-        res = None if res is None else res.contiguous()
-        call = Composition(rows.contiguous(), *plan.sources_and_coefficients, res, self.activation)
-        out = infer(call, plan.backend)
-        return out.reshape(z.shape) if flat else out
+        if not residual_checked:
+            check_matches_z("residual", residual, z)
+        return infer(Composition(z, *plan.sources_and_coefficients, residual, self.activation), plan.backend)
+
+    def _eval_fast(self, *inputs: torch.Tensor | None) -> bool:
+        """Whether a call takes the inference path: eval mode, nothing to differentiate, eager,
+        and a fused backend (the reference backend stays the literal loop)."""
+        return (
+            not self.training
+            and self.backend != "reference"
+            and not self._needs_grad(*inputs)
+            and not torch.compiler.is_compiling()
+        )
 
     def compose(self, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``Σ_i ω_i ⊙ A_i(z) + residual`` for ``z [..., d]``."""
@@ -184,13 +198,7 @@ class ScaLearnLayer(FrozenSources):
             raise ValueError(f"z must be a tensor; got {type(z).__name__}")
         if residual is not None and not isinstance(residual, torch.Tensor):
             raise ValueError(f"residual must be a tensor or None; got {type(residual).__name__}")
-        fold = self.backend != "reference"  # the reference backend stays the literal loop
-        if (
-            fold
-            and not self.training
-            and not self._needs_grad(z, residual)
-            and not torch.compiler.is_compiling()
-        ):
+        if self._eval_fast(z, residual):
             if not z.is_floating_point():
                 raise ValueError(f"z must be a floating-point tensor; got dtype {z.dtype}")
             return self._folded_compose(z, residual)
@@ -204,7 +212,12 @@ class ScaLearnLayer(FrozenSources):
         """The full sub-layer ``LN(Σ ω_i ⊙ A_i(LN(h + x)) + h + x)``; needs ``layer_norm``."""
         layer_norm = check_sublayer_inputs("ScaLearnLayer", self.layer_norm, hidden_states, input_tensor)
         pre_ln = hidden_states + input_tensor
-        return layer_norm(self.compose(layer_norm(pre_ln), residual=pre_ln))
+        z = apply_layer_norm(layer_norm, pre_ln)
+        if z.is_floating_point() and self._eval_fast(z):
+            out = self._folded_compose(z, pre_ln, residual_checked=True)
+        else:
+            out = self.compose(z, residual=pre_ln)
+        return apply_layer_norm(layer_norm, out)
 
     def extra_repr(self) -> str:
         return (

@@ -33,10 +33,13 @@ def weights_key(tensors: Sequence[torch.Tensor]) -> tuple | None:
     global _step_hook
     if _step_hook is None:
         _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+    key = [_optimizer_steps]
     try:
-        return (_optimizer_steps, *((t.data_ptr(), t._version) for t in tensors))
+        for t in tensors:
+            key += (t.data_ptr(), t._version)
     except RuntimeError:  # "Inference tensors do not track version counter"
         return None
+    return tuple(key)
 
 
 def check_matches_z(name: str, t: torch.Tensor | None, z: torch.Tensor) -> None:
@@ -46,6 +49,17 @@ def check_matches_z(name: str, t: torch.Tensor | None, z: torch.Tensor) -> None:
             f"{name} ({list(t.shape)}, {t.dtype}, {t.device}) must match z "
             f"({list(z.shape)}, {z.dtype}, {z.device})"
         )
+
+
+def apply_layer_norm(layer_norm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``layer_norm(x)``; an ``nn.LayerNorm`` (or a reference to one: ``.module``) runs as the one
+    ATen call its forward makes, without the module and functional wrappers around it (host
+    time: a layer calls this twice)."""
+    module = getattr(layer_norm, "module", layer_norm)
+    if type(module) is nn.LayerNorm:
+        params = module._parameters
+        return torch.layer_norm(x, module.normalized_shape, params["weight"], params["bias"], module.eps)
+    return layer_norm(x)
 
 
 def check_sublayer_inputs(
@@ -102,12 +116,13 @@ class FrozenSources(nn.Module):
             raise ValueError(f"source_names holds {len(self.source_names)} names for N={n} sources")
         self._folded: tuple[tuple, Any] | None = None  # (key, value): the eval-mode cache
 
-    def _cached(self, key: tuple, build: Callable[[], T]) -> T:
-        """The eval-mode cache: ``build()``'s value, kept while ``key`` stays the same. ``key``
-        ends with ``weights_key(...)``; when that is ``None`` nothing is kept."""
-        if self._folded is None or self._folded[0] != key or key[-1] is None:
-            self._folded = (key, build())
-        return self._folded[1]
+    def _cached(self, key: tuple, build: Callable[..., T], *args: Any) -> T:
+        """The eval-mode cache: ``build(*args)``'s value, kept while ``key`` stays the same.
+        ``key`` ends with ``weights_key(...)``; when that is ``None`` nothing is kept."""
+        folded = self._folded
+        if folded is None or folded[0] != key or key[-1] is None:
+            folded = self._folded = (key, build(*args))
+        return folded[1]
 
     def invalidate_cache(self) -> None:
         """Drop the eval-mode cache of folded weights. Needed only after in-place edits through

@@ -16,7 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn as nn
+from torch.nn.modules import module as _nn_module
 
 _SAVED = "_scalearn_fast_saved_forward"
 _SITE_ATTR = "_scalearn_fast_site_attr"
@@ -69,16 +71,36 @@ class LayerNormRef:
         return type(self.module).forward(self.module, x)
 
 
+def _call_sublayer(module: nn.Module, h: Any, x: Any) -> Any:
+    """``sublayer(h, x)`` for the sub-layer registered on ``module``. Without hooks on it (or
+    global ones) its ``forward`` runs directly: ``nn.Module.__call__``'s bookkeeping costs more
+    host time than the rest of an eval-mode sub-layer call at small shapes."""
+    sublayer = module._modules[module.__dict__[_SITE_ATTR]]
+    if (
+        sublayer._forward_hooks
+        or sublayer._forward_pre_hooks
+        or sublayer._backward_hooks
+        or sublayer._backward_pre_hooks
+        or _nn_module._global_forward_hooks
+        or _nn_module._global_forward_pre_hooks
+        or _nn_module._global_backward_hooks
+        or _nn_module._global_backward_pre_hooks
+        or torch.compiler.is_compiling()
+    ):
+        return sublayer(h, x)
+    return sublayer.forward(h, x)
+
+
 def _output_forward(self: nn.Module, hidden_states: Any, input_tensor: Any, *args: Any, **kwargs: Any) -> Any:
     """Patched ``forward(hidden_states, input_tensor)`` of a BERT-like FFN output module."""
     h = self.dropout(self.dense(hidden_states))
-    return getattr(self, self.__dict__[_SITE_ATTR])(h, input_tensor)
+    return _call_sublayer(self, h, input_tensor)
 
 
 def _post_ln_forward(self: nn.Module, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
     """Patched ``forward`` of a post-FFN LayerNorm: its input is already ``h + x``."""
     zeros = hidden_states.new_zeros(()).expand_as(hidden_states)
-    return getattr(self, self.__dict__[_SITE_ATTR])(hidden_states, zeros)
+    return _call_sublayer(self, hidden_states, zeros)
 
 
 _STYLES = {"output": _output_forward, "post_ln": _post_ln_forward}

@@ -19,6 +19,7 @@ The torch backend uses every function here; the triton backend uses the O(R·d +
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .activations import activation_fn
 
@@ -55,8 +56,8 @@ def scaled_bias_rows(b_up: Tensor, omega: Tensor, row_scale: Tensor | None) -> T
 
 
 def down_projection(z: Tensor, w_down: Tensor, b_down: Tensor) -> Tensor:
-    """P = z·Dᵀ + b_D [T, R]."""
-    return torch.addmm(b_down, z, w_down.T)
+    """P = z·Dᵀ + b_D [..., R] (for rows, the same ``addmm`` as ``torch.addmm(b_D, z, Dᵀ)``)."""
+    return F.linear(z, w_down, b_down)
 
 
 def hidden_units(
@@ -66,7 +67,7 @@ def hidden_units(
     hidden = activation_fn(activation, pre, inplace=overwrite)
     if row_scale is None:
         return hidden
-    scale_cols = row_scale.index_select(1, source_index)
+    scale_cols = row_scale.index_select(-1, source_index)
     in_place = overwrite or (hidden is not pre and not hidden.requires_grad)
     return hidden.mul_(scale_cols) if in_place else hidden * scale_cols
 

@@ -25,6 +25,7 @@ import torch
 
 from .backends import backend_module
 from .composition import GRAD_FIELDS, TENSOR_FIELDS, Composition, Gradients, op_schema
+from .torch_backend import output as _torch_output
 
 Tensor = torch.Tensor
 
@@ -162,8 +163,18 @@ def run(call: Composition, backend: str) -> tuple[Tensor, Tensor]:
 
 
 def infer(call: Composition, backend: str) -> Tensor:
-    """The inference entry point: ``call``'s output, nothing saved, no autograd record."""
+    """The inference entry point: ``call``'s output, nothing saved. The caller guarantees that
+    nothing needs a gradient (grad mode off, or no input requiring grad). ``call.z`` may be
+    [..., d]: the torch backend takes it as is, the others get rows."""
+    if backend == "torch":
+        return _torch_output(call)[0]
+    z = call.z
+    if z.dim() != 2:
+        d = z.shape[-1]
+        rows = call._replace(
+            z=z.reshape(-1, d), residual=None if call.residual is None else call.residual.reshape(-1, d)
+        )
+        return infer(rows, backend).reshape(z.shape)
     if torch.compiler.is_compiling():
         return torch.ops.scalearn_fast.scaled_adapter_sum(*call, backend)[0]
-    with torch.no_grad():
-        return backend_module(backend).forward(call)[0]
+    return backend_module(backend).forward(call)[0]

@@ -24,6 +24,7 @@ penalty) differentiates through these formulas.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import algebra
 from .activations import activation_fn, activation_grad
@@ -34,7 +35,18 @@ Tensor = torch.Tensor
 
 def forward(call: Composition) -> tuple[Tensor, Tensor]:
     """``(out [T, d], pre [T, R] or empty)``."""
+    out, pre = output(call)
+    return out, (out.new_empty(0) if pre is None else pre)
+
+
+def output(call: Composition) -> tuple[Tensor, Tensor | None]:
+    """``forward`` without an empty stand-in for ``pre`` when nothing is saved (``None``): the
+    inference entry point's route. z may also be [..., d] (rows are its leading dims)."""
     z, omega, row_scale = call.z, call.omega, call.row_scale
+    if omega is None and row_scale is None and not call.save_for_backward:  # inference, ω applied
+        hidden = activation_fn(call.activation, F.linear(z, call.w_down, call.b_down), inplace=True)
+        out = F.linear(hidden, call.scaled_up, call.scaled_bias)
+        return (out if call.residual is None else out.add_(call.residual)), None
     if (
         z.dtype == torch.float16
         and omega is not None
@@ -50,20 +62,20 @@ def forward(call: Composition) -> tuple[Tensor, Tensor]:
     else:
         u, _ = algebra.scale_up_projections(call.w_up, call.b_up, omega, call.source_index)
         bias = algebra.scaled_bias_rows(call.b_up, omega, row_scale)
-    out = torch.addmm(bias, hidden, u.T)
+    out = F.linear(hidden, u, bias)
     if call.residual is not None:
         out = out + call.residual if out.requires_grad else out.add_(call.residual)
-    return out, (pre if call.save_for_backward else pre.new_empty(0))
+    return out, (pre if call.save_for_backward else None)
 
 
-def _forward_in_fp32(call: Composition) -> tuple[Tensor, Tensor]:
+def _forward_in_fp32(call: Composition) -> tuple[Tensor, Tensor | None]:
     """fp16 operands whose ω-scaled up projection leaves fp16's range: the same sum in fp32,
     rounded once at the end (as the loop's separate products stay in range)."""
     up = call._replace(
         **{name: None if t is None else t.float() for name, t in _float_fields(call)},
     )
-    out, pre = forward(up)
-    return out.to(call.z.dtype), pre.to(call.z.dtype)
+    out, pre = output(up)
+    return out.to(call.z.dtype), (None if pre is None else pre.to(call.z.dtype))
 
 
 def _float_fields(call: Composition):
