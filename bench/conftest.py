@@ -105,7 +105,7 @@ def _case_of(item: pytest.Item):
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Default shape first, then the N sweep, the T sweep, the rest; ScaLearn before fusion
-    before the model within each; then the progress weights."""
+    before the model within each."""
 
     def key(pair: tuple[int, pytest.Item]) -> tuple:
         pos, item = pair
@@ -115,6 +115,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return (case_rank(case), KIND_ORDER[fixture], pos)
 
     items[:] = [item for _, item in sorted(enumerate(items), key=key)]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Progress weights of the groups that will run (after -k and the like deselected some)."""
+    items = session.items
+    config = session.config
     weights = []
     for item in items:
         spec = getattr(item, "callspec", None)
