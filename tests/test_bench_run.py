@@ -249,3 +249,14 @@ def test_gpu_run_and_bench_refuse_bad_arguments() -> None:
     assert res.returncode == 2 and "--only takes tests, bench, profile, report" in res.stderr
     res = _script("scripts/bench.sh", "--publish", "--bench-quick")
     assert res.returncode == 2 and "tiny smoke shapes are not results" in res.stderr
+
+
+def test_graph_inference_needs_cuda_and_says_so() -> None:
+    from scalearn_fast.bench.matrix import ModelCase
+    from scalearn_fast.bench.model import build_model, graph_inference_step
+    from scalearn_fast.bench.providers import ProviderUnavailable
+
+    case = ModelCase(1, 32, 2, 64, 2, 1, 8, torch.float32)
+    m = build_model("plain", case, torch.device("cpu"))
+    with pytest.raises(ProviderUnavailable, match="CUDA graphs need a CUDA device"):
+        graph_inference_step(m, torch.zeros(1, 8, dtype=torch.long))
