@@ -93,7 +93,7 @@ def shape_label(r: dict[str, Any]) -> str:
     return f"{d}N{r.get('n')} T{r.get('tokens')}"
 
 
-def merge_labels(points: list[tuple[float, float, str]], rel: float = 0.04) -> list[tuple[float, float, str]]:
+def merge_labels(points: list[tuple[float, float, str]], rel: float = 0.07) -> list[tuple[float, float, str]]:
     """One label per x position (x, top y, text): points whose x differ by less than ``rel``
     (in log10) share a label, their texts joined with " / "."""
     out: list[tuple[float, float, str]] = []
@@ -172,7 +172,7 @@ def plot_roofline(device: dict[str, Any], rows: list[dict[str, Any]], path: Path
         ax.set_yscale("log")
         ys_all = [r["tflops"] for r in mine]
         ax.set_xlim(lo, hi)
-        ax.set_ylim(min(min(ys_all) / 3, bw * lo), max(p for _, p in roofs) * 3)
+        ax.set_ylim(min(min(ys_all) / 3, bw * lo), max(p for _, p in roofs) * 10)  # room for the labels
         _readable_log_ticks(ax.xaxis)
         ax.set_xlabel("arithmetic intensity (FLOP / minimum byte)")
         ax.set_ylabel("achieved TFLOP/s (bars: IQR)")
