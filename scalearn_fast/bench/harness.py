@@ -124,8 +124,8 @@ def run_group(
     iterations = {n: iterations_for(w["estimate"]) if cuda else 1 for n, w in warm.items()}
     estimates = {n: w["estimate"] for n, w in warm.items()}
     policy = policy_for(device, quick, len(steps))
-    for name, fn in steps.items():  # one untimed round each, as the timed ones will run
-        for _ in range(iterations[name]):
+    for name, fn in steps.items():  # GPU: one untimed round each, as the timed ones will run
+        for _ in range(iterations[name] if cuda else 0):
             fn()
     times = time_interleaved(steps, iterations, estimates, device, policy)
     after = {f"after_{k}": v for k, v in nvml_sample(device.index or 0).items()} if cuda else {}
