@@ -260,3 +260,14 @@ def test_graph_inference_needs_cuda_and_says_so() -> None:
     m = build_model("plain", case, torch.device("cpu"))
     with pytest.raises(ProviderUnavailable, match="CUDA graphs need a CUDA device"):
         graph_inference_step(m, torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_run_folders_are_ignored_by_git() -> None:
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    res = subprocess.run(
+        ["git", "check-ignore", "-q", "bench/runs/cpu-some-other-cpu-4c-20260101T000000Z/raw.json"],
+        cwd=ROOT,
+        check=False,
+    )
+    assert res.returncode == 0  # a run on another machine adds nothing git would list
