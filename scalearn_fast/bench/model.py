@@ -52,7 +52,7 @@ def _config(case: ModelCase):
 
 class PatchedOutput(nn.Module):
     """A RobertaOutput (dense -> dropout -> LN(h + x)) with a composition in front of the LN:
-    ``LN(compose(LN(h + x), h + x))`` (DESIGN.md §1)."""
+    ``LN(compose(LN(h + x), h + x))`` (docs/design.md)."""
 
     def __init__(self, orig: nn.Module, composer: nn.Module) -> None:
         super().__init__()
