@@ -156,7 +156,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         spec = item.callspec.params
         mode = spec.get("mode", spec.get("model_mode"))
         kind = KIND[fixture]
-        reason = f"time budget of {budget:.0f} s spent before this group"
+        reason = f"time budget of {budget:g} s spent before this group"
         _writer(item.config).skip(reason, kind=kind, mode=mode, case=case.id, provider="*")
         pytest.skip(reason)
 
