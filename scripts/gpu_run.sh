@@ -16,7 +16,7 @@
 # <device>.json, <device>.md, <device>-roofline.png, -speedup-vs-n.png, -speedup-vs-t.png. To publish:
 # copy the report files into bench/results/ (or `python -m scalearn_fast.bench report DIR/raw.json --publish`).
 #
-# Time (seconds, environment): GPU_RUN_S=450 in all; GPU_TESTS_S=90; GPU_PROFILE_S=75; GPU_REPORT_S=20;
+# Time (seconds, environment): GPU_RUN_S=450 in all; GPU_TESTS_S=90; GPU_PROFILE_S=70; GPU_REPORT_S=30;
 # the bench gets what is left, and starts no new group in its last GPU_BENCH_MARGIN_S=60.
 # GPU_TESTS: the test files (default below); GPU_BENCH_ARGS: extra pytest arguments for the bench.
 set -uo pipefail
@@ -44,8 +44,8 @@ done
 out="${out:-gpu-out/$(date -u +%Y%m%dT%H%M%SZ)}"
 total="${GPU_RUN_S:-450}"
 tests_s="${GPU_TESTS_S:-90}"
-profile_s="${GPU_PROFILE_S:-75}"
-report_s="${GPU_REPORT_S:-20}"
+profile_s="${GPU_PROFILE_S:-70}"
+report_s="${GPU_REPORT_S:-30}"
 margin="${GPU_BENCH_MARGIN_S:-60}"
 gpu_tests="${GPU_TESTS:-tests/test_triton_kernels.py tests/test_fusion.py tests/test_layer.py tests/test_scaled_adapter_sum.py}"
 bench_opts=(--bench-compile default -q -s -rs -p no:cacheprovider)
