@@ -1,5 +1,5 @@
 """AdapterFusion ("dynamic") at the same shapes: a faithful naive loop, the adapters library's own
-fusion layer, and the fused providers (issue 5) registered in FUSION_PROVIDERS."""
+fusion layer, and the fused providers registered in FUSION_PROVIDERS, timed in interleaved rounds."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ from scalearn_fast.bench.harness import run_layer_case
 from scalearn_fast.bench.providers import FUSION_PROVIDERS
 
 
-def test_fusion_layer(benchmark, fusion_case, provider, mode, device, record, quick):
+def test_fusion_layer(writer, fusion_case, mode, device, record, quick, skip_provider):
     run_layer_case(
-        benchmark, "fusion", FUSION_PROVIDERS, fusion_cost, fusion_case, provider, mode, device, record, quick
+        writer,
+        "fusion",
+        FUSION_PROVIDERS,
+        fusion_cost,
+        fusion_case,
+        mode,
+        device,
+        record,
+        quick,
+        skip=lambda name: skip_provider(name, fusion_case),
     )

@@ -1,24 +1,41 @@
 #!/usr/bin/env bash
-# Run the benchmark suite, then write <device>.json, .md and PNG plots.
+# Run the benchmark suite in its own folder, then write the report there.
 #   bash scripts/bench.sh                  # full matrix with CUDA, reduced matrix on CPU
-#   bash scripts/bench.sh --bench-quick    # tiny smoke run (seconds)
+#   bash scripts/bench.sh --bench-quick    # tiny smoke run (seconds to minutes)
 #   bash scripts/bench.sh -k scalearn      # any extra pytest arguments pass through
-# The raw pytest-benchmark JSON stays in .benchmarks/ (git-ignored). The report goes to
-# bench/results (the committed results) for a full run only; a partial run (any extra argument,
-# or SCALEARN_BENCH_QUICK=1) reports into .benchmarks/report-<stamp>/ so it cannot overwrite
-# them. BENCH_OUT picks the report folder either way.
+#   bash scripts/bench.sh --publish        # also copy the report into bench/results/ (the committed results)
+# A run writes bench/runs/<device>-<UTC stamp>/ (git-ignored; BENCH_OUT picks another folder):
+# raw.json (the rows, rewritten after every group), log.txt, and the report (<device>.json, .md, PNGs).
+# Nothing outside that folder changes unless --publish is given.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-. scripts/setup.sh
-stamp="$(date -u +%Y%m%dT%H%M%SZ)"
-mkdir -p .benchmarks
-raw=".benchmarks/run-$stamp.json"
-out="bench/results"
-if [ "$#" -gt 0 ] || [ "${SCALEARN_BENCH_QUICK:-0}" = "1" ]; then
-  out=".benchmarks/report-$stamp"
+publish=()
+args=()
+for a in "$@"; do
+  if [ "$a" = "--publish" ]; then publish=(--publish); else args+=("$a"); fi
+done
+quick="${SCALEARN_BENCH_QUICK:-0}"
+for a in "${args[@]}"; do [ "$a" = "--bench-quick" ] && quick=1; done
+if [ "${#publish[@]}" -gt 0 ] && [ "$quick" = 1 ]; then
+  echo "bench.sh: --publish with --bench-quick: tiny smoke shapes are not results to commit" >&2
+  exit 2
 fi
-out="${BENCH_OUT:-$out}"
-python -m pytest bench/ --benchmark-only --benchmark-json="$raw" -v -s -rs -p no:cacheprovider \
-  --benchmark-columns=median,iqr,rounds --benchmark-sort=name "$@"
-python -m scalearn_fast.bench report "$raw" --out "$out"
-echo "report: $out (raw: $raw)"
+. scripts/setup.sh
+slug="$(python -c 'from scalearn_fast.bench.device import current_slug; print(current_slug())')"
+run="${BENCH_OUT:-bench/runs/$slug-$(date -u +%Y%m%dT%H%M%SZ)}"
+mkdir -p "$run"
+echo "bench: run folder $run" >&2
+start=$(date +%s)
+set +e
+python -m pytest bench/ --bench-json "$run/raw.json" -q -s -rs -p no:cacheprovider "${args[@]}" 2>&1 \
+  | tee "$run/log.txt"
+rc=${PIPESTATUS[0]}
+set -e
+if [ -s "$run/raw.json" ]; then
+  if [ "${#publish[@]}" -gt 0 ] && [ "${#args[@]}" -gt 0 ]; then
+    echo "bench: publishing a partial run (${args[*]}) replaces bench/results/$slug.* with it" >&2
+  fi
+  python -m scalearn_fast.bench report "$run/raw.json" --out "$run" "${publish[@]}"
+fi
+echo "bench: $(( $(date +%s) - start )) s; report and rows in $run (pytest rc=$rc)" | tee -a "$run/log.txt"
+exit "$rc"

@@ -7,6 +7,8 @@ For each step: ``wall`` (back-to-back calls between two synchronisations, as the
 times them), ``host`` (the same calls with no final sync: time to enqueue them), ``device`` (sum
 of the kernel times in a torch.profiler trace, per call) and ``kernels`` (launches per call).
 ``wall`` close to ``host`` and well above ``device`` means the step is launch/Python bound.
+Model variants are also measured replayed from a CUDA graph (``infer_graph``), where host time
+is one launch per step. ``scripts/gpu_run.sh`` runs this as its third stage.
 """
 
 from __future__ import annotations
@@ -20,8 +22,13 @@ from torch.profiler import ProfilerActivity, profile
 
 from scalearn_fast.bench.harness import layer_step
 from scalearn_fast.bench.matrix import ModelCase
-from scalearn_fast.bench.model import build_model, inference_step, train_step
-from scalearn_fast.bench.providers import FUSION_PROVIDERS, SCALEARN_PROVIDERS, make_sources
+from scalearn_fast.bench.model import build_model, graph_inference_step, inference_step, train_step
+from scalearn_fast.bench.providers import (
+    FUSION_PROVIDERS,
+    SCALEARN_PROVIDERS,
+    ProviderUnavailable,
+    make_sources,
+)
 
 
 def measure(name: str, fn: Callable[[], object], calls: int = 30, top: int = 0) -> None:
@@ -87,6 +94,10 @@ def models() -> None:
         m = build_model(variant, case, dev)
         top = 10 if variant in ("scalearn_fused", "fusion_fused") else 0
         measure(f"model {variant} infer", inference_step(m, ids), calls=10, top=top)
+        try:  # the same step replayed from a CUDA graph: what is left once host time is gone
+            measure(f"model {variant} infer_graph", graph_inference_step(m, ids), calls=10)
+        except ProviderUnavailable as exc:
+            print(f"model {variant} infer_graph: {exc}", flush=True)
         measure(f"model {variant} train", train_step(m, ids, labels), calls=5, top=top)
         del m
         torch.cuda.empty_cache()

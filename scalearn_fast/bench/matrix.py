@@ -1,7 +1,9 @@
 """Which shapes the suite runs: the full matrix on a GPU, a reduced one on CPU, a smoke one
 with ``--bench-quick`` (or ``SCALEARN_BENCH_QUICK=1``).
 
-Tokens T = batch x seq with seq 128 (GLUE-style), so T sweeps change the batch.
+Tokens T = batch x seq with seq 128 (GLUE-style), so T sweeps change the batch. ``case_rank``
+orders a run: the default shape first, then the N sweep, the T sweep, the rest (a run with a
+time budget measures what matters most before the budget ends).
 """
 
 from __future__ import annotations
@@ -50,6 +52,34 @@ class ModelCase:
     def id(self) -> str:
         dt = str(self.dtype).removeprefix("torch.")
         return f"L{self.layers}-d{self.d}-N{self.n}-B{self.batch}xS{self.seq}-{dt}"
+
+
+DEFAULT_SHAPE = {"d": 768, "n": 8, "tokens": 4096}
+
+
+def case_rank(case: LayerCase | ModelCase) -> int:
+    """0 default shape (and model cases), 1 N sweep, 2 T sweep, 3 anything else."""
+    if isinstance(case, ModelCase):
+        return 0
+    d, n = case.d == DEFAULT_SHAPE["d"], case.n == DEFAULT_SHAPE["n"]
+    t = case.tokens == DEFAULT_SHAPE["tokens"]
+    if d and n and t:
+        return 0
+    if d and t:
+        return 1
+    if d and n:
+        return 2
+    return 3
+
+
+def is_default(case: LayerCase) -> bool:
+    return case_rank(case) == 0
+
+
+def model_modes(cuda: bool) -> list[str]:
+    """Model-level modes: inference, a training step, and on CUDA inference replayed from a
+    captured CUDA graph (host time out of the picture)."""
+    return ["infer", "infer_graph", "train"] if cuda else ["infer", "train"]
 
 
 def _case(d: int, n: int, tokens: int, dtype: torch.dtype, seq: int = SEQ) -> LayerCase:

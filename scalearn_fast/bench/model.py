@@ -8,17 +8,27 @@ first token + backward + AdamW step over the trainable parameters; the base weig
   as ω's does (layer 0's FFN output) and no deeper, so the overhead compares like with like
   (with no trainable encoder parameter the backward would stop at the head);
 - ScaLearn: ω of every layer + the head;  AdapterFusion: the fusion layers + the head.
+
+``infer_graph`` (CUDA): the inference step captured once in a CUDA graph and replayed, so the
+host's Python, dispatch and launch time leave the timing and what remains is the GPU's work.
+The graph holds the embeddings and the encoder stack; the attention mask is left out as the
+eager model leaves it out for an all-ones mask (its all-ones check reads the GPU, which a
+capture cannot). The replay is checked against the eager output before it is timed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .device import DeviceRecord
+from .flops import OpCost, row_cost
+from .harness import Candidate, run_group
 from .matrix import ModelCase
 from .providers import NaiveScaLearn, ProviderUnavailable, adapters_installed, make_sources
 
@@ -42,7 +52,7 @@ def _config(case: ModelCase):
 
 class PatchedOutput(nn.Module):
     """A RobertaOutput (dense -> dropout -> LN(h + x)) with a composition in front of the LN:
-    ``LN(compose(LN(h + x), h + x))`` (DESIGN.md §1)."""
+    ``LN(compose(LN(h + x), h + x))`` (docs/design.md)."""
 
     def __init__(self, orig: nn.Module, composer: nn.Module) -> None:
         super().__init__()
@@ -167,3 +177,100 @@ def train_step(m: ModelUnderTest, ids: torch.Tensor, labels: torch.Tensor) -> Ca
         return loss.detach()
 
     return step
+
+
+def graph_inference_step(m: ModelUnderTest, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The inference step captured in a CUDA graph; calling it replays the graph. Raises
+    ``ProviderUnavailable`` off CUDA, when the capture fails, or when the replay's output
+    differs from the eager one."""
+    if not ids.is_cuda:
+        raise ProviderUnavailable("CUDA graphs need a CUDA device")
+    enc = m.encoder
+
+    def core() -> torch.Tensor:
+        with torch.no_grad():
+            hidden = enc.embeddings(input_ids=ids)
+            return enc.encoder(hidden)[0]
+
+    eager = inference_step(m, ids)()
+    graph = torch.cuda.CUDAGraph()
+    try:  # a variant whose code cannot run this way (host syncs, hooks) is reported, not fatal
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # caches, path choices and the allocator settle before capture
+                core()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            out = core()
+        graph.replay()
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001  (the reason goes into the report)
+        raise ProviderUnavailable(f"CUDA graph capture failed: {type(exc).__name__}: {exc}"[:300]) from exc
+    tol = 1e-2 if out.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    if not torch.allclose(out.float(), eager.float(), rtol=tol, atol=tol):
+        err = (out.float() - eager.float()).abs().max().item()
+        raise ProviderUnavailable(f"the CUDA graph replay differs from eager (max |diff| {err:.3g})")
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
+
+
+def run_model_case(
+    writer: Any,
+    case: ModelCase,
+    mode: str,
+    device: torch.device,
+    record: DeviceRecord,
+    quick: bool,
+    variants: list[str],
+    skip: Callable[[str], str | None] = lambda name: None,
+) -> dict[str, dict[str, Any]]:
+    """Every variant of ``case`` in ``mode`` (infer, infer_graph, train), timed interleaved."""
+    c = case
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 1000, (c.batch, c.seq), generator=gen).to(device)
+    labels = torch.randint(0, 2, (c.batch,), generator=gen).to(device)
+    params = {"kind": "model", "mode": mode, "case": c.id, "layers": c.layers, "d": c.d, "n": c.n}
+    params.update(batch=c.batch, seq=c.seq, ffn=c.ffn)
+    dtype_name = str(c.dtype).removeprefix("torch.")
+
+    def cost(variant: str) -> OpCost:  # the report recomputes with the same function
+        found = row_cost({**params, "provider": variant, "dtype": dtype_name, "tokens": c.tokens})
+        assert found is not None, params
+        return found
+
+    candidates = []
+    for variant in variants:
+        reason = skip(variant)
+        if reason:
+            writer.skip(reason, kind="model", mode=mode, case=c.id, provider=variant)
+            continue
+        attach: dict[str, Any] = {}
+
+        def build(variant=variant, attach=attach) -> tuple[Callable[[], Any], int]:
+            m = build_model(variant, c, device)
+            attach["attach"] = m.attach
+            if mode == "train":
+                return train_step(m, ids, labels), 2
+            if mode == "infer_graph":
+                return graph_inference_step(m, ids), 2
+            if mode != "infer":
+                raise ValueError(f"model mode must be infer, infer_graph or train; got {mode!r}")
+            return inference_step(m, ids), 2
+
+        candidates.append(Candidate(variant, build, extra=lambda attach=attach: dict(attach)))
+    return run_group(
+        writer,
+        candidates,
+        params=params,
+        tokens=c.tokens,
+        cost=cost,
+        record=record,
+        dtype=c.dtype,
+        device=device,
+        quick=quick,
+    )

@@ -1,9 +1,10 @@
-"""Synchronised timing, peak memory and the ``extra_info`` every benchmark result carries.
+"""Synchronisation, peak memory, saved activations, GPU-busy time and the derived metrics
+(tokens/s, TFLOP/s, GB/s, % roofline) every benchmark row carries. The rounds themselves are
+timed by ``interleave``.
 
-GPU: pytest-benchmark reads a clock that synchronises the device first (``use_device_clock``),
-around each round of K back-to-back calls, so a round runs from an idle GPU to an idle GPU and
-launches overlap kernels as they do inside a model (K makes a round ~2 ms). Peak memory is
-``torch.cuda.max_memory_allocated`` above what was allocated before the call.
+GPU: peak memory is ``torch.cuda.max_memory_allocated`` above what was allocated before the
+call. ``use_device_clock`` makes a pytest-benchmark fixture synchronise around its rounds, for
+code that times with pytest-benchmark directly.
 
 CPU: peak memory is the process RSS high-water mark above the RSS before the call, after
 resetting the mark (``/proc/self/clear_refs``, Linux). So that freed tensors give their pages
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import statistics
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -173,16 +173,6 @@ def device_time(fn: Callable[[], Any], device: torch.device, calls: int = 5) -> 
     return {"device_s": seconds, "kernels_per_call": launches}
 
 
-def median_seconds(benchmark: Any) -> float:
-    """The median of the rounds pytest-benchmark just timed."""
-    stats = benchmark.stats
-    inner = getattr(stats, "stats", stats)
-    med = getattr(inner, "median", None)
-    if med is None:
-        med = statistics.median(inner.data)
-    return float(med)
-
-
 def derived_metrics(
     median_s: float, tokens: int, cost: OpCost, record: DeviceRecord, dtype: torch.dtype
 ) -> dict[str, float | None]:
@@ -199,26 +189,3 @@ def derived_metrics(
         "min_bytes": cost.min_bytes,
         "intensity": cost.intensity,
     }
-
-
-def fill_extra_info(
-    benchmark: Any,
-    *,
-    params: dict[str, Any],
-    tokens: int,
-    cost: OpCost,
-    record: DeviceRecord,
-    dtype: torch.dtype,
-    peak_bytes: int | None,
-    peak_method: str,
-) -> dict[str, Any]:
-    """Write the result's extra_info (shape, metrics, memory, device record); returns it."""
-    info: dict[str, Any] = dict(params)
-    info["dtype"] = str(dtype).removeprefix("torch.")
-    info["tokens"] = tokens
-    info.update(derived_metrics(median_seconds(benchmark), tokens, cost, record, dtype))
-    info["peak_mem_bytes"] = peak_bytes
-    info["peak_mem_method"] = peak_method
-    info["device"] = record.as_dict()
-    benchmark.extra_info.update(info)
-    return info

@@ -1,0 +1,11 @@
+"""The order providers and model variants are listed in (tables, plots, legends)."""
+
+from __future__ import annotations
+
+PROVIDER_ORDER = ("naive", "reference", "compile", "adapters", "torch", "triton", "auto")
+MODEL_ORDER = ("plain", "scalearn_naive", "scalearn_fused", "fusion_adapters", "fusion_fused")
+
+
+def order(kind: str, provider: str) -> tuple[int, str]:
+    seq = MODEL_ORDER if kind == "model" else PROVIDER_ORDER
+    return (seq.index(provider) if provider in seq else len(seq), provider)
