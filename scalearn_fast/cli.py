@@ -58,8 +58,11 @@ def finite_float(text: str) -> float:
 
 def positive_float(text: str) -> float:
     """argparse type: a finite float > 0."""
-    value = finite_float(text)
-    if not value > 0:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text!r}")
     return value
 

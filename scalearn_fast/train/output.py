@@ -85,7 +85,7 @@ def staged_output(output_dir: str | os.PathLike[str], overwrite: bool = False) -
     except OSError as exc:
         _remove_empty(created)
         raise ValueError(
-            f"--output {output_dir}: cannot write in {out.parent}: {exc.strerror or exc}"
+            f"--output {output_dir}: cannot create a folder in {out.parent}: {exc.strerror or exc}"
         ) from exc
     try:
         yield staging
