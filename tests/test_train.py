@@ -137,7 +137,7 @@ def test_missing_glue_dir_and_unknown_task(tmp_path):
 
 
 def test_qqp_and_wnli_read_the_glue_layout(tmp_path):
-    # the layouts of the official GLUE TSVs (not in ../shared/data/glue)
+    # the layouts of the official GLUE TSVs (not in the shipped sample)
     (tmp_path / "QQP").mkdir()
     (tmp_path / "QQP" / "dev.tsv").write_text(
         "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
