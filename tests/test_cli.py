@@ -202,6 +202,11 @@ def test_staged_output_moves_into_place_or_cleans_up(tmp_path):
         (staging / "f").write_text("done")
     assert (tmp_path / "empty" / "f").read_text() == "done"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    stale = tmp_path / ".new.partial-999999999"  # a killed run's staging folder (no such pid)
+    stale.mkdir()
+    with staged_output(tmp_path / "new"):
+        pass
+    assert not stale.exists() and (tmp_path / "new").is_dir()
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="--output .*file: exists and is not a folder"):
         with staged_output(tmp_path / "file"):

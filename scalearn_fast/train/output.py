@@ -2,7 +2,8 @@
 
 A run writes into a hidden staging folder beside ``--output`` and renames it into place only
 when everything is saved. A failed run removes the staging folder and any parent folders it
-created, so it leaves nothing behind. An existing non-empty ``--output`` is refused unless
+created, so it leaves nothing behind; the staging folder of a killed run is removed by the next
+run into the same ``--output``. An existing non-empty ``--output`` is refused unless
 ``overwrite`` is set, and even then only a previous run's folder (one with ``results.json``) is
 replaced, so that ``--overwrite`` cannot delete an unrelated folder.
 """
@@ -77,6 +78,7 @@ def staged_output(output_dir: str | os.PathLike[str], overwrite: bool = False) -
     """
     out = check_output(output_dir, overwrite)
     created = _make_dirs(out.parent, str(output_dir))
+    _remove_stale(out)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         if staging.exists():
@@ -94,6 +96,24 @@ def staged_output(output_dir: str | os.PathLike[str], overwrite: bool = False) -
         shutil.rmtree(staging, ignore_errors=True)
         _remove_empty(created)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Staging folders of runs into ``out`` whose process is gone (killed before cleaning up)."""
+    for path in out.parent.glob(f".{out.name}.partial-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _replace(staging: Path, out: Path) -> None:
