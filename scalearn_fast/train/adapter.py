@@ -8,6 +8,8 @@ written in its format and computes the same function there:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -51,12 +53,26 @@ class AdapterSublayer(nn.Module):
         return self._ln(self.adapter(self._ln(s)) + s)
 
 
+def bottleneck_size(hidden: int, reduction_factor: float) -> int:
+    """``hidden // reduction_factor``, refusing factors that leave no bottleneck or make no sense."""
+    rf = reduction_factor
+    if not (isinstance(rf, int | float) and math.isfinite(rf) and rf > 0):
+        raise ValueError(f"reduction_factor (--reduction-factor) must be a finite number > 0; got {rf}")
+    bottleneck = int(hidden // reduction_factor)
+    if bottleneck < 1:
+        raise ValueError(
+            f"reduction_factor (--reduction-factor) {reduction_factor} leaves no bottleneck for hidden size "
+            f"{hidden} (hidden // reduction_factor = 0); it must be at most {hidden}"
+        )
+    return bottleneck
+
+
 def attach_bottleneck_adapters(
     model: nn.Module, reduction_factor: float = 16, *, seed: int | None = None
 ) -> list[BottleneckAdapter]:
     """Insert a fresh adapter at every registry site (bottleneck ``d // reduction_factor``)."""
     d = hidden_size(model)
-    bottleneck = max(1, int(d // reduction_factor))
+    bottleneck = bottleneck_size(d, reduction_factor)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     param = next(model.parameters())
     adapters = []

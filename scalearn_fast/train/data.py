@@ -1,8 +1,10 @@
-"""GLUE TSV readers for the offline copies in ``../shared/data/glue`` (any folder in that layout).
+"""GLUE TSV readers for folders in the standard GLUE download layout (``<TASK>/{train,dev}.tsv``).
 
-Quirks handled (see that folder's README): MRPC starts with a UTF-8 BOM; CoLA has no header;
-MNLI keeps the 12-column train layout (premise col 8, hypothesis col 9, label last); no quoting
-anywhere (split on tabs). The ``datasets`` library is used only when asked (``source="hub"``).
+Quirks handled: MRPC starts with a UTF-8 BOM; CoLA has no header; MNLI keeps the 12-column train
+layout (premise col 8, hypothesis col 9, label last); no quoting anywhere (split on tabs). The
+``datasets`` library is used only when asked (``--data hub``). With no folder given, the readers
+use ``$SCALEARN_FAST_GLUE_DIR`` or else the few-hundred-row sample shipped with the package
+(``glue_sample/``, see its README for provenance and licence notes).
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from pathlib import Path
 import torch
 
 ENV_GLUE_DIR = "SCALEARN_FAST_GLUE_DIR"
+SAMPLE_GLUE_DIR = Path(__file__).resolve().parent / "glue_sample"
+WHERE_TO_GET_GLUE = (
+    f"pass --glue-dir DIR (a folder in the GLUE download layout, <TASK>/train.tsv and <TASK>/dev.tsv), "
+    f"set {ENV_GLUE_DIR}, or use --data hub (reads GLUE with the `datasets` package)"
+)
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ TASKS: dict[str, TaskSpec] = {
     "sst-2": TaskSpec("SST-2", 0, None, 1, ("0", "1")),
     "qnli": TaskSpec("QNLI", 1, 2, 3, ("entailment", "not_entailment")),
     "mnli": TaskSpec("MNLI", 8, 9, -1, ("entailment", "neutral", "contradiction")),
-    # not in ../shared/data/glue, read from a full GLUE copy (same layout) or --data hub
+    # not in the shipped sample: read from a full GLUE copy (same layout) or --data hub
     "qqp": TaskSpec("QQP", 3, 4, 5, ("0", "1")),
     "wnli": TaskSpec("WNLI", 1, 2, 3, ("0", "1")),
 }
@@ -63,16 +70,15 @@ def canonical_task(task: str) -> str:
 
 
 def default_glue_dir() -> Path:
-    """``$SCALEARN_FAST_GLUE_DIR``, else ``<repo>/../shared/data/glue``, else ``./../shared/data/glue``."""
+    """``$SCALEARN_FAST_GLUE_DIR`` if set, else the GLUE sample shipped with the package."""
     env = os.environ.get(ENV_GLUE_DIR)
-    if env:
-        return Path(env)
-    repo = Path(__file__).resolve().parents[2]
-    rel = Path("shared") / "data" / "glue"
-    for candidate in (repo.parent / rel, Path.cwd().parent / rel):
-        if candidate.is_dir():
-            return candidate
-    return repo.parent / rel
+    return Path(env) if env else SAMPLE_GLUE_DIR
+
+
+def is_sample(glue_dir: str | os.PathLike[str] | None) -> bool:
+    """Whether ``glue_dir`` (None: the default) is the shipped few-hundred-row sample."""
+    folder = Path(glue_dir) if glue_dir else default_glue_dir()
+    return folder.resolve() == SAMPLE_GLUE_DIR
 
 
 @dataclass
@@ -92,9 +98,11 @@ def read_glue(
 ) -> list[Example]:
     """Read ``<glue_dir>/<TASK>/<split>.tsv``; ``max_samples`` keeps a seeded random subset."""
     spec = task_spec(task)
-    path = Path(glue_dir or default_glue_dir()) / spec.folder / f"{split}.tsv"
+    folder = Path(glue_dir) if glue_dir else default_glue_dir()
+    path = folder / spec.folder / f"{split}.tsv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (set {ENV_GLUE_DIR} or pass --glue-dir)")
+        what = "the GLUE sample shipped with the package lacks this task" if is_sample(folder) else "no file"
+        raise FileNotFoundError(f"{path} not found ({what}): {WHERE_TO_GET_GLUE}")
     examples: list[Example] = []
     with open(path, encoding="utf-8-sig", newline="") as f:
         lines = f.read().split("\n")

@@ -41,14 +41,33 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.lr >= 0:
             raise ValueError(f"lr must be >= 0; got {self.lr}")
+        if not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a finite number; got {self.lr}")
         for name in ("epochs", "batch_size", "max_length", "eval_every", "max_steps"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0; got {value}")
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number; got {value}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0 (0: no early stopping); got {self.patience}")
+
+
+def log_line(message: str) -> None:
+    """Print one log line without breaking a tqdm progress bar (``tqdm.write``; ``print`` without tqdm)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        print(message, flush=True)
+    else:
+        tqdm.write(message)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """``accuracy 0.8125 f1 0.8333 main 0.8125``: each metric rounded to 4 decimals."""
+    return " ".join(f"{name} {float(value):.4f}" for name, value in metrics.items())
 
 
 @dataclass
@@ -108,7 +127,7 @@ def fit(
     dev: Sequence[Example],
     tokenizer,
     cfg: TrainConfig,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = log_line,
 ) -> TrainResult:
     """Train ``params`` of ``model``; returns the best dev metrics (the best weights are kept)."""
     spec = task_spec(cfg.task)
@@ -159,9 +178,10 @@ def fit(
                 progress.set_postfix(loss=f"{out.loss.item():.4f}", refresh=False)
             if step % eval_every == 0 or step == total:
                 metrics = evaluate(model, dev, tokenizer, cfg.task, max_length=cfg.max_length)
+                loss = out.loss.item()
+                log(f"[{cfg.task}] step {step}/{total} loss {loss:.4f} dev {format_metrics(metrics)}")
                 metrics["step"] = step
                 result.history.append(metrics)
-                log(f"[{cfg.task}] step {step}/{total} loss {out.loss.item():.4f} dev {metrics}")
                 if metrics["main"] > result.best["main"]:
                     result.best = metrics
                     best_state = [p.detach().clone() for p in params]

@@ -21,14 +21,22 @@ import torch
 
 from ..io import atomic_write_json, atomic_write_tensors, load_adapterhub_sources, save_scalearn
 from ..ops.backends import resolve_backend
-from .adapter import attach_bottleneck_adapters, save_bottleneck_adapters
-from .data import canonical_task, majority_baseline, read_glue, read_hub, task_spec
-from .loop import TrainConfig, fit, set_seed
+from .adapter import attach_bottleneck_adapters, bottleneck_size, save_bottleneck_adapters
+from .data import (
+    canonical_task,
+    default_glue_dir,
+    is_sample,
+    majority_baseline,
+    read_glue,
+    read_hub,
+    task_spec,
+)
+from .loop import TrainConfig, fit, log_line, set_seed
+from .output import RESULTS_FILE, check_output, staged_output
 
 STAGE1_LR = 3e-4
 STAGE2_LR = 6e-3
 HEAD_FILE = "task_head.safetensors"
-RESULTS_FILE = "results.json"
 
 
 def default_model_dir() -> str:
@@ -49,6 +57,7 @@ def check_run_options(
     output_dir: str | os.PathLike[str],
     max_train_samples: int | None,
     max_eval_samples: int | None,
+    overwrite: bool = False,
 ) -> str:
     """What a run can check before it loads or trains anything; returns the device to use."""
     device = device or default_device()
@@ -63,11 +72,35 @@ def check_run_options(
     for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1; got {value}")
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output {out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)  # fails now (permissions, a file on the path), not after training
+    check_output(output_dir, overwrite)
     return device
+
+
+def load_config(model_dir: str | None):
+    """The model's config, checked against the registry before the (slower) tokenizer and weights."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig
+
+    from ..models.registry import REGISTRY
+
+    path = model_dir or default_model_dir()
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    kind = getattr(config, "model_type", None)
+    if kind not in REGISTRY:
+        raise ValueError(
+            f"--model {path}: model_type {kind!r} is not supported; supported: {sorted(REGISTRY)}"
+        )
+    return config
+
+
+def describe_data(glue_dir: str | os.PathLike[str] | None, data: str) -> str:
+    """Where the run's examples come from, for the log and results.json."""
+    if data == "hub":
+        return "hub (datasets: glue)"
+    folder = Path(glue_dir) if glue_dir else default_glue_dir()
+    if is_sample(folder):
+        return f"the GLUE sample shipped with scalearn_fast ({folder}; for trying the commands only)"
+    return str(folder)
 
 
 def device_name(device: str) -> str:
@@ -94,6 +127,7 @@ def load_model(model_dir: str | None, task: str, *, dtype: torch.dtype = torch.f
     from transformers.utils import logging as hf_logging
 
     path = model_dir or default_model_dir()
+    load_config(model_dir)  # an unsupported model type fails before the tokenizer loads
     spec = task_spec(task)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized: classifier" is expected here
@@ -114,6 +148,8 @@ def head_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def _load_data(task: str, glue_dir, data: str, max_train: int | None, max_eval: int | None, seed: int):
+    if data not in ("glue", "hub"):
+        raise ValueError(f"data must be 'glue' or 'hub'; got {data!r}")
     reader = read_hub if data == "hub" else read_glue
     kwargs: dict[str, Any] = {} if data == "hub" else {"glue_dir": glue_dir}
     train = reader(task, "train", max_samples=max_train, seed=seed, **kwargs)
@@ -132,33 +168,42 @@ def train_adapter(
     lr: float = STAGE1_LR,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = log_line,
     device: str | None = None,
+    overwrite: bool = False,
     **train_kwargs: Any,
 ) -> dict[str, Any]:
     """Stage 1 for one task; writes ``output_dir/{adapter_config.json, pytorch_adapter.bin,
-    task_head.safetensors, results.json}`` and returns the results."""
+    task_head.safetensors, results.json}`` and returns the results.
+
+    ``output_dir`` must be new or empty (``overwrite=True`` replaces a previous run's folder);
+    it is written only when the run succeeds.
+    """
     task = canonical_task(task)
     cfg = TrainConfig(task=task, lr=lr, **train_kwargs)
-    device = check_run_options(device, model_dir, output_dir, max_train_samples, max_eval_samples)
-    set_seed(cfg.seed)
-    model, tokenizer = load_model(model_dir, task)
-    model.to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    adapters = attach_bottleneck_adapters(model, reduction_factor, seed=cfg.seed)
-    heads = head_parameters(model)
-    params = [p for a in adapters for p in a.parameters()] + [p for _, p in heads]
-    for p in params:
-        p.requires_grad_(True)
-    train, dev = _load_data(task, glue_dir, data, max_train_samples, max_eval_samples, cfg.seed)
-    log(f"[{task}] stage 1: {len(train)} train / {len(dev)} dev, {sum(p.numel() for p in params)} trainable")
-    result = fit(model, params, train, dev, tokenizer, cfg, log=log)
-    out = Path(output_dir)
-    save_bottleneck_adapters(model, out, task, reduction_factor)
-    atomic_write_tensors(out / HEAD_FILE, {name: p for name, p in heads})
-    summary = _summary("adapter", task, model_dir, train, dev, cfg, result, device)
-    atomic_write_json(out / RESULTS_FILE, summary)
+    device = check_run_options(device, model_dir, output_dir, max_train_samples, max_eval_samples, overwrite)
+    bottleneck_size(load_config(model_dir).hidden_size, reduction_factor)  # before any loading
+    with staged_output(output_dir, overwrite) as out:
+        set_seed(cfg.seed)
+        train, dev = _load_data(task, glue_dir, data, max_train_samples, max_eval_samples, cfg.seed)
+        model, tokenizer = load_model(model_dir, task)
+        model.to(device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        adapters = attach_bottleneck_adapters(model, reduction_factor, seed=cfg.seed)
+        heads = head_parameters(model)
+        params = [p for a in adapters for p in a.parameters()] + [p for _, p in heads]
+        for p in params:
+            p.requires_grad_(True)
+        log(f"[{task}] data: {describe_data(glue_dir, data)}")
+        trainable = sum(p.numel() for p in params)
+        log(f"[{task}] stage 1: {len(train)} train / {len(dev)} dev, {trainable} trainable")
+        result = fit(model, params, train, dev, tokenizer, cfg, log=log)
+        save_bottleneck_adapters(model, out, task, reduction_factor)
+        atomic_write_tensors(out / HEAD_FILE, {name: p for name, p in heads})
+        summary = _summary("adapter", task, model_dir, train, dev, cfg, result, device)
+        summary["data"] = describe_data(glue_dir, data)
+        atomic_write_json(out / RESULTS_FILE, summary)
     return summary
 
 
@@ -176,37 +221,45 @@ def train_scalearn(
     omega_dropout: float | None = None,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = log_line,
     device: str | None = None,
+    overwrite: bool = False,
     **train_kwargs: Any,
 ) -> dict[str, Any]:
     """Stage 2: ω + a fresh head over frozen ``sources`` (AdapterHub folders); writes a
-    ``save_scalearn`` folder plus ``results.json`` and returns the results."""
+    ``save_scalearn`` folder plus ``results.json`` and returns the results.
+
+    ``output_dir`` must be new or empty (``overwrite=True`` replaces a previous run's folder);
+    it is written only when the run succeeds.
+    """
     from ..models.scalearn import attach_scalearn, omega_parameters
 
     task = canonical_task(task)
     cfg = TrainConfig(task=task, lr=lr, **train_kwargs)
-    device = check_run_options(device, model_dir, output_dir, max_train_samples, max_eval_samples)
+    device = check_run_options(device, model_dir, output_dir, max_train_samples, max_eval_samples, overwrite)
     resolve_backend(backend, torch.device(device))  # a bad name fails before any work
-    set_seed(cfg.seed)
     srcs = load_adapterhub_sources(sources)  # before the model: a bad folder fails fast
-    model, tokenizer = load_model(model_dir, task)
-    model.to(device)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    attach_scalearn(model, srcs, variant, backend, omega_dropout=omega_dropout, generator=generator)
-    params = omega_parameters(model) + [p for _, p in head_parameters(model)]
-    train, dev = _load_data(task, glue_dir, data, max_train_samples, max_eval_samples, cfg.seed)
-    log(
-        f"[{task}] stage 2 {variant} over {[s.name for s in srcs]}: {len(train)} train / {len(dev)} dev, "
-        f"omega params {sum(p.numel() for p in omega_parameters(model))}"
-    )
-    result = fit(model, params, train, dev, tokenizer, cfg, log=log)
-    out = Path(output_dir)
-    save_scalearn(model, out, source_paths=[s.path for s in srcs])
-    summary = _summary(variant, task, model_dir, train, dev, cfg, result, device)
-    summary["sources"] = [s.name for s in srcs]
-    summary["backend"] = backend
-    atomic_write_json(out / RESULTS_FILE, summary)
+    load_config(model_dir)
+    with staged_output(output_dir, overwrite) as out:
+        set_seed(cfg.seed)
+        train, dev = _load_data(task, glue_dir, data, max_train_samples, max_eval_samples, cfg.seed)
+        model, tokenizer = load_model(model_dir, task)
+        model.to(device)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        attach_scalearn(model, srcs, variant, backend, omega_dropout=omega_dropout, generator=generator)
+        params = omega_parameters(model) + [p for _, p in head_parameters(model)]
+        log(f"[{task}] data: {describe_data(glue_dir, data)}")
+        log(
+            f"[{task}] stage 2 {variant} over {[s.name for s in srcs]}: {len(train)} train / {len(dev)} dev, "
+            f"omega params {sum(p.numel() for p in omega_parameters(model))}"
+        )
+        result = fit(model, params, train, dev, tokenizer, cfg, log=log)
+        save_scalearn(model, out, source_paths=[s.path for s in srcs])
+        summary = _summary(variant, task, model_dir, train, dev, cfg, result, device)
+        summary["sources"] = [s.name for s in srcs]
+        summary["backend"] = backend
+        summary["data"] = describe_data(glue_dir, data)
+        atomic_write_json(out / RESULTS_FILE, summary)
     return summary
 
 
