@@ -1,6 +1,6 @@
 """Where the adapters go: one registry from ``config.model_type`` to the FFN output sub-layers.
 
-DESIGN.md §1 puts every source adapter after the FFN output sub-layer of each transformer
+The design (docs/design.md) puts every source adapter after the FFN output sub-layer of each transformer
 layer. Two shapes of sub-layer are covered:
 
 * ``"output"`` (BERT, RoBERTa, XLM-RoBERTa, DeBERTa-v2): a module with ``dense``,
