@@ -372,3 +372,43 @@ def test_save_pretrained_of_a_shared_variant(variant, tmp_path):
     fresh = attach_scalearn(tiny_bert(seed=7), random_sources(), variant, backend="torch")
     fresh.load_state_dict(state, strict=False)
     torch.testing.assert_close(logits(fresh), logits(model))
+
+
+def test_a_reader_racing_a_writer_never_gets_a_mixed_pair(tmp_path):
+    """A writer alternates two checkpoints of different N; every read either pairs a config with
+    its own weights or fails with the mismatch error, never a silent mix."""
+    import threading
+
+    from scalearn_fast.formats import read_scalearn_checkpoint, write_scalearn_checkpoint
+
+    def config(n):
+        return {"variant": "scalearn", "num_sources": n, "source_names": [f"s{i}" for i in range(n)],
+                "hidden_size": 4, "sites": [["encoder", 0]]}  # fmt: skip
+
+    stop = threading.Event()
+
+    def writer():
+        n = 2
+        while not stop.is_set():
+            write_scalearn_checkpoint(tmp_path, config(n), {"omega.encoder.0": torch.full((n, 4), float(n))})
+            n = 5 - n
+
+    write_scalearn_checkpoint(tmp_path, config(2), {"omega.encoder.0": torch.full((2, 4), 2.0)})
+    thread = threading.Thread(target=writer)
+    thread.start()
+    good = refused = 0
+    try:
+        for _ in range(100):
+            try:
+                ckpt = read_scalearn_checkpoint(tmp_path)
+            except ValueError as err:
+                assert "different saves" in str(err)
+                refused += 1
+                continue
+            omega = ckpt.tensors["omega.encoder.0"]
+            assert omega.shape[0] == ckpt.config["num_sources"] == int(omega[0, 0])
+            good += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert good > 0
