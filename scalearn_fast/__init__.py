@@ -4,10 +4,17 @@ ScaLearn's composition of N frozen bottleneck adapters as two GEMMs (torch) or
 fused Triton kernels, behind autograd-aware ``torch.library`` custom ops.
 """
 
-from .io import load_adapterhub_sources, load_scalearn, save_scalearn
+from .formats import load_adapterhub_sources
 from .layers import VARIANTS, ScaLearnLayer, init_omega
 from .layers_fusion import AdapterFusionLayer
-from .models import attach_fusion, attach_scalearn, detach_fusion, detach_scalearn
+from .models import (
+    attach_fusion,
+    attach_scalearn,
+    detach_fusion,
+    detach_scalearn,
+    load_scalearn,
+    save_scalearn,
+)
 from .ops import PackedSources, adapter_fusion, pack_sources, scaled_adapter_sum
 
 __version__ = "0.1.0"

@@ -347,7 +347,7 @@ def test_one_hot_all_variants(variant):
 def test_transfer_parameters_match_design_and_attached_model():
     from scalearn_fast.models import model_transfer_parameters, transfer_parameters
 
-    base = transfer_parameters(12, 768, 8)  # RoBERTa-base, N = 8 (DESIGN.md §1 table)
+    base = transfer_parameters(12, 768, 8)  # RoBERTa-base, N = 8 (the table in docs/design.md)
     assert base == {
         "scalearn": 73_728,
         "scalearn_uniform": 96,

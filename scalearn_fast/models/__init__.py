@@ -1,5 +1,7 @@
-"""Hugging Face models: the FFN-site registry, per-instance patching, ScaLearn attach/detach."""
+"""Hugging Face models: the FFN-site registry, per-instance patching, ScaLearn and AdapterFusion
+attach/detach, ScaLearn checkpoints."""
 
+from .checkpoint import load_scalearn, save_scalearn
 from .fusion import attach_fusion, detach_fusion
 from .params import model_transfer_parameters, source_adapter_parameters, transfer_parameters
 from .patching import is_patched, original_forward, patch_forward, patch_site, unpatch, unpatch_site
@@ -27,11 +29,13 @@ __all__ = [
     "head_parameters",
     "is_attached",
     "is_patched",
+    "load_scalearn",
     "model_transfer_parameters",
     "omega_parameters",
     "original_forward",
     "patch_forward",
     "patch_site",
+    "save_scalearn",
     "scalearn_layers",
     "site_key",
     "source_adapter_parameters",

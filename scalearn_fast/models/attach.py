@@ -1,15 +1,79 @@
-"""What ``attach_scalearn`` and ``attach_fusion`` share: checking the sources against the model's
-FFN sites, freezing the model, and patching every site with a new sub-layer, all or none."""
+"""What ``attach_scalearn`` and ``attach_fusion`` share: the attach record and its getters,
+checking the sources against the model's FFN sites, freezing the model, patching every site with
+a new sub-layer (all or none), gradient checkpointing, and detach."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .patching import is_patched, patch_site, restore_sites
 from .registry import FFNSite
+
+SCALEARN = "scalearn"
+FUSION = "adapter_fusion"
+_RECORD_KEYS = {SCALEARN: "_scalearn_fast_state", FUSION: "_scalearn_fast_fusion_state"}
+_ATTACH_FN = {SCALEARN: "attach_scalearn", FUSION: "attach_fusion"}
+_LABEL = {SCALEARN: "ScaLearn", FUSION: "AdapterFusion"}
+
+
+@dataclass
+class AttachRecord:
+    """What an ``attach_*`` did to a model, kept on the model for the getters, saving and detach.
+
+    ``kind`` is ``"scalearn"`` or ``"adapter_fusion"``, which is also the name of the sub-layer on
+    every patched module. ``source_paths`` are the folders the sources were read from (None for
+    sources built in memory). ``variant`` and ``shared_omega`` are ScaLearn's; ``name`` and
+    ``config`` are AdapterFusion's. ``hooked`` are the embedding modules carrying the
+    gradient-checkpointing hook.
+    """
+
+    kind: str
+    source_names: list[str]
+    sites: list[FFNSite]
+    backend: str
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+    source_paths: list[str | None] = field(default_factory=list)
+    variant: str = ""
+    shared_omega: nn.Parameter | None = None
+    name: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    hooked: list[nn.Module] = field(default_factory=list)
+
+    @property
+    def attr(self) -> str:
+        return self.kind
+
+
+def get_record(model: nn.Module, kind: str) -> AttachRecord:
+    """The record of ``kind`` on ``model``; a ValueError when nothing of that kind is attached."""
+    record = model.__dict__.get(_RECORD_KEYS[kind])
+    if record is None:
+        raise ValueError(
+            f"{type(model).__name__} has no {_LABEL[kind]} attached; call {_ATTACH_FN[kind]} first"
+        )
+    return record
+
+
+def has_record(model: nn.Module, kind: str) -> bool:
+    return _RECORD_KEYS[kind] in model.__dict__
+
+
+def attached_layers(model: nn.Module, kind: str) -> list[nn.Module]:
+    """The sub-layers of ``kind`` on every patched site, in site order."""
+    record = get_record(model, kind)
+    return [getattr(site.module, record.attr) for site in record.sites]
+
+
+def check_not_attached(model: nn.Module, kind: str) -> None:
+    if has_record(model, kind):
+        raise RuntimeError(
+            f"{_LABEL[kind]} is already attached to this model; detach_{_ATTACH_FN[kind][7:]} it first"
+        )
 
 
 def head_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -55,6 +119,53 @@ def check_sites_free(sites: Sequence[FFNSite]) -> None:
         )
 
 
+class InputsRequireGrad:
+    """Forward hook on the model's embeddings: under gradient checkpointing in training, their
+    output requires grad.
+
+    With the base model frozen, nothing entering a checkpointed block requires grad, and the
+    reentrant checkpoint then runs the block without autograd, so the ω / fusion weights inside
+    it get no gradient. Marking the embeddings' output (as PEFT's ``enable_input_require_grads``
+    does) makes every block's input require grad. It only acts while some module of the model has
+    ``gradient_checkpointing`` on, so a run without checkpointing keeps its backward as it was.
+    """
+
+    def __init__(self, holders: Sequence[nn.Module]) -> None:
+        self.holders = list(holders)  # the modules transformers sets gradient_checkpointing on
+
+    def active(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.holders)
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if (
+            module.training
+            and torch.is_grad_enabled()
+            and isinstance(output, torch.Tensor)
+            and output.is_floating_point()
+            and not output.requires_grad
+            and self.active()
+        ):
+            output.requires_grad_(True)
+
+
+def hook_embeddings(model: nn.Module) -> list[nn.Module]:
+    """Register ``InputsRequireGrad`` on every embedding module of ``model``; returns them."""
+    holders = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    hook = InputsRequireGrad(holders)
+    for module in embeddings:
+        module.register_forward_hook(hook)
+    return embeddings
+
+
+def unhook_embeddings(modules: Sequence[nn.Module]) -> None:
+    """Remove the ``InputsRequireGrad`` hooks (found by type, so copies of a model lose theirs)."""
+    for module in modules:
+        for key, hook in list(module._forward_hooks.items()):
+            if isinstance(hook, InputsRequireGrad):
+                del module._forward_hooks[key]
+
+
 def patch_sites(
     model: nn.Module,
     sites: Sequence[FFNSite],
@@ -81,3 +192,33 @@ def patch_sites(
         restore_sites(model, sites, attr, requires_grad)
         raise
     return requires_grad
+
+
+def attach(
+    model: nn.Module,
+    record: AttachRecord,
+    build: Callable[[FFNSite], nn.Module],
+    trainable: Callable[[], list[nn.Parameter]],
+    *,
+    freeze: bool,
+) -> nn.Module:
+    """Patch ``record.sites`` with ``build``, keep ``record`` on the model, hook the embeddings
+    for gradient checkpointing and (with ``freeze``) let only ``trainable()`` and the task head
+    train. All or nothing."""
+    check_not_attached(model, record.kind)
+    record.requires_grad = patch_sites(model, record.sites, record.attr, build, freeze=freeze)
+    record.hooked = hook_embeddings(model)
+    model.__dict__[_RECORD_KEYS[record.kind]] = record
+    if freeze:
+        for p in [*(p for _, p in head_parameters(model)), *trainable()]:
+            p.requires_grad_(True)
+    return model
+
+
+def detach(model: nn.Module, kind: str) -> AttachRecord:
+    """Undo ``attach``: original forwards, hooks and ``requires_grad`` flags come back."""
+    record = get_record(model, kind)
+    restore_sites(model, record.sites, record.attr, record.requires_grad)
+    unhook_embeddings(record.hooked)
+    del model.__dict__[_RECORD_KEYS[kind]]
+    return record

@@ -9,68 +9,54 @@ from that layer's source adapters and, when given, that layer's ``BertFusion`` w
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..layers_fusion import AdapterFusionLayer, fusion_options_from_config
-from .attach import check_sites_free, check_sources_fit, head_parameters, patch_sites
-from .fusion_weights import (
+from ..formats.adapterhub import load_adapterhub_sources
+from ..formats.fusion import (
     CONFIG_NAME,
-    SAFE_WEIGHTS_NAME,
-    WEIGHTS_NAME,
+    FUSION_CONFIGS,
     FusionCheckpoint,
+    fusion_from_state_dict,
     load_fusion_checkpoint,
+    resolve_fusion_config,
 )
-from .patching import LayerNormRef, restore_sites
-from .registry import FFNSite, ffn_sites, hidden_size, site_key
+from ..formats.keys import SiteKey
+from ..layers_fusion import AdapterFusionLayer, fusion_options_from_config
+from .attach import (
+    FUSION,
+    AttachRecord,
+    attach,
+    attached_layers,
+    check_not_attached,
+    check_sites_free,
+    check_sources_fit,
+    detach,
+    get_record,
+    has_record,
+)
+from .patching import LayerNormRef
+from .registry import FFNSite, ffn_sites, hidden_size
 
-ATTR = "adapter_fusion"  # name of the AdapterFusionLayer on each patched module
-_STATE = "_scalearn_fast_fusion_state"
+ATTR = FUSION  # name of the AdapterFusionLayer on each patched module
 _PARAMS = ("query", "key", "value")
-
-# The library's two named fusion configs (adapters.configuration.adapter_fusion_config).
-FUSION_CONFIGS: dict[str, dict[str, Any]] = {
-    "dynamic": dict(
-        key=True, query=True, value=True, query_before_ln=False, regularization=True,
-        residual_before=False, temperature=False, value_before_softmax=True,
-        value_initialized=True, dropout_prob=None,
-    ),
-    "static": dict(
-        key=True, query=True, value=False, query_before_ln=False, regularization=False,
-        residual_before=False, temperature=False, value_before_softmax=True,
-        value_initialized=False, dropout_prob=None,
-    ),
-}  # fmt: skip
+FusionState = AttachRecord
 
 
-@dataclass
-class FusionState:
-    name: str
-    source_names: list[str]
-    sites: list[FFNSite]
-    backend: str
-    config: dict[str, Any]
-    requires_grad: dict[str, bool] = field(default_factory=dict)
-
-
-def fusion_state(model: nn.Module) -> FusionState:
-    state = model.__dict__.get(_STATE)
-    if state is None:
-        raise ValueError(f"{type(model).__name__} has no AdapterFusion attached; call attach_fusion first")
-    return state
+def fusion_state(model: nn.Module) -> AttachRecord:
+    return get_record(model, FUSION)
 
 
 def is_fusion_attached(model: nn.Module) -> bool:
-    return _STATE in model.__dict__
+    return has_record(model, FUSION)
 
 
 def fusion_layers(model: nn.Module) -> list[AdapterFusionLayer]:
-    return [getattr(site.module, ATTR) for site in fusion_state(model).sites]
+    return attached_layers(model, FUSION)  # type: ignore[return-value]
 
 
 def fusion_regularization_loss(model: nn.Module) -> torch.Tensor | None:
@@ -91,81 +77,25 @@ def _default_dropout(model: nn.Module) -> float:
     return 0.0
 
 
-def _resolve_config(config: Mapping[str, Any] | str | None) -> dict[str, Any]:
-    if config is None:
-        config = "dynamic"
-    if isinstance(config, str):
-        if config not in FUSION_CONFIGS:
-            raise ValueError(f"fusion_config {config!r} is not one of {sorted(FUSION_CONFIGS)} or a dict")
-        return dict(FUSION_CONFIGS[config])
-    if not isinstance(config, Mapping):
-        raise ValueError(f"fusion_config is a {type(config).__name__}; expected a dict or a name")
-    out = dict(FUSION_CONFIGS["dynamic"])
-    out.update(config)
-    return out
+def _site(key: Any) -> SiteKey:
+    if isinstance(key, tuple):
+        return key  # type: ignore[return-value]
+    if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+        return ("encoder", int(key))
+    raise ValueError(f"fusion_weights key {key!r}: expected a layer index or (stack, index)")
 
 
-def _split_by_site(
-    state: Mapping[str, torch.Tensor], name: str
-) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
-    """``{(stack, index): BertFusion state dict}`` from a flat library fusion state dict."""
-    marker = f".adapter_fusion_layer.{name}."
-    out: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        pos = key.find(marker)
-        if pos < 0:
-            continue
-        where = site_key(key[:pos])
-        param = key[pos + len(marker) :]
-        if where is None or param.split(".")[0] not in _PARAMS:
-            continue
-        out.setdefault(where, {})[param] = tensor
-    return out
-
-
-def _read_state(folder: Path) -> dict[str, torch.Tensor]:
-    if (folder / SAFE_WEIGHTS_NAME).is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(folder / SAFE_WEIGHTS_NAME))
-    return torch.load(folder / WEIGHTS_NAME, map_location="cpu", weights_only=True)
-
-
-def _load_fusion(
-    fusion_weights: Any, sites: list[FFNSite]
-) -> tuple[str | None, list[str] | None, dict[str, Any] | None, int | None, dict[tuple[str, int], dict]]:
-    """(name, adapter names, config, hidden size, per-site state dicts) from what the user passed."""
-    stacks = {s.stack for s in sites}
+def _as_checkpoint(fusion_weights: Any, trust_pickle: bool) -> FusionCheckpoint:
+    """A ``FusionCheckpoint`` from any accepted ``fusion_weights`` (config {} when unknown)."""
     if isinstance(fusion_weights, str | Path):
-        ckpt = load_fusion_checkpoint(fusion_weights)  # validates the folder, reads the metadata
-        if stacks == {"encoder"}:
-            per_site = {("encoder", i): sd for i, sd in ckpt.layers.items()}
-        else:  # encoder + decoder share layer indices: split again by stack
-            per_site = _split_by_site(_read_state(Path(fusion_weights)), ckpt.name)
-        return ckpt.name, ckpt.adapter_names, ckpt.config, ckpt.hidden_size, per_site
+        return load_fusion_checkpoint(fusion_weights, trust_pickle=trust_pickle)
     if isinstance(fusion_weights, FusionCheckpoint):
-        per_site = {("encoder", i): sd for i, sd in fusion_weights.layers.items()}
-        return (
-            fusion_weights.name,
-            fusion_weights.adapter_names,
-            fusion_weights.config,
-            fusion_weights.hidden_size,
-            per_site,
-        )
+        return fusion_weights
     if isinstance(fusion_weights, Mapping):
-        if fusion_weights and all(isinstance(k, str) for k in fusion_weights):
-            names = {k.split(".adapter_fusion_layer.")[1].rsplit(".", 2)[0] for k in fusion_weights if
-                     ".adapter_fusion_layer." in k}  # fmt: skip
-            if len(names) != 1:
-                raise ValueError(
-                    f"fusion_weights state dict holds fusions {sorted(names)}; expected exactly one"
-                )
-            name = names.pop()
-            return name, name.split(","), None, None, _split_by_site(fusion_weights, name)
-        per_site = {}
-        for k, sd in fusion_weights.items():
-            per_site[k if isinstance(k, tuple) else ("encoder", int(k))] = dict(sd)
-        return None, None, None, None, per_site
+        if fusion_weights and all(isinstance(k, str) and not k.isdigit() for k in fusion_weights):
+            return fusion_from_state_dict(fusion_weights)
+        sites = {_site(k): dict(sd) for k, sd in fusion_weights.items()}
+        return FusionCheckpoint(name="", adapter_names=[], config={}, sites=sites)
     raise ValueError(
         f"fusion_weights is a {type(fusion_weights).__name__}; expected None, a save_adapter_fusion "
         f"folder ({CONFIG_NAME} + weights), a FusionCheckpoint or a state dict"
@@ -192,12 +122,13 @@ def _load_layer(layer: AdapterFusionLayer, state: Mapping[str, torch.Tensor], wh
 
 def attach_fusion(
     model: nn.Module,
-    sources: Any,
+    sources: Sequence[Any] | Mapping[str, Any] | str,
     fusion_weights: Any = None,
     *,
     backend: str = "auto",
     fusion_config: Mapping[str, Any] | str | None = None,
     freeze: bool = True,
+    trust_pickle: bool = False,
 ) -> nn.Module:
     """Inject N source adapters + AdapterFusion after every FFN output sub-layer of ``model``.
 
@@ -208,24 +139,25 @@ def attach_fusion(
     initialised as the library does. ``fusion_config``: the library's config dict or
     ``"dynamic"``/``"static"``; defaults to the checkpoint's, else ``"dynamic"``. Score dropout
     defaults to the model's ``attention_probs_dropout_prob`` like the library. With ``freeze``
-    (default) only the fusion weights and the task head train. Returns ``model`` (patched in place).
+    (default) only the fusion weights and the task head train. ``.bin`` files are read without
+    unpickling Python objects; ``trust_pickle=True`` allows that, for legacy files you trust.
+    Works under ``model.gradient_checkpointing_enable()`` (reentrant or not). Returns ``model``
+    (patched in place).
     """
-    from ..io import load_adapterhub_sources
-
-    if is_fusion_attached(model):
-        raise RuntimeError("AdapterFusion is already attached to this model; detach_fusion it first")
-    srcs = load_adapterhub_sources(sources)
+    check_not_attached(model, FUSION)
+    srcs = load_adapterhub_sources(sources, trust_pickle=trust_pickle)
     sites = ffn_sites(model)
     check_sites_free(sites)
     d = hidden_size(model)
-    name, adapter_names, ckpt_config, ckpt_d, per_site = (None, None, None, None, {})
-    if fusion_weights is not None:
-        name, adapter_names, ckpt_config, ckpt_d, per_site = _load_fusion(fusion_weights, sites)
-    config = _resolve_config(fusion_config if fusion_config is not None else ckpt_config)
-    if ckpt_d is not None and ckpt_d != d:
-        raise ValueError(f"the fusion checkpoint has hidden_size {ckpt_d}, the model has d={d}")
+    ckpt = None if fusion_weights is None else _as_checkpoint(fusion_weights, trust_pickle)
+    config = resolve_fusion_config(
+        fusion_config if fusion_config is not None else (ckpt and ckpt.config) or None
+    )
+    if ckpt is not None and ckpt.hidden_size is not None and ckpt.hidden_size != d:
+        raise ValueError(f"the fusion checkpoint has hidden_size {ckpt.hidden_size}, the model has d={d}")
 
     names = [s.name for s in srcs]
+    adapter_names = ckpt.adapter_names if ckpt is not None and ckpt.adapter_names else None
     if adapter_names is not None:
         if len(adapter_names) != len(srcs):
             raise ValueError(
@@ -241,8 +173,8 @@ def attach_fusion(
         names = list(adapter_names)
     activation = check_sources_fit(model, srcs, sites, d)
     wanted = {s.key for s in sites}
-    if fusion_weights is not None:
-        missing, extra = sorted(wanted - set(per_site)), sorted(set(per_site) - wanted)
+    if ckpt is not None:
+        missing, extra = sorted(wanted - set(ckpt.sites)), sorted(set(ckpt.sites) - wanted)
         if missing or extra:
             raise ValueError(
                 f"fusion weights do not fit {type(model).__name__}: missing layers {missing}, "
@@ -267,25 +199,21 @@ def attach_fusion(
             source_names=names,
             **options,
         ).to(device=param.device, dtype=param.dtype)
-        if fusion_weights is not None:
-            _load_layer(layer, per_site[site.key], f"{site.stack} layer {site.index}")
+        if ckpt is not None:
+            _load_layer(layer, ckpt.sites[site.key], f"{site.stack} layer {site.index}")
         return layer
 
-    requires_grad = patch_sites(model, sites, ATTR, build, freeze=freeze)
-    state = FusionState(name or ",".join(names), names, sites, backend, config, requires_grad)
-    model.__dict__[_STATE] = state
-    if freeze:
-        fusion = [p for layer in fusion_layers(model) for p in layer.fusion_parameters()]
-        for p in [*(p for _, p in head_parameters(model)), *fusion]:
-            p.requires_grad_(True)
-    return model
+    name = (ckpt.name if ckpt is not None else "") or ",".join(names)
+    record = AttachRecord(
+        FUSION, names, sites, backend, source_paths=[s.path for s in srcs], name=name, config=config
+    )
+    trainable = lambda: [p for layer in fusion_layers(model) for p in layer.fusion_parameters()]  # noqa: E731
+    return attach(model, record, build, trainable, freeze=freeze)
 
 
 def detach_fusion(model: nn.Module) -> nn.Module:
     """Undo ``attach_fusion``: original forwards and ``requires_grad`` flags come back."""
-    state = fusion_state(model)
-    restore_sites(model, state.sites, ATTR, state.requires_grad)
-    del model.__dict__[_STATE]
+    detach(model, FUSION)
     return model
 
 

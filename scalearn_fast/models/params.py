@@ -1,7 +1,7 @@
 """Transfer-parameter counts: what each ScaLearn variant and AdapterFusion train on top of the sources.
 
 With L adapter sites (FFN output sub-layers: encoder layers, plus decoder layers for BART),
-hidden size d and N sources (DESIGN.md §1):
+hidden size d and N sources (docs/design.md):
 
     scalearn            L·N·d       scalearn_uniform    L·N
     scalearn++          N·d         scalearn_uniform++  N

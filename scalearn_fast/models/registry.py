@@ -1,6 +1,6 @@
 """Where the adapters go: one registry from ``config.model_type`` to the FFN output sub-layers.
 
-DESIGN.md §1 puts every source adapter after the FFN output sub-layer of each transformer
+The design (docs/design.md) puts every source adapter after the FFN output sub-layer of each transformer
 layer. Two shapes of sub-layer are covered:
 
 * ``"output"`` (BERT, RoBERTa, XLM-RoBERTa, DeBERTa-v2): a module with ``dense``,
@@ -17,13 +17,12 @@ same code runs on transformers 4.x and 5.x.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.nn as nn
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers?\.(\d+)(?:\.|$)")
+from ..formats.keys import site_key  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -40,16 +39,6 @@ class FFNSite:
     @property
     def key(self) -> tuple[str, int]:
         return (self.stack, self.index)
-
-
-def site_key(qualified_name: str) -> tuple[str, int] | None:
-    """``(stack, layer index)`` parsed from a module or state-dict key, e.g.
-    ``bert.encoder.layer.3.output.adapters.x...`` -> ``("encoder", 3)``."""
-    match = _LAYER_INDEX.search(qualified_name)
-    if match is None:
-        return None
-    stack = "decoder" if re.search(r"(?:^|\.)decoder\.", qualified_name[: match.start() + 1]) else "encoder"
-    return stack, int(match.group(1))
 
 
 def _qualified(model: nn.Module) -> dict[int, str]:

@@ -2,44 +2,44 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ..formats.adapterhub import load_adapterhub_sources
 from ..layers import ScaLearnLayer, check_variant, init_omega, is_shared
-from .attach import check_sources_fit, head_parameters, patch_sites
-from .patching import LayerNormRef, restore_sites
+from .attach import (
+    SCALEARN,
+    AttachRecord,
+    attach,
+    attached_layers,
+    check_not_attached,
+    check_sources_fit,
+    detach,
+    head_parameters,  # noqa: F401  (re-exported)
+)
+from .attach import get_record as _get_record
+from .attach import has_record as _has_record
+from .patching import LayerNormRef
 from .registry import FFNSite, ffn_sites, hidden_size
 
-ATTR = "scalearn"  # name of the ScaLearnLayer on each patched module
-_STATE = "_scalearn_fast_state"
+ATTR = SCALEARN  # name of the ScaLearnLayer on each patched module
+AttachState = AttachRecord
 
 
-@dataclass
-class AttachState:
-    variant: str
-    source_names: list[str]
-    sites: list[FFNSite]
-    backend: str
-    requires_grad: dict[str, bool] = field(default_factory=dict)
-    shared_omega: nn.Parameter | None = None
-
-
-def attach_state(model: nn.Module) -> AttachState:
-    state = model.__dict__.get(_STATE)
-    if state is None:
-        raise ValueError(f"{type(model).__name__} has no ScaLearn attached; call attach_scalearn first")
-    return state
+def attach_state(model: nn.Module) -> AttachRecord:
+    return _get_record(model, SCALEARN)
 
 
 def is_attached(model: nn.Module) -> bool:
-    return _STATE in model.__dict__
+    return _has_record(model, SCALEARN)
 
 
 def scalearn_layers(model: nn.Module) -> list[ScaLearnLayer]:
-    return [getattr(site.module, ATTR) for site in attach_state(model).sites]
+    return attached_layers(model, SCALEARN)  # type: ignore[return-value]
 
 
 def omega_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -47,6 +47,43 @@ def omega_parameters(model: nn.Module) -> list[nn.Parameter]:
     for layer in scalearn_layers(model):
         seen.setdefault(id(layer.omega), layer.omega)
     return list(seen.values())
+
+
+def shared_omega(model: nn.Module) -> torch.Tensor:
+    """The one ω of a ``++`` variant, read from the layers (not from the attach record): a
+    ``load_state_dict(..., assign=True)`` gives every layer a Parameter of its own, so the
+    layers must be checked to still agree."""
+    variant = attach_state(model).variant
+    layers = scalearn_layers(model)
+    first = layers[0].omega
+    for i, layer in enumerate(layers[1:], start=1):
+        if layer.omega is not first and not torch.equal(layer.omega, first):
+            raise ValueError(
+                f"{variant} shares one omega across layers, but layer {i} holds a different one "
+                f"(was the model loaded with load_state_dict(..., assign=True) or trained with "
+                "per-layer copies?); load it with load_scalearn, or re-attach"
+            )
+    return first
+
+
+class SharedOmegaSavePretrained:
+    """``save_pretrained`` of a model holding a ``++`` variant: the one ω is registered under
+    every layer's name, which transformers refuses as shared tensors, so the state dict it gets
+    keeps ω once (under the first layer's name). Loading that back into an attached model with
+    ``load_state_dict(..., strict=False)`` restores ω in every layer (they share it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory: Any, *args: Any, state_dict: Any = None, **kwargs: Any) -> Any:
+        model = self.model
+        if state_dict is None:
+            state_dict = model.state_dict()
+        if is_attached(model) and is_shared(attach_state(model).variant):
+            shared_omega(model)  # the layers must still agree
+            keys = [f"{site.name}.{ATTR}.omega" for site in attach_state(model).sites]
+            state_dict = {k: v for k, v in state_dict.items() if k not in keys[1:]}
+        return type(model).save_pretrained(model, save_directory, *args, state_dict=state_dict, **kwargs)
 
 
 def _as_tuple(weights: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -57,7 +94,7 @@ def _as_tuple(weights: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
 
 def attach_scalearn(
     model: nn.Module,
-    sources: Any,
+    sources: Sequence[Any] | Mapping[str, Any] | str | os.PathLike[str],
     variant: str = "scalearn",
     backend: str = "auto",
     *,
@@ -67,18 +104,16 @@ def attach_scalearn(
 ) -> nn.Module:
     """Inject N source adapters + ScaLearn after every FFN output sub-layer of ``model``.
 
-    ``sources``: AdapterHub folders (list or ``{name: folder}``), ``AdapterSource`` objects,
-    or ``{name: {layer index or (stack, index): (w_down, b_down, w_up, b_up)}}``.
-    With ``freeze`` (default) only ω and the task head train. Returns ``model`` (patched in place).
-    New ScaLearn layers take the patched modules' train/eval mode. Save with ``save_scalearn``;
-    ``detach_scalearn`` before ``save_pretrained`` (a ``++`` variant's one ω shows under every
-    layer's name, which ``save_pretrained`` refuses as shared tensors).
+    ``sources``: AdapterHub folders (a list, ``{name: folder}``, or one folder as a string),
+    ``AdapterSource`` objects, or ``{name: {layer index or (stack, index): (w_down, b_down,
+    w_up, b_up)}}``. The folders are recorded, so ``save_scalearn`` can name them for
+    ``load_scalearn``. With ``freeze`` (default) only ω and the task head train. Returns
+    ``model`` (patched in place). New ScaLearn layers take the patched modules' train/eval mode.
+    Works under ``model.gradient_checkpointing_enable()`` (reentrant or not). Save with
+    ``save_scalearn``; ``save_pretrained`` also works (a ``++`` variant's ω is stored once).
     """
-    from ..io import load_adapterhub_sources
-
     check_variant(variant)
-    if is_attached(model):
-        raise RuntimeError("ScaLearn is already attached to this model; detach_scalearn it first")
+    check_not_attached(model, SCALEARN)
     srcs = load_adapterhub_sources(sources)
     sites = ffn_sites(model)
     d = hidden_size(model)
@@ -108,17 +143,24 @@ def attach_scalearn(
             source_names=names,
         ).to(device=param.device)
 
-    requires_grad = patch_sites(model, sites, ATTR, build, freeze=freeze)
-    model.__dict__[_STATE] = AttachState(variant, names, sites, backend, requires_grad, shared)
-    if freeze:
-        for p in [*(p for _, p in head_parameters(model)), *omega_parameters(model)]:
-            p.requires_grad_(True)
+    record = AttachRecord(
+        SCALEARN,
+        names,
+        sites,
+        backend,
+        source_paths=[s.path for s in srcs],
+        variant=variant,
+        shared_omega=shared,
+    )
+    attach(model, record, build, lambda: omega_parameters(model), freeze=freeze)
+    if shared is not None and hasattr(type(model), "save_pretrained"):
+        model.__dict__["save_pretrained"] = SharedOmegaSavePretrained(model)
     return model
 
 
 def detach_scalearn(model: nn.Module) -> nn.Module:
     """Undo ``attach_scalearn``: original forwards and ``requires_grad`` flags come back."""
-    state = attach_state(model)
-    restore_sites(model, state.sites, ATTR, state.requires_grad)
-    del model.__dict__[_STATE]
+    detach(model, SCALEARN)
+    if isinstance(model.__dict__.get("save_pretrained"), SharedOmegaSavePretrained):
+        del model.__dict__["save_pretrained"]
     return model
