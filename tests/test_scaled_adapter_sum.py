@@ -1,4 +1,4 @@
-"""scaled_adapter_sum: the torch backend against the float64 reference loop (DESIGN.md §4).
+"""scaled_adapter_sum: the torch backend against the float64 reference loop (docs/design.md, "Testing rules").
 
 A result passes when ``max|out - ref64| <= 3 * max|ref_same_dtype - ref64| + atol``: the fast
 backend may be at most three times as wrong as the reference loop run in the same dtype.

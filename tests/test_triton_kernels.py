@@ -1,4 +1,4 @@
-"""scaled_adapter_sum's Triton backend (DESIGN.md §4): the whole op against the float64
+"""scaled_adapter_sum's Triton backend (docs/design.md, "Testing rules"): the whole op against the float64
 reference loop, plus each launcher against its plain-PyTorch ``*_ref``.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) with one small autotune

@@ -331,7 +331,7 @@ def fused_fusion_factory(backend: str) -> ProviderFactory:
 
 
 class FusedFusion(nn.Module):
-    """``AdapterFusionLayer`` (issue 5) at ``NaiveFusion``'s weights; forward(z, residual) is
+    """``AdapterFusionLayer`` at ``NaiveFusion``'s weights; forward(z, residual) is
     the fusion alone (``compose``), as for the other fusion providers."""
 
     def __init__(self, src: Sources, backend: str) -> None:
