@@ -1,0 +1,217 @@
+"""Pieces every kernel file shares: jit helpers, autotune configs, launcher utilities.
+
+Jit helpers (called from inside kernels):
+
+* ``mma(a, b, acc)``: acc += a·b, exact IEEE fp32 for fp32 operands, the default
+  (tensor-core) path otherwise. The precision follows the operand dtype at compile time.
+* ``activation(x, ACT)`` / ``activation_grad(x, ACT)``: act(x) and act'(x) in fp32 for the ids
+  of ``scalearn_fast.ops.activations`` (relu 0, gelu 1 with the exact erf, silu 2, tanh 3,
+  identity 4), matching its torch functions, NaN included.
+* ``tile_mask`` / ``load_tile`` / ``store_tile``: 2-D tiles addressed by two index vectors and
+  two strides, with int64 offsets (T·d may pass 2³¹). An index vector may be gathered (the
+  source id s(c) of each packed unit), so ``ω[s(c), j]`` is ``load_tile(omega, src, j, ...)``.
+
+Launcher utilities (plain Python):
+
+* ``operand_args``: the keyword arguments of a kernel's tensors in one place: a pointer and
+  one stride per named axis for each tensor, and for each *optional* tensor the constexpr
+  ``HAS_<NAME>`` flag. An absent input is ``None`` (pointer and strides) with its flag
+  False: no stand-in tensors, no flags set by hand.
+* ``check_operands``: refuses operand dtypes the kernels cannot compute correctly, with a
+  ValueError naming the operand.
+* ``autotune_enabled`` / ``configs``: the autotune config lists (one small config for tests
+  and the interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+# --------------------------------------------------------------------------- configs
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_enabled() -> bool:
+    """``SCALEARN_FAST_AUTOTUNE=0`` (tests) pins one small config; so does the interpreter
+    (``TRITON_INTERPRET=1``), where the autotuner has no device to time configs on."""
+    if interpreting():
+        return False
+    return os.environ.get("SCALEARN_FAST_AUTOTUNE", "1") != "0"
+
+
+def configs(full: list[tuple[dict, int, int]], small: dict) -> list[triton.Config]:
+    """``full`` as ``(tiles, num_warps, num_stages)`` configs, or only ``small`` when
+    autotuning is off."""
+    if not autotune_enabled():
+        return [triton.Config(small, num_warps=4, num_stages=1)]
+    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in full]
+
+
+# --------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def mma(a, b, acc):
+    """acc += a·b; fp32 operands in exact IEEE fp32, others on the default path."""
+    if a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def tanh(x):
+    """tanh from one exp of a non-positive argument (no overflow), odd by construction."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def activation(x, ACT: tl.constexpr):
+    """act(x) in fp32 for the activation id ``ACT``."""
+    if ACT == 0:  # relu
+        y = tl.where(x < 0, 0.0, x)  # NaN < 0 is false: NaN passes through, like torch.relu
+    elif ACT == 1:  # gelu (erf)
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACT == 2:  # silu
+        y = x * tl.sigmoid(x)
+    elif ACT == 3:  # tanh
+        y = tanh(x)
+    else:  # identity
+        y = x
+    return y
+
+
+@triton.jit
+def activation_grad(x, ACT: tl.constexpr):
+    """act'(x) in fp32, matching ``scalearn_fast.ops.activations.activation_grad``."""
+    if ACT == 0:
+        y = tl.where(x > 0, 1.0, 0.0)
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
+        y = cdf + x * pdf
+    elif ACT == 2:
+        sig = tl.sigmoid(x)
+        y = sig * (1.0 + x * (1.0 - sig))
+    elif ACT == 3:
+        th = tanh(x)
+        y = 1.0 - th * th
+    else:
+        y = tl.zeros_like(x) + 1.0  # not x*0+1: a NaN P must not poison dP here
+    return y
+
+
+@triton.jit
+def tile_mask(rows, cols, n_rows, n_cols):
+    """[len(rows), len(cols)] mask of the entries inside [0, n_rows) x [0, n_cols)."""
+    return (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, stride_row, stride_col, mask):
+    """ptr[rows[i]·stride_row + cols[j]·stride_col] as a [len(rows), len(cols)] tile in the
+    pointer's dtype, 0 where ``mask`` is False."""
+    offs = rows[:, None].to(tl.int64) * stride_row + cols[None, :].to(tl.int64) * stride_col
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_tile(ptr, value, rows, cols, stride_row, stride_col, mask):
+    """Store ``value`` where ``mask`` is True, cast to the pointer's dtype (see ``load_tile``)."""
+    offs = rows[:, None].to(tl.int64) * stride_row + cols[None, :].to(tl.int64) * stride_col
+    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- launcher utilities
+
+Operand = tuple[torch.Tensor | None, str]
+
+
+def _strides(x: torch.Tensor | None, axes: str) -> tuple[int | None, ...]:
+    if x is None:
+        return (None,) * len(axes)
+    if x.dim() != max(len(axes), 1):
+        raise ValueError(f"internal: operand with axes {axes!r} has shape {list(x.shape)}")
+    if not axes:
+        return ()
+    return tuple(0 if size == 1 else stride for size, stride in zip(x.shape, x.stride(), strict=True))
+
+
+def operand_args(
+    required: Mapping[str, Operand], optional: Mapping[str, Operand] | None = None
+) -> dict[str, Any]:
+    """Keyword arguments for a kernel's tensors, each given as ``name: (tensor, axes)``.
+
+    Each tensor gives ``<name>_ptr`` and ``stride_<name>_<a>`` for each axis letter ``a`` in
+    ``axes`` (0 along a size-1 axis: it broadcasts, as ω [N, 1] does over d). A tensor with
+    ``axes=""`` is a 1-D vector the kernel indexes with unit stride; it is made contiguous
+    (a no-op for the contiguous vectors the op layer passes). Each ``optional`` tensor also
+    gives the constexpr ``HAS_<NAME>`` (upper case), False with a None pointer and None
+    strides when the tensor is None.
+    """
+    args: dict[str, Any] = {}
+    for name, (x, _) in required.items():
+        if x is None:
+            raise ValueError(f"internal: the kernel operand {name!r} is required")
+    for flagged, group in ((False, required), (True, optional or {})):
+        for name, (x, axes) in group.items():
+            strides = _strides(x, axes)
+            if x is not None and not axes:
+                x = x.contiguous()
+            args[f"{name}_ptr"] = x
+            args.update(zip((f"stride_{name}_{a}" for a in axes), strides, strict=True))
+            if flagged:
+                args[f"HAS_{name.upper()}"] = x is not None
+    return args
+
+
+def check_operands(launcher: str, **operands: torch.Tensor | None) -> None:
+    """Refuse operand dtypes the kernels cannot compute correctly, naming the operand.
+
+    float64: the kernels accumulate in fp32 and do not compile for fp64 operands on a GPU;
+    under ``TRITON_INTERPRET=1`` the interpreter's ``tl.dot`` gives wrong results for float64
+    and bfloat16 operands, so both are refused there (run the torch backend for them).
+    """
+    for name, x in operands.items():
+        if x is None:
+            continue
+        bad = x.dtype == torch.float64 or (x.dtype == torch.bfloat16 and interpreting())
+        if bad or not x.dtype.is_floating_point:
+            where = " under TRITON_INTERPRET=1" if interpreting() else ""
+            ok = "float32 or float16" if interpreting() else "float32, float16 or bfloat16"
+            raise ValueError(
+                f"{launcher}: {name} is {x.dtype}; the Triton kernels{where} take {ok} operands "
+                "(use the torch backend for other dtypes)"
+            )
+
+
+def check_same_dtype(launcher: str, **operands: torch.Tensor) -> None:
+    """The operands of one ``tl.dot`` must share a dtype: a ValueError naming them if not."""
+    dtypes = {name: x.dtype for name, x in operands.items()}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items())
+        raise ValueError(f"{launcher}: operands must share one dtype; got {listed}")
+
+
+def check_bias(bias: torch.Tensor | None, t: int, d: int) -> None:
+    """``bias`` is None, ``[d]`` or ``[T, d]`` (per row)."""
+    if bias is not None and tuple(bias.shape) not in ((d,), (t, d)):
+        raise ValueError(f"bias has shape {list(bias.shape)}; expected [d={d}] or [T={t}, d={d}] (per row)")
+
+
+def bias_rows(bias: torch.Tensor | None, d: int) -> torch.Tensor | None:
+    """``bias`` as a ``[1 or T, d]`` view (a ``[d]`` bias is one row, broadcast over T)."""
+    return None if bias is None else bias.reshape(-1, d)
