@@ -13,12 +13,13 @@ Jit helpers (called from inside kernels):
 
 Launcher utilities (plain Python):
 
-* ``operand_args``: the keyword arguments of a kernel's tensors in one place: a pointer and
+* ``KernelOperands``: the keyword arguments of a kernel's tensors in one place: a pointer and
   one stride per named axis for each tensor, and for each *optional* tensor the constexpr
   ``HAS_<NAME>`` flag. An absent input is ``None`` (pointer and strides) with its flag
   False: no stand-in tensors, no flags set by hand.
-* ``check_operands``: refuses operand dtypes the kernels cannot compute correctly, with a
-  ValueError naming the operand.
+* ``check_operands`` / ``check_same_dtype`` / ``check_bias``: ValueErrors naming the operand
+  for dtypes the kernels cannot compute correctly, GEMM operands of different dtypes, and a
+  bias of the wrong shape; ``bias_rows`` views a bias as ``[1 or T, d]``.
 * ``autotune_enabled`` / ``configs``: the autotune config lists (one small config for tests
   and the interpreter).
 """
@@ -26,7 +27,6 @@ Launcher utilities (plain Python):
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -137,45 +137,55 @@ def store_tile(ptr, value, rows, cols, stride_row, stride_col, mask):
 
 # --------------------------------------------------------------------------- launcher utilities
 
-Operand = tuple[torch.Tensor | None, str]
+class KernelOperands:
+    """The tensor operands of one kernel, declared once next to it; calling it with the tensors
+    by name gives the kernel's keyword arguments.
 
-
-def _strides(x: torch.Tensor | None, axes: str) -> tuple[int | None, ...]:
-    if x is None:
-        return (None,) * len(axes)
-    if x.dim() != max(len(axes), 1):
-        raise ValueError(f"internal: operand with axes {axes!r} has shape {list(x.shape)}")
-    if not axes:
-        return ()
-    return tuple(0 if size == 1 else stride for size, stride in zip(x.shape, x.stride(), strict=True))
-
-
-def operand_args(
-    required: Mapping[str, Operand], optional: Mapping[str, Operand] | None = None
-) -> dict[str, Any]:
-    """Keyword arguments for a kernel's tensors, each given as ``name: (tensor, axes)``.
-
-    Each tensor gives ``<name>_ptr`` and ``stride_<name>_<a>`` for each axis letter ``a`` in
-    ``axes`` (0 along a size-1 axis: it broadcasts, as ω [N, 1] does over d). A tensor with
-    ``axes=""`` is a 1-D vector the kernel indexes with unit stride; it is made contiguous
-    (a no-op for the contiguous vectors the op layer passes). Each ``optional`` tensor also
-    gives the constexpr ``HAS_<NAME>`` (upper case), False with a None pointer and None
-    strides when the tensor is None.
+    ``KernelOperands("z:td wd:rd bd", optional="rs:tn pre:tr")`` declares tensors ``z`` (axes
+    t, d), ``wd`` (r, d), the vector ``bd`` and the optional ``rs`` and ``pre``. Each tensor
+    gives ``<name>_ptr`` and ``stride_<name>_<a>`` for each axis letter ``a`` (a broadcast
+    axis has stride 0: ``broadcast_omega``). A vector (no axes) is indexed with unit stride,
+    so it is made contiguous (a no-op for the contiguous vectors the op layer passes).
+    Each optional tensor also gives the constexpr ``HAS_<NAME>``: when it is None, the flag is
+    False and its pointer and strides are None. The key strings are built here, once, so a
+    launch costs a few dict stores per tensor.
     """
-    args: dict[str, Any] = {}
-    for name, (x, _) in required.items():
-        if x is None:
-            raise ValueError(f"internal: the kernel operand {name!r} is required")
-    for flagged, group in ((False, required), (True, optional or {})):
-        for name, (x, axes) in group.items():
-            strides = _strides(x, axes)
-            if x is not None and not axes:
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, required: str, optional: str = "") -> None:
+        slots = []
+        for flagged, spec in ((False, required), (True, optional)):
+            for item in spec.split():
+                name, _, axes = item.partition(":")
+                strides = tuple(f"stride_{name}_{a}" for a in axes)
+                slots.append((name, f"{name}_ptr", strides, f"HAS_{name.upper()}" if flagged else None))
+        self._slots = tuple(slots)
+
+    def __call__(self, **tensors: torch.Tensor | None) -> dict[str, Any]:
+        if len(tensors) != len(self._slots):
+            raise TypeError(f"internal: kernel operands {[s[0] for s in self._slots]}; got {sorted(tensors)}")
+        args: dict[str, Any] = {}
+        for name, ptr, strides, flag in self._slots:
+            x = tensors[name]
+            if x is None:
+                if flag is None:
+                    raise ValueError(f"internal: the kernel operand {name!r} is required")
+                args[ptr] = None
+                args[flag] = False
+                args.update(dict.fromkeys(strides))
+                continue
+            if strides:
+                args.update(zip(strides, x.stride()))  # noqa: B905 (a kernel bug if the ranks differ)
+            else:
                 x = x.contiguous()
-            args[f"{name}_ptr"] = x
-            args.update(zip((f"stride_{name}_{a}" for a in axes), strides, strict=True))
-            if flagged:
-                args[f"HAS_{name.upper()}"] = x is not None
-    return args
+            args[ptr] = x
+            if flag is not None:
+                args[flag] = True
+        return args
+
+
+_ALWAYS_OK = frozenset((torch.float32, torch.float16))
 
 
 def check_operands(launcher: str, **operands: torch.Tensor | None) -> None:
@@ -186,16 +196,16 @@ def check_operands(launcher: str, **operands: torch.Tensor | None) -> None:
     and bfloat16 operands, so both are refused there (run the torch backend for them).
     """
     for name, x in operands.items():
-        if x is None:
+        if x is None or x.dtype in _ALWAYS_OK:
             continue
-        bad = x.dtype == torch.float64 or (x.dtype == torch.bfloat16 and interpreting())
-        if bad or not x.dtype.is_floating_point:
-            where = " under TRITON_INTERPRET=1" if interpreting() else ""
-            ok = "float32 or float16" if interpreting() else "float32, float16 or bfloat16"
-            raise ValueError(
-                f"{launcher}: {name} is {x.dtype}; the Triton kernels{where} take {ok} operands "
-                "(use the torch backend for other dtypes)"
-            )
+        if x.dtype == torch.bfloat16 and not interpreting():
+            continue
+        where = " under TRITON_INTERPRET=1" if interpreting() else ""
+        ok = "float32 or float16" if interpreting() else "float32, float16 or bfloat16"
+        raise ValueError(
+            f"{launcher}: {name} is {x.dtype}; the Triton kernels{where} take {ok} operands "
+            "(use the torch backend for other dtypes)"
+        )
 
 
 def check_same_dtype(launcher: str, **operands: torch.Tensor) -> None:
@@ -210,6 +220,11 @@ def check_bias(bias: torch.Tensor | None, t: int, d: int) -> None:
     """``bias`` is None, ``[d]`` or ``[T, d]`` (per row)."""
     if bias is not None and tuple(bias.shape) not in ((d,), (t, d)):
         raise ValueError(f"bias has shape {list(bias.shape)}; expected [d={d}] or [T={t}, d={d}] (per row)")
+
+
+def broadcast_omega(omega: torch.Tensor | None, d: int) -> torch.Tensor | None:
+    """A uniform ω ``[N, 1]`` as an ``[N, d]`` view with stride 0 over d (no copy)."""
+    return omega.expand(-1, d) if omega is not None and omega.shape[1] == 1 else omega
 
 
 def bias_rows(bias: torch.Tensor | None, d: int) -> torch.Tensor | None:

@@ -34,9 +34,9 @@ Kernels:
   <= 112 KB. fp32 ``ieee`` dots run on FMA units, not tensor cores, so the fused kernel
   saves little there anyway.
 
-Padding: the columns c >= R of a tile (up to BLOCK_R or R_PAD) and rows t >= T load as 0 and
-their S is set to exactly 0, so a non-finite z row (where z·Dᵀ meets the zero padding of D as
-inf·0 = NaN) cannot leak into real outputs through the second GEMM.
+Padding: tiles load 0 outside the tensors, and no padded entry is ever stored. The fused kernel
+also sets S to exactly 0 in its padded columns c >= R before the second GEMM: a z row of ±inf
+meets D's zero padding there as inf·0 = NaN, which would otherwise reach the row's output.
 
 All accumulation is fp32 (``input_precision="ieee"`` for fp32 operands so fp32 stays
 accurate, the default tensor-core path otherwise; see ``common.mma``). Operands are float32,
@@ -52,16 +52,17 @@ import triton.language as tl
 from scalearn_fast.ops.activations import activation_id
 
 from .common import (
+    KernelOperands,
     activation,
     autotune_enabled,  # noqa: F401  (also read as scaled_adapter_sum.autotune_enabled)
     bias_rows,
+    broadcast_omega,
     check_bias,
     check_operands,
     check_same_dtype,
     configs,
     load_tile,
     mma,
-    operand_args,
     store_tile,
     tile_mask,
 )
@@ -128,8 +129,9 @@ def _down_tile(
     # absent inputs, the activation id, the K step
     HAS_RS: tl.constexpr, HAS_PRE: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """S = act(z·Dᵀ + b_D) ⊙ w[:, s(·)] as an fp32 [len(offs_t), len(offs_c)] tile (K-loop over d),
-    exactly 0 outside [0, T) x [0, R); stores P = z·Dᵀ + b_D first when ``HAS_PRE``."""
+    """S = act(z·Dᵀ + b_D) ⊙ w[:, s(·)] as an fp32 [len(offs_t), len(offs_c)] tile (K-loop over d);
+    stores P = z·Dᵀ + b_D first when ``HAS_PRE``. Outside [0, T) x [0, R) the tile holds
+    anything (NaN where a z row of ±inf met D's zero padding): callers mask it."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((offs_t.shape[0], offs_c.shape[0]), dtype=tl.float32)
     for k0 in range(0, d, BLOCK_K):
@@ -145,7 +147,7 @@ def _down_tile(
     if HAS_RS:
         src = tl.load(src_ptr + offs_c, mask=offs_c < R, other=0)
         h = h * load_tile(rs_ptr, offs_t, src, stride_rs_t, stride_rs_n, mask).to(tl.float32)
-    return tl.where(mask, h, 0.0)  # padding: a z row of ±inf gives inf·0 = NaN there
+    return h
 
 
 @triton.jit
@@ -202,7 +204,7 @@ def _down_projection_kernel(
     # strides (stride_<tensor>_<axis>)
     stride_z_t, stride_z_d, stride_wd_r, stride_wd_d, stride_rs_t, stride_rs_n,
     stride_pre_t, stride_pre_r, stride_s_t, stride_s_r,
-    # absent inputs (common.operand_args): row_scale, P (not saved)
+    # absent inputs (common.KernelOperands): row_scale, P (not saved)
     HAS_RS: tl.constexpr, HAS_PRE: tl.constexpr,
     # the activation id
     ACT: tl.constexpr,
@@ -229,7 +231,7 @@ def _up_projection_kernel(
     # strides (stride_<tensor>_<axis>)
     stride_s_t, stride_s_r, stride_w_d, stride_w_r, stride_omega_n, stride_omega_d,
     stride_bias_t, stride_bias_d, stride_res_t, stride_res_d, stride_out_t, stride_out_d,
-    # absent inputs (common.operand_args): ω (W is already U), bias, residual
+    # absent inputs (common.KernelOperands): ω (W is already U), bias, residual
     HAS_OMEGA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     # whether the bias has one row per token
     BIAS_ROWS: tl.constexpr,
@@ -268,7 +270,7 @@ def _fused_kernel(
     stride_z_t, stride_z_d, stride_wd_r, stride_wd_d, stride_w_d, stride_w_r, stride_omega_n, stride_omega_d,
     stride_rs_t, stride_rs_n, stride_bias_t, stride_bias_d, stride_res_t, stride_res_d,
     stride_pre_t, stride_pre_r, stride_out_t, stride_out_d,
-    # absent inputs (common.operand_args): ω (W is already U), row_scale, bias, residual, P
+    # absent inputs (common.KernelOperands): ω (W is already U), row_scale, bias, residual, P
     HAS_OMEGA: tl.constexpr, HAS_RS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_PRE: tl.constexpr,
     # the activation id, whether the bias has one row per token, next_pow2(R) (>= 16)
@@ -278,13 +280,15 @@ def _fused_kernel(
 ):  # fmt: skip
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_c = tl.arange(0, R_PAD)
-    # first GEMM: S[BLOCK_T, R_PAD] = act(z·Dᵀ + b_D) ⊙ w[:, s(·)], K-loop over d; 0 in padded columns
+    # first GEMM: S[BLOCK_T, R_PAD] = act(z·Dᵀ + b_D) ⊙ w[:, s(·)], K-loop over d
     h = _down_tile(
         z_ptr, wd_ptr, bd_ptr, src_ptr, rs_ptr, pre_ptr, T, d, R, offs_t, offs_c,
         stride_z_t, stride_z_d, stride_wd_r, stride_wd_d, stride_rs_t, stride_rs_n,
         stride_pre_t, stride_pre_r, HAS_RS, HAS_PRE, ACT, BLOCK_K,
     )  # fmt: skip
-    s = h.to(z_ptr.dtype.element_ty)
+    # padded columns c >= R contribute exactly 0 to the second GEMM, never NaN·0 (a z row of ±inf
+    # meets D's zero padding as inf·0 = NaN); padded rows t >= T are never stored
+    s = tl.where(offs_c[None, :] < R, h, 0.0).to(z_ptr.dtype.element_ty)
     # second GEMM: sweep the output d tiles with S on chip
     for j0 in range(0, d, BLOCK_D):
         offs_j = j0 + tl.arange(0, BLOCK_D)
@@ -298,6 +302,14 @@ def _fused_kernel(
             stride_bias_t, stride_bias_d, stride_res_t, stride_res_d, stride_out_t, stride_out_d,
             HAS_BIAS, HAS_RES, BIAS_ROWS,
         )  # fmt: skip
+
+
+# the kernels' tensors: name:axes (a vector has none), then the optional ones (HAS_<NAME> flags)
+_DOWN_OPERANDS = KernelOperands("z:td wd:rd bd src s:tr", optional="rs:tn pre:tr")
+_UP_OPERANDS = KernelOperands("s:tr w:dr src out:td", optional="omega:nd bias:td res:td")
+_FUSED_OPERANDS = KernelOperands(
+    "z:td wd:rd bd w:dr src out:td", optional="omega:nd rs:tn bias:td res:td pre:tr"
+)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -334,11 +346,7 @@ def down_projection(
         return (z.new_empty(0) if pre is None else pre), hidden.zero_()
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), triton.cdiv(r, meta["BLOCK_R"]))  # noqa: E731
     _down_projection_kernel[grid](
-        **operand_args(
-            {"z": (z, "td"), "wd": (w_down, "rd"), "bd": (b_down, ""), "src": (source_index, ""),
-             "s": (hidden, "tr")},
-            {"rs": (row_scale, "tn"), "pre": (pre, "tr")},
-        ),  # fmt: skip
+        **_DOWN_OPERANDS(z=z, wd=w_down, bd=b_down, src=source_index, s=hidden, rs=row_scale, pre=pre),
         T=t, d=d, R=r, ACT=act,
     )  # fmt: skip
     return (z.new_empty(0) if pre is None else pre), hidden
@@ -379,9 +387,9 @@ def up_projection(
     bias = bias_rows(bias, d)
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
     _up_projection_kernel[grid](
-        **operand_args(
-            {"s": (hidden, "tr"), "w": (w_up, "dr"), "src": (source_index, ""), "out": (out, "td")},
-            {"omega": (omega, "nd"), "bias": (bias, "td"), "res": (residual, "td")},
+        **_UP_OPERANDS(
+            s=hidden, w=w_up, src=source_index, out=out,
+            omega=broadcast_omega(omega, d), bias=bias, res=residual,
         ),
         T=t, d=d, R=r, BIAS_ROWS=bias is not None and bias.shape[0] > 1,
     )  # fmt: skip
@@ -434,11 +442,9 @@ def fused_forward(
     bias = bias_rows(bias, d)
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]),)  # noqa: E731
     _fused_kernel[grid](
-        **operand_args(
-            {"z": (z, "td"), "wd": (w_down, "rd"), "bd": (b_down, ""), "w": (w_up, "dr"),
-             "src": (source_index, ""), "out": (out, "td")},
-            {"omega": (omega, "nd"), "rs": (row_scale, "tn"), "bias": (bias, "td"), "res": (residual, "td"),
-             "pre": (pre, "tr")},
+        **_FUSED_OPERANDS(
+            z=z, wd=w_down, bd=b_down, w=w_up, src=source_index, out=out,
+            omega=broadcast_omega(omega, d), rs=row_scale, bias=bias, res=residual, pre=pre,
         ),
         T=t, d=d, R=r, ACT=act, BIAS_ROWS=bias is not None and bias.shape[0] > 1, R_PAD=r_pad,
     )  # fmt: skip

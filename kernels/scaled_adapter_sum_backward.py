@@ -45,14 +45,15 @@ import triton.language as tl
 from scalearn_fast.ops.activations import activation_id
 
 from .common import (
+    KernelOperands,
     activation,
     activation_grad,
+    broadcast_omega,
     check_operands,
     check_same_dtype,
     configs,
     load_tile,
     mma,
-    operand_args,
     store_tile,
     tile_mask,
 )
@@ -95,7 +96,7 @@ def _grad_pre_kernel(
     stride_g_t, stride_g_d, stride_pre_t, stride_pre_r, stride_w_d, stride_w_r,
     stride_omega_n, stride_omega_d, stride_b_up_n, stride_b_up_d, stride_rs_t, stride_rs_n,
     stride_dpre_t, stride_dpre_r, stride_gs_t, stride_gs_r,
-    # absent inputs (common.operand_args): ω (W is already U), B, row_scale, act(P) ⊙ G (not wanted)
+    # absent inputs (common.KernelOperands): ω (W is already U), B, row_scale, act(P) ⊙ G (not wanted)
     HAS_OMEGA: tl.constexpr, HAS_B_UP: tl.constexpr, HAS_RS: tl.constexpr, HAS_GS: tl.constexpr,
     # the activation id
     ACT: tl.constexpr,
@@ -151,7 +152,7 @@ def _tn_gemm_kernel(
     # strides (stride_<tensor>_<axis>)
     stride_a_t, stride_a_r, stride_b_t, stride_b_d, stride_rs_t, stride_rs_n,
     stride_part_s, stride_part_r, stride_part_d,
-    # absent inputs (common.operand_args): source ids, row_scale
+    # absent inputs (common.KernelOperands): source ids, row_scale
     HAS_SRC: tl.constexpr, HAS_RS: tl.constexpr,
     # A is P: the prologue makes it S = act(P) ⊙ w[:, s(·)] with the activation id ACT
     A_IS_PRE: tl.constexpr, ACT: tl.constexpr,
@@ -191,6 +192,11 @@ def _tn_gemm_kernel(
     store_tile(part, acc, offs_c, offs_j, stride_part_r, stride_part_d, mask)
 
 
+# the kernels' tensors: name:axes (a vector has none), then the optional ones (HAS_<NAME> flags)
+_GRAD_PRE_OPERANDS = KernelOperands("g:td pre:tr w:dr src dpre:tr", optional="omega:nd b_up:nd rs:tn gs:tr")
+_TN_OPERANDS = KernelOperands("a:tr b:td part:srd", optional="src rs:tn")
+
+
 # --------------------------------------------------------------------------- launchers
 
 
@@ -223,10 +229,9 @@ def grad_pre(
         return d_pre, (grad_out.new_empty(0) if gs is None else gs)
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), triton.cdiv(r + n_ext, meta["BLOCK_R"]))  # noqa: E731
     _grad_pre_kernel[grid](
-        **operand_args(
-            {"g": (grad_out, "td"), "pre": (pre, "tr"), "w": (w_up, "dr"), "src": (source_index, ""),
-             "dpre": (d_pre, "tr")},
-            {"omega": (omega, "nd"), "b_up": (b_up, "nd"), "rs": (row_scale, "tn"), "gs": (gs, "tr")},
+        **_GRAD_PRE_OPERANDS(
+            g=grad_out, pre=pre, w=w_up, src=source_index, dpre=d_pre,
+            omega=broadcast_omega(omega, d), b_up=b_up, rs=row_scale, gs=gs,
         ),
         T=t, d=d, R=r, N_EXT=n_ext, ACT=act,
     )  # fmt: skip
@@ -291,11 +296,9 @@ def tn_gemm(
     splits = triton.cdiv(t, chunk)
     part = a.new_empty(splits, rows, d, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(d, meta["BLOCK_D"]), splits)  # noqa: E731
+    row_scale = row_scale if activation is not None else None  # only the prologue reads it
     _tn_gemm_kernel[grid](
-        **operand_args(
-            {"a": (a, "tr"), "b": (b, "td"), "part": (part, "srd")},
-            {"src": (source_index, ""), "rs": (row_scale if activation is not None else None, "tn")},
-        ),
+        **_TN_OPERANDS(a=a, b=b, part=part, src=source_index, rs=row_scale),
         T=t, d=d, R=r, N_EXT=n_ext, chunk=chunk, A_IS_PRE=activation is not None, ACT=act,
     )  # fmt: skip
     return part[0].clone() if splits == 1 else part.sum(0)

@@ -43,6 +43,7 @@ STRIDES = {
     "pre_r": 1,
     "s_t": R,
     "s_r": 1,
+    "b_t": D,
     "bias_t": D,
     "bias_d": 1,
     "res_t": D,

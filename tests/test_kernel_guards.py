@@ -176,20 +176,20 @@ def test_unknown_activation_is_named():
 # ----------------------------------------------------------------------------- absent inputs
 
 
-def test_operand_args_flags_absent_inputs_and_broadcasts_size_one_axes():
-    omega = torch.ones(3, 1)  # [N, 1]: broadcast over d
+def test_kernel_operands_flag_absent_inputs_and_pass_strides():
+    operands = KC.KernelOperands("z:td bd", optional="omega:nd rs:tn")
+    omega = KC.broadcast_omega(torch.ones(3, 1), 7)  # uniform ω: stride 0 over d, no copy
     vec = torch.arange(8.0)[::2]  # strided vector: made contiguous
-    args = KC.operand_args(
-        {"z": (torch.zeros(5, 7).T, "td"), "bd": (vec, "")},
-        {"omega": (omega, "nd"), "rs": (None, "tn")},
-    )
+    args = operands(z=torch.zeros(5, 7).T, bd=vec, omega=omega, rs=None)
     assert args["stride_z_t"] == 1 and args["stride_z_d"] == 7
     assert args["bd_ptr"].is_contiguous() and torch.equal(args["bd_ptr"], vec)
     assert (args["stride_omega_n"], args["stride_omega_d"], args["HAS_OMEGA"]) == (1, 0, True)
     assert args["rs_ptr"] is None and args["stride_rs_t"] is None and args["stride_rs_n"] is None
     assert args["HAS_RS"] is False and "HAS_Z" not in args
     with pytest.raises(ValueError, match="'z' is required"):
-        KC.operand_args({"z": (None, "td")})
+        operands(z=None, bd=vec, omega=None, rs=None)
+    with pytest.raises(TypeError, match="kernel operands"):
+        operands(z=vec, bd=vec)
 
 
 def test_fused_forward_with_every_optional_input_absent():
