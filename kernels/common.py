@@ -57,6 +57,19 @@ def configs(full: list[tuple[dict, int, int]], small: dict) -> list[triton.Confi
     return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in full]
 
 
+# [BLOCK_T, BLOCK_R] output tiles over a K-loop on d (the down projection and grad_pre): full
+# list (tiles, num_warps, num_stages) and the small config; Hopper-sensible 64/128-row tiles.
+T_BY_R_TILES: tuple[list[tuple[dict, int, int]], dict] = (
+    [
+        ({"BLOCK_T": 128, "BLOCK_R": 64, "BLOCK_K": 64}, 4, 3),
+        ({"BLOCK_T": 128, "BLOCK_R": 128, "BLOCK_K": 64}, 8, 3),
+        ({"BLOCK_T": 64, "BLOCK_R": 64, "BLOCK_K": 64}, 4, 4),
+        ({"BLOCK_T": 64, "BLOCK_R": 32, "BLOCK_K": 128}, 4, 3),
+    ],
+    {"BLOCK_T": 16, "BLOCK_R": 16, "BLOCK_K": 32},
+)
+
+
 # --------------------------------------------------------------------------- jit helpers
 
 

@@ -52,6 +52,7 @@ import triton.language as tl
 from scalearn_fast.ops.activations import activation_id
 
 from .common import (
+    T_BY_R_TILES,
     KernelOperands,
     activation,
     autotune_enabled,  # noqa: F401  (also read as scaled_adapter_sum.autotune_enabled)
@@ -71,15 +72,7 @@ FUSED_MAX_R = 512  # largest next_pow2(R) the fused kernel keeps on chip (module
 FUSED_MAX_R_FP32 = 64  # the same for 4-byte operands (shared memory; see the module docstring)
 
 # Hopper-sensible tiles: 64/128-row tiles, K steps of 32/64, 4-8 warps, 3-4 stages.
-_DOWN_CONFIGS = configs(
-    [
-        ({"BLOCK_T": 128, "BLOCK_R": 64, "BLOCK_K": 64}, 4, 3),
-        ({"BLOCK_T": 128, "BLOCK_R": 128, "BLOCK_K": 64}, 8, 3),
-        ({"BLOCK_T": 64, "BLOCK_R": 64, "BLOCK_K": 64}, 4, 4),
-        ({"BLOCK_T": 64, "BLOCK_R": 32, "BLOCK_K": 128}, 4, 3),
-    ],
-    {"BLOCK_T": 16, "BLOCK_R": 16, "BLOCK_K": 32},
-)
+_DOWN_CONFIGS = configs(*T_BY_R_TILES)
 _UP_CONFIGS = configs(
     [
         ({"BLOCK_T": 128, "BLOCK_D": 128, "BLOCK_K": 32}, 8, 3),
@@ -288,7 +281,8 @@ def _fused_kernel(
     )  # fmt: skip
     # padded columns c >= R contribute exactly 0 to the second GEMM, never NaN·0 (a z row of ±inf
     # meets D's zero padding as inf·0 = NaN); padded rows t >= T are never stored
-    s = tl.where(offs_c[None, :] < R, h, 0.0).to(z_ptr.dtype.element_ty)
+    s = h.to(z_ptr.dtype.element_ty)
+    s = tl.where(offs_c[None, :] < R, s, 0.0).to(s.dtype)
     # second GEMM: sweep the output d tiles with S on chip
     for j0 in range(0, d, BLOCK_D):
         offs_j = j0 + tl.arange(0, BLOCK_D)

@@ -45,6 +45,7 @@ import triton.language as tl
 from scalearn_fast.ops.activations import activation_id
 
 from .common import (
+    T_BY_R_TILES,
     KernelOperands,
     activation,
     activation_grad,
@@ -58,15 +59,7 @@ from .common import (
     tile_mask,
 )
 
-_GRAD_PRE_CONFIGS = configs(
-    [
-        ({"BLOCK_T": 128, "BLOCK_R": 64, "BLOCK_K": 64}, 4, 3),
-        ({"BLOCK_T": 128, "BLOCK_R": 128, "BLOCK_K": 64}, 8, 3),
-        ({"BLOCK_T": 64, "BLOCK_R": 64, "BLOCK_K": 64}, 4, 4),
-        ({"BLOCK_T": 64, "BLOCK_R": 32, "BLOCK_K": 128}, 4, 3),
-    ],
-    {"BLOCK_T": 16, "BLOCK_R": 16, "BLOCK_K": 32},
-)
+_GRAD_PRE_CONFIGS = configs(*T_BY_R_TILES)  # the down projection's: same [T, R] tiles, K-loop over d
 # BLOCK_T must divide TOKEN_CHUNK so that each split is a whole number of T steps.
 TOKEN_CHUNK = 128
 _TN_CONFIGS = configs(
