@@ -1,5 +1,7 @@
-"""Triton kernels + thin launchers (DESIGN.md §3); installed as ``scalearn_fast.kernels``.
+"""Triton kernels + thin launchers; installed as ``scalearn_fast.kernels``.
 
+``scaled_adapter_sum`` holds the forward kernels, ``scaled_adapter_sum_backward`` the backward
+ones, ``common`` what both share (jit tile helpers, autotune configs, launcher utilities).
 Each launcher has a plain-PyTorch ``*_ref`` twin used by the tests.
 
 The names below load on first use (PEP 562), so importing this package needs no Triton.
@@ -17,6 +19,7 @@ from typing import Any
 _SOURCE_MODULE = {
     "FUSED_MAX_R": "scaled_adapter_sum",
     "FUSED_MAX_R_FP32": "scaled_adapter_sum",
+    "autotune_enabled": "common",
     "down_projection": "scaled_adapter_sum",
     "down_projection_ref": "scaled_adapter_sum",
     "fused_fits": "scaled_adapter_sum",

@@ -1,10 +1,10 @@
-"""Backward kernels of ``scaled_adapter_sum`` (DESIGN.md §2), packed layout as in the forward.
+"""Backward kernels of ``scaled_adapter_sum``, packed layout as in the forward.
 
 With g = dL/dout [T, d], U = W ⊙ ω[s(·)]ᵀ [d, R], w = row_scale [T, N] (1 if absent):
 
     G   = g·U                                 [T, R]   (U folded on the fly from W and ω)
     dP  = G ⊙ w[:, s(·)] ⊙ act'(P)            [T, R]
-    dz  = dP·D                                [T, d]   (``up_projection`` with W := Dᵀ, no fold)
+    dz  = dP·D                                [T, d]   (``up_projection`` with W := Dᵀ and no ω)
     M   = Sᵀ·g,  S = act(P) ⊙ w[:, s(·)]      [R, d]   fp32, behind dω and dW_up
     dD  = dPᵀ·z                               [R, d]   fp32
     dw[t, i] = Σ_{c: s(c)=i} act(P)[t, c]·G[t, c] + (g·(ω⊙B)ᵀ)[t, i]
@@ -27,13 +27,13 @@ Kernels:
   fp32, with an optional prologue that turns A = P into S = act(P) ⊙ w[:, s(·)] while
   loading it, and the N bias-unit rows w[:, i] (``N_EXT``). The T axis is split
   deterministically: program (r, j, s) sums tokens [s·chunk, (s+1)·chunk) into its own
-  fp32 partial [SPLIT, R, d], and torch sums the
-  partials in a fixed order; no atomics, so the result is bit-reproducible. R and d
-  are small (R·d of 384 x 4096 is ~24 tiles of 64 x 64), so without the split an H100
-  (132 SMs) would sit mostly idle on M and dD.
+  fp32 partial [SPLIT, R, d], and torch sums the partials in a fixed order; no atomics,
+  so the result is bit-reproducible. R and d are small (R·d of 384 x 4096 is ~24 tiles
+  of 64 x 64), so without the split an H100 (132 SMs) would sit mostly idle on M and dD.
 
 The O(R·d) / O(N·d) remainder (dω's per-source reduction, dW_up, dB, db_D) is torch in
-``scalearn_fast/ops/triton_backend.py``.
+``scalearn_fast/ops/triton_backend.py``. Operand dtypes as in the forward
+(``common.check_operands``).
 """
 
 from __future__ import annotations
@@ -42,28 +42,27 @@ import torch
 import triton
 import triton.language as tl
 
-from .scaled_adapter_sum import (
-    _act_id,
-    _activation,
-    _activation_grad,
-    _configs,
-    _mma,
-    _omega_strides,
-    _unit_stride,
+from scalearn_fast.ops.activations import activation_id
+
+from .common import (
+    T_BY_R_TILES,
+    KernelOperands,
+    activation,
+    activation_grad,
+    broadcast_omega,
+    check_operands,
+    check_same_dtype,
+    configs,
+    load_tile,
+    mma,
+    store_tile,
+    tile_mask,
 )
 
-_GRAD_PRE_CONFIGS = _configs(
-    [
-        ({"BLOCK_T": 128, "BLOCK_R": 64, "BLOCK_K": 64}, 4, 3),
-        ({"BLOCK_T": 128, "BLOCK_R": 128, "BLOCK_K": 64}, 8, 3),
-        ({"BLOCK_T": 64, "BLOCK_R": 64, "BLOCK_K": 64}, 4, 4),
-        ({"BLOCK_T": 64, "BLOCK_R": 32, "BLOCK_K": 128}, 4, 3),
-    ],
-    {"BLOCK_T": 16, "BLOCK_R": 16, "BLOCK_K": 32},
-)
+_GRAD_PRE_CONFIGS = configs(*T_BY_R_TILES)  # the down projection's: same [T, R] tiles, K-loop over d
 # BLOCK_T must divide TOKEN_CHUNK so that each split is a whole number of T steps.
 TOKEN_CHUNK = 128
-_TN_CONFIGS = _configs(
+_TN_CONFIGS = configs(
     [
         ({"BLOCK_R": 64, "BLOCK_D": 64, "BLOCK_T": 64}, 4, 3),
         ({"BLOCK_R": 64, "BLOCK_D": 128, "BLOCK_T": 64}, 8, 3),
@@ -75,28 +74,35 @@ _TN_CONFIGS = _configs(
 TARGET_PROGRAMS = 264  # ~2 waves of an H100's 132 SMs: how far the T split tries to fill the device
 
 
+# --------------------------------------------------------------------------- kernels
+
+
 @triton.autotune(configs=_GRAD_PRE_CONFIGS, key=["d", "R"])
 @triton.jit
 def _grad_pre_kernel(
-    g_ptr, pre_ptr, w_ptr, omega_ptr, bu_ptr, src_ptr, rs_ptr, dpre_ptr, gs_ptr,
+    # tensors: upstream gradient g, saved P, up projection, source ids, coefficients, B (bias units),
+    # outputs dP and act(P) ⊙ G
+    g_ptr, pre_ptr, w_ptr, src_ptr, omega_ptr, b_up_ptr, rs_ptr, dpre_ptr, gs_ptr,
+    # sizes: tokens, hidden size, packed units, bias units (N with b_up, else 0)
     T, d, R, N_EXT,
-    stride_g_t, stride_g_d, stride_p_t, stride_p_r, stride_w_d, stride_w_r, stride_om_n, stride_om_d,
-    stride_bu_n, stride_bu_d,
-    stride_rs_t, stride_rs_n, stride_dp_t, stride_dp_r, stride_gs_t, stride_gs_r,
-    ACT: tl.constexpr, HAS_RS: tl.constexpr, FOLD: tl.constexpr, STORE_GS: tl.constexpr,
-    EXT: tl.constexpr, IEEE: tl.constexpr,
+    # strides (stride_<tensor>_<axis>)
+    stride_g_t, stride_g_d, stride_pre_t, stride_pre_r, stride_w_d, stride_w_r,
+    stride_omega_n, stride_omega_d, stride_b_up_n, stride_b_up_d, stride_rs_t, stride_rs_n,
+    stride_dpre_t, stride_dpre_r, stride_gs_t, stride_gs_r,
+    # absent inputs (common.KernelOperands): ω (W is already U), B, row_scale, act(P) ⊙ G (not wanted)
+    HAS_OMEGA: tl.constexpr, HAS_B_UP: tl.constexpr, HAS_RS: tl.constexpr, HAS_GS: tl.constexpr,
+    # the activation id
+    ACT: tl.constexpr,
+    # tiles (autotuned)
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid_t = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_c = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+):  # fmt: skip
+    tl.static_assert(HAS_OMEGA or not HAS_B_UP, "the bias units' up columns ω_i ⊙ B_i need ω")
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_c = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
-    rows = offs_t.to(tl.int64)
-    cols = offs_c.to(tl.int64)
     is_unit = offs_c < R
     src = tl.load(src_ptr + offs_c, mask=is_unit, other=0)
-    if EXT:  # columns R .. R + N_EXT - 1: the bias units, up column ω_i ⊙ B_i
+    if HAS_B_UP:  # columns R .. R + N_EXT - 1: the bias units, up column ω_i ⊙ B_i
         is_bias = (offs_c >= R) & (offs_c < R + N_EXT)
         src = tl.where(is_bias, (offs_c - R).to(src.dtype), src)
         in_ext = is_unit | is_bias
@@ -105,60 +111,51 @@ def _grad_pre_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, d, BLOCK_K):
         kk = k0 + offs_k
-        a = tl.load(
-            g_ptr + rows[:, None] * stride_g_t + kk[None, :] * stride_g_d,
-            mask=(offs_t[:, None] < T) & (kk[None, :] < d), other=0.0,
-        )
-        mask_u = (kk[:, None] < d) & is_unit[None, :]
-        u = tl.load(w_ptr + kk[:, None] * stride_w_d + cols[None, :] * stride_w_r, mask=mask_u, other=0.0)
-        if EXT:
-            u = u.to(tl.float32) + tl.load(
-                bu_ptr + src[None, :] * stride_bu_n + kk[:, None] * stride_bu_d,
-                mask=(kk[:, None] < d) & is_bias[None, :], other=0.0,
-            ).to(tl.float32)
-        if FOLD:
-            om = tl.load(
-                omega_ptr + src[None, :] * stride_om_n + kk[:, None] * stride_om_d,
-                mask=(kk[:, None] < d) & in_ext[None, :], other=0.0,
-            )
+        in_d = (kk < d)[:, None]
+        a = load_tile(g_ptr, offs_t, kk, stride_g_t, stride_g_d, tile_mask(offs_t, kk, T, d))
+        u = load_tile(w_ptr, kk, offs_c, stride_w_d, stride_w_r, in_d & is_unit[None, :])  # U[k, c] = W[k, c]
+        if HAS_B_UP:
+            bias_cols = load_tile(b_up_ptr, kk, src, stride_b_up_d, stride_b_up_n, in_d & is_bias[None, :])
+            u = u.to(tl.float32) + bias_cols.to(tl.float32)
+        if HAS_OMEGA:  # ⊙ ω[s(c), k]
+            om = load_tile(omega_ptr, kk, src, stride_omega_d, stride_omega_n, in_d & in_ext[None, :])
             u = u.to(tl.float32) * om.to(tl.float32)
-        acc = _mma(a, u.to(a.dtype), acc, IEEE)
-    mask = (offs_t[:, None] < T) & (offs_c[None, :] < R)
-    p = tl.load(pre_ptr + rows[:, None] * stride_p_t + offs_c[None, :] * stride_p_r, mask=mask, other=0.0)
-    p = p.to(tl.float32)
-    if STORE_GS:
-        gs = _activation(p, ACT) * acc
-        if EXT:
+        acc = mma(a, u.to(a.dtype), acc)
+    mask = tile_mask(offs_t, offs_c, T, R)
+    p = load_tile(pre_ptr, offs_t, offs_c, stride_pre_t, stride_pre_r, mask).to(tl.float32)
+    if HAS_GS:
+        gs = activation(p, ACT) * acc
+        if HAS_B_UP:
             gs = tl.where(is_unit[None, :], gs, acc)
-        tl.store(
-            gs_ptr + rows[:, None] * stride_gs_t + offs_c[None, :] * stride_gs_r,
-            gs, mask=(offs_t[:, None] < T) & in_ext[None, :],
-        )
-    dp = acc * _activation_grad(p, ACT)
+        gs_mask = (offs_t[:, None] < T) & in_ext[None, :]
+        store_tile(gs_ptr, gs, offs_t, offs_c, stride_gs_t, stride_gs_r, gs_mask)
+    dp = acc * activation_grad(p, ACT)
     if HAS_RS:
-        rs_offs = rows[:, None] * stride_rs_t + src[None, :] * stride_rs_n
-        dp = dp * tl.load(rs_ptr + rs_offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(
-        dpre_ptr + rows[:, None] * stride_dp_t + offs_c[None, :] * stride_dp_r,
-        dp.to(dpre_ptr.dtype.element_ty), mask=mask,
-    )
+        dp = dp * load_tile(rs_ptr, offs_t, src, stride_rs_t, stride_rs_n, mask).to(tl.float32)
+    store_tile(dpre_ptr, dp, offs_t, offs_c, stride_dpre_t, stride_dpre_r, mask)
 
 
 @triton.autotune(configs=_TN_CONFIGS, key=["d", "R"])
 @triton.jit
 def _tn_gemm_kernel(
+    # tensors: A [T, R], B [T, d], source ids and row_scale (prologue), fp32 partials [SPLIT, R + N_EXT, d]
     a_ptr, b_ptr, src_ptr, rs_ptr, part_ptr,
+    # sizes: tokens, columns of B, columns of A, bias units, tokens per split
     T, d, R, N_EXT, chunk,
+    # strides (stride_<tensor>_<axis>)
     stride_a_t, stride_a_r, stride_b_t, stride_b_d, stride_rs_t, stride_rs_n,
     stride_part_s, stride_part_r, stride_part_d,
-    ACT: tl.constexpr, A_IS_PRE: tl.constexpr, HAS_RS: tl.constexpr, IEEE: tl.constexpr,
+    # absent inputs (common.KernelOperands): source ids, row_scale
+    HAS_SRC: tl.constexpr, HAS_RS: tl.constexpr,
+    # A is P: the prologue makes it S = act(P) ⊙ w[:, s(·)] with the activation id ACT
+    A_IS_PRE: tl.constexpr, ACT: tl.constexpr,
+    # tiles (autotuned)
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    pid_r = tl.program_id(0)
-    pid_d = tl.program_id(1)
+):  # fmt: skip
+    tl.static_assert(HAS_SRC or not HAS_RS, "row_scale is gathered by source id")
     pid_s = tl.program_id(2)
-    offs_c = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_j = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_c = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_j = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_tt = tl.arange(0, BLOCK_T)
     t_start = pid_s.to(tl.int64) * chunk
     t_end = tl.minimum(t_start + chunk, T)
@@ -170,28 +167,27 @@ def _tn_gemm_kernel(
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for t0 in range(t_start, t_end, BLOCK_T):
         tt = t0 + offs_tt  # int64
-        mask_a = (offs_c[:, None] < R) & (tt[None, :] < t_end)
-        a = tl.load(a_ptr + tt[None, :] * stride_a_t + offs_c[:, None] * stride_a_r, mask=mask_a, other=0.0)
-        b = tl.load(
-            b_ptr + tt[:, None] * stride_b_t + offs_j[None, :] * stride_b_d,
-            mask=(tt[:, None] < t_end) & (offs_j[None, :] < d), other=0.0,
-        )
+        mask_a = tile_mask(offs_c, tt, R, t_end)
+        a = load_tile(a_ptr, offs_c, tt, stride_a_r, stride_a_t, mask_a)  # Aᵀ tile [BLOCK_R, BLOCK_T]
+        b = load_tile(b_ptr, tt, offs_j, stride_b_t, stride_b_d, tile_mask(tt, offs_j, t_end, d))
         if A_IS_PRE:  # S = act(P) ⊙ w[:, s(·)], rounded to the operand dtype like the forward's S
-            h = _activation(a.to(tl.float32), ACT)
+            h = activation(a.to(tl.float32), ACT)
             mask_ext = is_bias[:, None] & (tt[None, :] < t_end)
             if HAS_RS:
-                rs_offs = tt[None, :] * stride_rs_t + src[:, None] * stride_rs_n
-                w = tl.load(rs_ptr + rs_offs, mask=mask_a | mask_ext, other=0.0).to(tl.float32)
+                w = load_tile(rs_ptr, src, tt, stride_rs_n, stride_rs_t, mask_a | mask_ext).to(tl.float32)
                 h = tl.where(mask_ext, w, h * w)
             else:
                 h = tl.where(mask_ext, 1.0, h)
             a = tl.where(mask_a | mask_ext, h, 0.0).to(b.dtype)
-        acc = _mma(a, b, acc, IEEE)
-    tl.store(
-        part_ptr + pid_s.to(tl.int64) * stride_part_s + offs_c[:, None] * stride_part_r
-        + offs_j[None, :] * stride_part_d,
-        acc, mask=(offs_c[:, None] < R + N_EXT) & (offs_j[None, :] < d),
-    )
+        acc = mma(a, b, acc)
+    part = part_ptr + pid_s.to(tl.int64) * stride_part_s
+    mask = tile_mask(offs_c, offs_j, R + N_EXT, d)
+    store_tile(part, acc, offs_c, offs_j, stride_part_r, stride_part_d, mask)
+
+
+# the kernels' tensors: name:axes (a vector has none), then the optional ones (HAS_<NAME> flags)
+_GRAD_PRE_OPERANDS = KernelOperands("g:td pre:tr w:dr src dpre:tr", optional="omega:nd b_up:nd rs:tn gs:tr")
+_TN_OPERANDS = KernelOperands("a:tr b:td part:srd", optional="src rs:tn")
 
 
 # --------------------------------------------------------------------------- launchers
@@ -212,40 +208,34 @@ def grad_pre(
 
     With ``b_up`` [N, d] (and ``omega``) the second output is ``[T, R + N]``: its last N
     columns are the bias units' g·(ω ⊙ B)ᵀ, so dw = its per-source column sum."""
-    (source_index,) = _unit_stride(source_index)
+    check_operands("grad_pre", grad_out=grad_out, w_up=w_up)
+    act = activation_id(activation)
     t, d = grad_out.shape
     r = pre.shape[1]
-    ext = store_gs and b_up is not None
-    if ext and omega is None:
+    b_up = b_up if store_gs else None  # the bias units only add columns to act(P) ⊙ G
+    if b_up is not None and omega is None:
         raise ValueError("grad_pre: the bias-unit columns (b_up) need omega")
-    n_ext = b_up.shape[0] if ext else 0
+    n_ext = 0 if b_up is None else b_up.shape[0]
     d_pre = grad_out.new_empty(t, r)
-    gs = grad_out.new_empty(t, r + n_ext, dtype=torch.float32) if store_gs else grad_out.new_empty(0)
+    gs = grad_out.new_empty(t, r + n_ext, dtype=torch.float32) if store_gs else None
     if t == 0 or r + n_ext == 0:
-        return d_pre, gs
-    rs = row_scale if row_scale is not None else grad_out
-    om = omega if omega is not None else grad_out
-    bu = b_up if ext else grad_out
-    gs_arg = gs if store_gs else d_pre
+        return d_pre, (grad_out.new_empty(0) if gs is None else gs)
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), triton.cdiv(r + n_ext, meta["BLOCK_R"]))  # noqa: E731
     _grad_pre_kernel[grid](
-        grad_out, pre, w_up, om, bu, source_index, rs, d_pre, gs_arg,
-        t, d, r, n_ext,
-        grad_out.stride(0), grad_out.stride(1), pre.stride(0), pre.stride(1), w_up.stride(0), w_up.stride(1),
-        *_omega_strides(omega), bu.stride(0), bu.stride(1),
-        rs.stride(0), rs.stride(1), d_pre.stride(0), d_pre.stride(1),
-        gs_arg.stride(0), gs_arg.stride(1),
-        ACT=_act_id(activation), HAS_RS=row_scale is not None, FOLD=omega is not None, STORE_GS=store_gs,
-        EXT=ext, IEEE=grad_out.dtype == torch.float32,
-    )
-    return d_pre, gs
+        **_GRAD_PRE_OPERANDS(
+            g=grad_out, pre=pre, w=w_up, src=source_index, dpre=d_pre,
+            omega=broadcast_omega(omega, d), b_up=b_up, rs=row_scale, gs=gs,
+        ),
+        T=t, d=d, R=r, N_EXT=n_ext, ACT=act,
+    )  # fmt: skip
+    return d_pre, (grad_out.new_empty(0) if gs is None else gs)
 
 
 def grad_pre_ref(
     grad_out, pre, w_up, omega, source_index, row_scale=None, activation="relu", store_gs=False, b_up=None
 ):
     """Plain-PyTorch ``grad_pre`` (fp32 math)."""
-    from scalearn_fast.ops.reference import activation_fn, activation_grad
+    from scalearn_fast.ops.activations import activation_fn, activation_grad
 
     u = w_up.float()
     if omega is not None:
@@ -281,7 +271,12 @@ def tn_gemm(
 
     With ``activation`` and ``num_sources = N`` the result is ``[R + N, d]``: row R + i is
     Σ_t w[t, i]·b[t, :] (w = row_scale, or 1), the bias units' share of dω and dB."""
-    (source_index,) = _unit_stride(source_index)
+    check_operands("tn_gemm", a=a, b=b)
+    if activation is None:
+        check_same_dtype("tn_gemm", a=a, b=b)
+    elif row_scale is not None and source_index is None:
+        raise ValueError("tn_gemm: row_scale is gathered by source id; pass source_index with it")
+    act = activation_id(activation or "identity")
     t, r = a.shape
     d = b.shape[1]
     n_ext = num_sources if activation is not None else 0
@@ -293,23 +288,18 @@ def tn_gemm(
     chunk = triton.cdiv(triton.cdiv(t, max(1, splits)), TOKEN_CHUNK) * TOKEN_CHUNK
     splits = triton.cdiv(t, chunk)
     part = a.new_empty(splits, rows, d, dtype=torch.float32)
-    rs = row_scale if row_scale is not None else a
-    src = source_index if source_index is not None else a
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(d, meta["BLOCK_D"]), splits)  # noqa: E731
+    row_scale = row_scale if activation is not None else None  # only the prologue reads it
     _tn_gemm_kernel[grid](
-        a, b, src, rs, part,
-        t, d, r, n_ext, chunk,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), rs.stride(0), rs.stride(1),
-        part.stride(0), part.stride(1), part.stride(2),
-        ACT=_act_id(activation or "identity"), A_IS_PRE=activation is not None, HAS_RS=row_scale is not None,
-        IEEE=b.dtype == torch.float32,
-    )
+        **_TN_OPERANDS(a=a, b=b, part=part, src=source_index, rs=row_scale),
+        T=t, d=d, R=r, N_EXT=n_ext, chunk=chunk, A_IS_PRE=activation is not None, ACT=act,
+    )  # fmt: skip
     return part[0].clone() if splits == 1 else part.sum(0)
 
 
 def tn_gemm_ref(a, b, *, activation=None, source_index=None, row_scale=None, num_sources=0, splits=None):
     """Plain-PyTorch ``tn_gemm`` (fp32)."""
-    from scalearn_fast.ops.reference import activation_fn
+    from scalearn_fast.ops.activations import activation_fn
 
     a32 = a.float()
     if activation is not None:

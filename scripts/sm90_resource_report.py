@@ -35,23 +35,25 @@ STRIDES = {
     "wd_d": 1,
     "w_d": R,
     "w_r": 1,
-    "om_n": D,
-    "om_d": 1,
+    "omega_n": D,
+    "omega_d": 1,
     "rs_t": N,
     "rs_n": 1,
-    "p_t": R,
-    "p_r": 1,
+    "pre_t": R,
+    "pre_r": 1,
     "s_t": R,
     "s_r": 1,
     "b_t": D,
-    "r_t": D,
-    "r_d": 1,
-    "o_t": D,
-    "o_d": 1,
+    "bias_t": D,
+    "bias_d": 1,
+    "res_t": D,
+    "res_d": 1,
+    "out_t": D,
+    "out_d": 1,
     "g_t": D,
     "g_d": 1,
-    "dp_t": R,
-    "dp_r": 1,
+    "dpre_t": R,
+    "dpre_r": 1,
     "gs_t": R,
     "gs_r": 1,
     "a_t": R,
@@ -59,8 +61,8 @@ STRIDES = {
     "part_s": R * D,
     "part_r": D,
     "part_d": 1,
-    "bu_n": D,
-    "bu_d": 1,
+    "b_up_n": D,
+    "b_up_d": 1,
     "gt_t": R,
     "gt_c": 1,
     "a_c": 1,
@@ -133,13 +135,19 @@ def compile_all(autotuner, dtype, consts, ptr_types=None, label="", prune=None):
 
 which = sys.argv[1]
 dtype = sys.argv[2] if len(sys.argv) > 2 else "fp16"
-ieee = dtype == "fp32"
 i64 = {"src_ptr": "*i64"}
 if which in ("fused", "fused_infer"):  # training (P saved, ω folded on the fly) / inference (ω pre-folded)
     r_pad = max(16, triton.next_power_of_2(R))
     train = which == "fused"
     consts = dict(
-        ACT=0, HAS_RS=False, SAVE_PRE=train, FOLD=train, BIAS_ROWS=False, HAS_RES=True, IEEE=ieee, R_PAD=r_pad
+        ACT=0,
+        HAS_RS=False,
+        HAS_PRE=train,
+        HAS_OMEGA=train,
+        HAS_BIAS=True,
+        BIAS_ROWS=False,
+        HAS_RES=True,
+        R_PAD=r_pad,
     )
     prune = getattr(F, "_prune_fused", None)
     compile_all(
@@ -149,7 +157,7 @@ elif which == "down":
     compile_all(
         F._down_projection_kernel,
         dtype,
-        dict(ACT=0, HAS_RS=True, SAVE_PRE=True, IEEE=ieee),
+        dict(ACT=0, HAS_RS=True, HAS_PRE=True),
         i64,
         f"down {dtype}",
     )
@@ -157,7 +165,7 @@ elif which == "up":
     compile_all(
         F._up_projection_kernel,
         dtype,
-        dict(FOLD=True, HAS_BIAS=True, BIAS_ROWS=False, HAS_RES=True, IEEE=ieee),
+        dict(HAS_OMEGA=True, HAS_BIAS=True, BIAS_ROWS=False, HAS_RES=True),
         {**i64, "bias_ptr": "*fp32"},
         f"up {dtype}",
     )
@@ -165,7 +173,7 @@ elif which == "grad_pre":
     compile_all(
         B._grad_pre_kernel,
         dtype,
-        dict(ACT=0, HAS_RS=True, FOLD=True, STORE_GS=True, EXT=True, IEEE=ieee),
+        dict(ACT=0, HAS_RS=True, HAS_OMEGA=True, HAS_GS=True, HAS_B_UP=True),
         {**i64, "gs_ptr": "*fp32"},
         f"grad_pre {dtype}",
     )
@@ -173,7 +181,7 @@ elif which == "tn":
     compile_all(
         B._tn_gemm_kernel,
         dtype,
-        dict(ACT=0, A_IS_PRE=True, HAS_RS=True, IEEE=ieee),
+        dict(ACT=0, A_IS_PRE=True, HAS_RS=True, HAS_SRC=True),
         {**i64, "part_ptr": "*fp32"},
         f"tn {dtype}",
     )
