@@ -157,18 +157,18 @@ class AdapterFusionLayer(FrozenSources):
         )
 
     def _weights(self) -> list[torch.Tensor]:
-        """Every tensor the inference fold is made from (read through ``_parameters`` and
-        ``_modules``: no module traversal or ``__getattr__`` on every call)."""
+        """Every tensor the inference fold is made from, read through ``_parameters`` and
+        ``_modules`` (no module traversal or ``__getattr__``: this runs on every eval call)."""
         weights = [*self._parameters.values()]
         modules = self._modules
         for name in _PROJECTIONS:
             module = modules.get(name)
             if module is not None:
-                weights.extend(p for p in module._parameters.values() if p is not None)
+                weights += module._parameters.values()
         scaling = self.__dict__.get("scaling")
         if isinstance(scaling, torch.Tensor):
             weights.append(scaling)
-        return weights
+        return [w for w in weights if w is not None]
 
     def _eval_fold(
         self, z: torch.Tensor, residual: torch.Tensor | None, query_input: torch.Tensor | None
@@ -177,18 +177,22 @@ class AdapterFusionLayer(FrozenSources):
         ``auto``, nothing to differentiate, not under ``torch.compile``), else ``None``. Rebuilt
         when a source or fusion weight changes (in place or replaced), after an optimizer step,
         when the scaling or z's dtype or device changes."""
-        if self.training or self.backend not in _FOLDING_BACKENDS or torch.compiler.is_compiling():
+        attrs = self.__dict__
+        if attrs["training"] or attrs["backend"] not in _FOLDING_BACKENDS or torch.compiler.is_compiling():
             return None
         if not z.is_floating_point():
             return None
         weights = self._weights()
-        if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (z, residual, query_input, *weights)
+        if torch.is_grad_enabled() and (
+            z.requires_grad
+            or (residual is not None and residual.requires_grad)
+            or (query_input is not None and query_input.requires_grad)
+            or any(w.requires_grad for w in weights)
         ):
             return None
         merged = query_input is None
-        scaling = self.__dict__.get("scaling")
-        key = (z.dtype, z.device, merged, scaling if not isinstance(scaling, torch.Tensor) else None)
+        scaling = attrs.get("scaling")
+        key = (z.dtype, z.device, merged, None if isinstance(scaling, torch.Tensor) else scaling)
 
         def build() -> FusionFold:
             resolve_backend(self.backend, z.device)  # a bad name fails here as elsewhere
