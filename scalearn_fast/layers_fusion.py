@@ -254,11 +254,13 @@ class AdapterFusionLayer(FrozenSources):
         """The full sub-layer ``LN(fusion(LN(h + x), residual=h) + x)``; needs ``layer_norm``."""
         layer_norm = check_sublayer_inputs("AdapterFusionLayer", self.layer_norm, hidden_states, input_tensor)
         pre_ln = hidden_states + input_tensor
-        z = layer_norm(pre_ln)
-        query_input = hidden_states if self.query_before_ln else None
         if self.residual_before:  # h joins the keys and values; x comes after
-            return layer_norm(self._compose(z, hidden_states, query_input) + input_tensor)
-        return layer_norm(self._compose(z, pre_ln, query_input))
+            query_input = hidden_states if self.query_before_ln else None
+            return layer_norm(self._compose(layer_norm(pre_ln), hidden_states, query_input) + input_tensor)
+        if self.query_before_ln:
+            return layer_norm(self._compose(layer_norm(pre_ln), pre_ln, hidden_states))
+        flat = pre_ln.view(-1, pre_ln.shape[-1])  # [T, d] throughout: one view in, one out
+        return layer_norm(self._compose(layer_norm(flat), flat, None)).view_as(pre_ln)
 
     def extra_repr(self) -> str:
         parts = [name for name in ("query", "key", "value") if getattr(self, name) is not None]

@@ -128,7 +128,8 @@ def adapter_fusion_folded(
     """Inference AdapterFusion on folded weights (module docstring). The caller checks z, the
     residual and the query input against the fold (shapes, dtype, device)."""
     d, n, b = fold.hidden_size, fold.num_sources, fold.block
-    z2 = z.reshape(-1, d)
+    flat = z.dim() == 2  # no reshapes in or out
+    z2 = z if flat else z.reshape(-1, d)
     t = z2.shape[0]
     y = torch.addmm(fold.bias, z2, fold.weight)
     if fold.merged:
@@ -146,8 +147,8 @@ def adapter_fusion_folded(
     if residual is None:
         out = mixed @ fold.value
     else:
-        rho = residual.reshape(-1, d)
+        rho = residual if flat else residual.reshape(-1, d)
         if fold.residual_value is not None:  # Σ p_i (a_i + ρ) = Σ p_i a_i + ρ, then W_v
             rho = rho @ fold.residual_value
         out = torch.addmm(rho, mixed, fold.value)
-    return out.view_as(z)
+    return out if flat else out.view_as(z)
