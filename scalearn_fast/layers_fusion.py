@@ -1,13 +1,14 @@
 """``AdapterFusionLayer``: N frozen source adapters fused by the `adapters` library's AdapterFusion.
 
-Sub-layer form (the same as ``ScaLearnLayer``; DESIGN.md §1), with ``h`` the FFN output, ``x`` its
+Sub-layer form (the same as ``ScaLearnLayer``; docs/design.md), with ``h`` the FFN output, ``x`` its
 residual input and ``LN`` the layer's own pre-trained output LayerNorm (Pfeiffer sources:
 ``residual_before_ln=True``, so the fusion residual is h):
 
     z = LN(h + x)
     y = LN(fusion(z, query_input = h if query_before_ln else z, residual = h) + x)
 
-``fusion`` is ``ops.fusion.adapter_fusion`` (its docstring has the exact math and the rewrites).
+``fusion`` is ``ops.fusion.adapter_fusion`` (its docstring has the exact math; docs/fusion.md the
+rewrites). In eval mode the fixed weights are folded once (``ops.fusion_infer``) and cached.
 The trainable parameters are named as in the library's ``BertFusion`` (``query.weight``,
 ``query.bias``, ``key.weight``, ``key.bias``, ``value.weight``), so its state dict loads as is.
 
