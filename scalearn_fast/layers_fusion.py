@@ -260,7 +260,7 @@ class AdapterFusionLayer(FrozenSources):
             return layer_norm(self._compose(layer_norm(pre_ln), hidden_states, query_input) + input_tensor)
         if self.query_before_ln:
             return layer_norm(self._compose(layer_norm(pre_ln), pre_ln, hidden_states))
-        flat = pre_ln.view(-1, pre_ln.shape[-1])  # [T, d] throughout: one view in, one out
+        flat = pre_ln.reshape(-1, pre_ln.shape[-1])  # [T, d] throughout: one view in, one out
         return layer_norm(self._compose(layer_norm(flat), flat, None)).view_as(pre_ln)
 
     def extra_repr(self) -> str:
