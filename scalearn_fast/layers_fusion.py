@@ -177,7 +177,7 @@ class AdapterFusionLayer(FrozenSources):
         """The cached inference fold when this call may use it (eval, backend ``torch`` or
         ``auto``, nothing to differentiate, not under ``torch.compile``), else ``None``. Rebuilt
         when a source or fusion weight changes (in place or replaced), after an optimizer step,
-        when the scaling or z's dtype or device changes."""
+        when the scaling, ``residual_before``, the activation or z's dtype or device changes."""
         attrs = self.__dict__
         if attrs["training"] or attrs["backend"] not in _FOLDING_BACKENDS or torch.compiler.is_compiling():
             return None
@@ -193,7 +193,14 @@ class AdapterFusionLayer(FrozenSources):
             return None
         merged = query_input is None
         scaling = attrs.get("scaling")
-        key = (z.dtype, z.device, merged, None if isinstance(scaling, torch.Tensor) else scaling)
+        key = (
+            z.dtype,
+            z.device,
+            merged,
+            None if isinstance(scaling, torch.Tensor) else scaling,
+            attrs["residual_before"],  # the fold depends on both (plain attributes a user may set)
+            attrs["activation"],
+        )
 
         def build() -> FusionFold:
             resolve_backend(self.backend, z.device)  # a bad name fails here as elsewhere

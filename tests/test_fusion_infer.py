@@ -70,3 +70,13 @@ def test_eval_fold_strided_inputs_and_no_residual():
         torch.testing.assert_close(fast(h, x), ref(h, x), rtol=1e-10, atol=1e-10)
         z = torch.randn(D, 6, dtype=F64).T  # a strided 2-D z, no residual
         torch.testing.assert_close(fast.compose(z), ref.compose(z), rtol=1e-10, atol=1e-10)
+
+
+def test_eval_fold_follows_settings_changed_after_construction():
+    fast, ref = _pair((2, 3), "relu")
+    h, x = torch.randn(2, 3, D, dtype=F64), torch.randn(2, 3, D, dtype=F64)
+    with torch.no_grad():
+        fast(h, x)  # a fold for the first settings
+        for layer in (fast, ref):
+            layer.residual_before, layer.activation = True, "tanh"
+        torch.testing.assert_close(fast(h, x), ref(h, x), rtol=1e-10, atol=1e-10)
