@@ -1,13 +1,14 @@
 """``AdapterFusionLayer``: N frozen source adapters fused by the `adapters` library's AdapterFusion.
 
-Sub-layer form (the same as ``ScaLearnLayer``; DESIGN.md §1), with ``h`` the FFN output, ``x`` its
+Sub-layer form (the same as ``ScaLearnLayer``; docs/design.md), with ``h`` the FFN output, ``x`` its
 residual input and ``LN`` the layer's own pre-trained output LayerNorm (Pfeiffer sources:
 ``residual_before_ln=True``, so the fusion residual is h):
 
     z = LN(h + x)
     y = LN(fusion(z, query_input = h if query_before_ln else z, residual = h) + x)
 
-``fusion`` is ``ops.fusion.adapter_fusion`` (its docstring has the exact math and the rewrites).
+``fusion`` is ``ops.fusion.adapter_fusion`` (its docstring has the exact math; docs/fusion.md the
+rewrites). In eval mode the fixed weights are folded once (``ops.fusion_infer``) and cached.
 The trainable parameters are named as in the library's ``BertFusion`` (``query.weight``,
 ``query.bias``, ``key.weight``, ``key.bias``, ``value.weight``), so its state dict loads as is.
 
@@ -26,15 +27,13 @@ import torch.nn as nn
 
 from .layers_base import FrozenSources, check_matches_z, check_sublayer_inputs, weights_key
 from .ops.backends import resolve_backend
-from .ops.fusion import (
-    FusionFold,
-    adapter_fusion_folded,
-    adapter_fusion_packed,
-    fold_fusion,
-    scaling_as_omega,
-)
+from .ops.fusion import adapter_fusion_weights
+from .ops.fusion_args import FusionWeights, scaling_as_omega
+from .ops.fusion_infer import FusionFold, adapter_fusion_folded, fold_fusion
 from .ops.packing import TensorOrList, check_activation, check_inputs
 
+_PROJECTIONS = ("query", "key", "value")
+_FOLDING_BACKENDS = ("auto", "torch")  # the backends whose eval path runs on the cached fold
 START_TEMPERATURE = 50.0  # the library's annealing start; it falls by START / 1000 per call
 
 
@@ -138,66 +137,80 @@ class AdapterFusionLayer(FrozenSources):
         eye = torch.eye(self.hidden_size, dtype=self.value.weight.dtype, device=self.value.weight.device)
         return 0.01 * (eye - self.value.weight).pow(2).sum()
 
-    def _weight(self, module: nn.Linear | None, name: str, dtype: torch.dtype) -> torch.Tensor | None:
-        t = None if module is None else getattr(module, name)
-        return None if t is None else t.to(dtype)
+    def fusion_weights(self, like: torch.Tensor) -> FusionWeights:
+        """This layer's weights and settings for one call, in ``like``'s dtype (differentiable
+        casts; a float scaling becomes ω on ``like``'s device)."""
+        query, key, value = self.query, self.key, self.value
+        dtype, scaling = like.dtype, self.scaling
+        if isinstance(scaling, torch.Tensor):
+            scaling = scaling.to(dtype)
+        omega = scaling_as_omega(scaling, self.packed(), like)
+        return FusionWeights(
+            None if query is None else query.weight.to(dtype),
+            None if query is None or query.bias is None else query.bias.to(dtype),
+            None if key is None else key.weight.to(dtype),
+            None if key is None or key.bias is None else key.bias.to(dtype),
+            None if value is None else value.weight.to(dtype),
+            omega,
+            self.T,
+            self.dropout,
+            self.residual_before,
+        )
 
-    def _fold(self, z: torch.Tensor, merged: bool) -> FusionFold:
-        """The weights folded for inference (``ops.fusion.fold_fusion``), cached; rebuilt when a
-        source or fusion weight changes (in place or replaced), or z's dtype or device does."""
-        weights = [  # _parameters, not parameters(): no module traversal on every call
-            *self._parameters.values(),
-            *(
-                p
-                for m in (self.query, self.key, self.value)
-                if m is not None
-                for p in m._parameters.values()
-                if p is not None
-            ),
-        ]
-        scaling = self.scaling
+    def _weights(self) -> list[torch.Tensor]:
+        """Every tensor the inference fold is made from, read through ``_parameters`` and
+        ``_modules`` (no module traversal or ``__getattr__``: this runs on every eval call)."""
+        weights = [*self._parameters.values()]
+        modules = self._modules
+        for name in _PROJECTIONS:
+            module = modules.get(name)
+            if module is not None:
+                weights += module._parameters.values()
+        scaling = self.__dict__.get("scaling")
         if isinstance(scaling, torch.Tensor):
             weights.append(scaling)
-            scaling = None
+        return [w for w in weights if w is not None]
+
+    def _eval_fold(
+        self, z: torch.Tensor, residual: torch.Tensor | None, query_input: torch.Tensor | None
+    ) -> FusionFold | None:
+        """The cached inference fold when this call may use it (eval, backend ``torch`` or
+        ``auto``, nothing to differentiate, not under ``torch.compile``), else ``None``. Rebuilt
+        when a source or fusion weight changes (in place or replaced), after an optimizer step,
+        when the scaling, ``residual_before``, the activation or z's dtype or device changes."""
+        attrs = self.__dict__
+        if attrs["training"] or attrs["backend"] not in _FOLDING_BACKENDS or torch.compiler.is_compiling():
+            return None
+        if not z.is_floating_point():
+            return None
+        weights = self._weights()
+        if torch.is_grad_enabled() and (
+            z.requires_grad
+            or (residual is not None and residual.requires_grad)
+            or (query_input is not None and query_input.requires_grad)
+            or any(w.requires_grad for w in weights)
+        ):
+            return None
+        merged = query_input is None
+        scaling = attrs.get("scaling")
+        key = (
+            z.dtype,
+            z.device,
+            merged,
+            None if isinstance(scaling, torch.Tensor) else scaling,
+            attrs["residual_before"],  # the fold depends on both (plain attributes a user may set)
+            attrs["activation"],
+        )
 
         def build() -> FusionFold:
             resolve_backend(self.backend, z.device)  # a bad name fails here as elsewhere
             dtype = z.dtype
             packed = self.packed().to(dtype)
-            omega = scaling_as_omega(self.scaling, packed, z)
-            check_inputs(z, packed, omega.to(dtype), None)  # devices and dtypes, once
-            return fold_fusion(
-                packed,
-                self._weight(self.query, "weight", dtype),
-                self._weight(self.query, "bias", dtype),
-                self._weight(self.key, "weight", dtype),
-                self._weight(self.value, "weight", dtype),
-                omega,
-                merged=merged,
-                dtype=dtype,
-            )
+            fusion = self.fusion_weights(z)
+            check_inputs(z, packed, fusion.scaling, None)  # devices and dtypes, once
+            return fold_fusion(packed, fusion, merged=merged, dtype=dtype, activation=self.activation)
 
-        return self._cached((z.dtype, z.device, merged, scaling, weights_key(weights)), build)
-
-    def _folded_compose(
-        self, z: torch.Tensor, residual: torch.Tensor | None, query_input: torch.Tensor | None
-    ) -> torch.Tensor:
-        fold = self._fold(z, merged=query_input is None)
-        check_matches_z("residual", residual, z)
-        check_matches_z("query_input", query_input, z)
-        if z.shape[-1] != self.hidden_size:
-            raise ValueError(f"z has shape {list(z.shape)}: its last dim must be d={self.hidden_size}")
-        if self.residual_before and residual is None:
-            raise ValueError("residual_before=True adds the residual to keys and values; pass residual")
-        return adapter_fusion_folded(
-            z, fold, residual, query_input=query_input, temperature=self.T,
-            residual_before=self.residual_before, activation=self.activation,
-        )  # fmt: skip
-
-    def _needs_grad(self, *inputs: torch.Tensor | None) -> bool:
-        if not torch.is_grad_enabled():
-            return False
-        return any(t is not None and t.requires_grad for t in (*inputs, *self.parameters()))
+        return self._cached((*key, weights_key(weights)), build)
 
     def compose(
         self,
@@ -208,58 +221,54 @@ class AdapterFusionLayer(FrozenSources):
         """The library's ``BertFusion.forward`` on adapter input ``z [..., d]`` (anneals τ).
 
         In eval mode with nothing to differentiate (and not under ``torch.compile``), backends
-        ``torch`` and ``auto`` fold the fixed weights once (``FusionFold``) and a call is two
-        GEMMs and a softmax; ``triton`` keeps its kernels, ``reference`` its loop."""
+        ``torch`` and ``auto`` fold the fixed weights once (``ops.fusion_infer``) and a call is
+        two GEMMs and a softmax; ``triton`` keeps its kernels, ``reference`` its loop."""
         for name, t in (("z", z), ("residual", residual), ("query_input", query_input)):
             if not isinstance(t, torch.Tensor) and (t is not None or name == "z"):
                 raise ValueError(
                     f"{name} must be a tensor{'' if name == 'z' else ' or None'}; got {type(t).__name__}"
                 )
-        if (
-            self.backend in ("auto", "torch")
-            and not self.training
-            and z.is_floating_point()
-            and not self._needs_grad(z, residual, query_input)
-            and not torch.compiler.is_compiling()
-        ):
-            out = self._folded_compose(z, residual, query_input)
-            if self.T > 1.0:  # annealed down to 1 (nn.Module.__setattr__ is slow: skip it after)
-                self.T = max(self.T - self.reduction, 1.0)
-            return out
-        dtype = z.dtype
-        scaling = self.scaling.to(dtype) if isinstance(self.scaling, torch.Tensor) else self.scaling
-        out = adapter_fusion_packed(
-            z,
-            self.packed().to(dtype),
-            self._weight(self.query, "weight", dtype),
-            self._weight(self.query, "bias", dtype),
-            self._weight(self.key, "weight", dtype),
-            self._weight(self.key, "bias", dtype),
-            self._weight(self.value, "weight", dtype),
-            residual,
-            query_input=query_input,
-            scaling=scaling,
-            temperature=self.T,
-            dropout_p=self.dropout,
-            training=self.training,
-            residual_before=self.residual_before,
-            activation=self.activation,
-            backend=self.backend,
-        )
-        if self.T > 1.0:
-            self.T = max(self.T - self.reduction, 1.0)
+        return self._compose(z, residual, query_input)
+
+    def _compose(
+        self, z: torch.Tensor, residual: torch.Tensor | None, query_input: torch.Tensor | None
+    ) -> torch.Tensor:
+        fold = self._eval_fold(z, residual, query_input)
+        temperature = self.T
+        if fold is not None:
+            if z.shape[-1] != fold.hidden_size:
+                raise ValueError(f"z has shape {list(z.shape)}: its last dim must be d={fold.hidden_size}")
+            check_matches_z("residual", residual, z)
+            check_matches_z("query_input", query_input, z)
+            if fold.residual_before and residual is None:
+                raise ValueError("residual_before=True adds the residual to keys and values; pass residual")
+            out = adapter_fusion_folded(z, fold, residual, query_input, temperature)
+        else:
+            out = adapter_fusion_weights(
+                z,
+                self.packed().to(z.dtype),
+                self.fusion_weights(z),
+                residual,
+                query_input=query_input,
+                training=self.training,
+                activation=self.activation,
+                backend=self.backend,
+            )
+        if temperature > 1.0:  # annealed down to 1 (nn.Module.__setattr__ is slow: skip it after)
+            self.T = max(temperature - self.reduction, 1.0)
         return out
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         """The full sub-layer ``LN(fusion(LN(h + x), residual=h) + x)``; needs ``layer_norm``."""
-        check_sublayer_inputs("AdapterFusionLayer", self.layer_norm, hidden_states, input_tensor)
+        layer_norm = check_sublayer_inputs("AdapterFusionLayer", self.layer_norm, hidden_states, input_tensor)
         pre_ln = hidden_states + input_tensor
-        z = self.layer_norm(pre_ln)
-        query_input = hidden_states if self.query_before_ln else None
         if self.residual_before:  # h joins the keys and values; x comes after
-            out = self.compose(z, residual=hidden_states, query_input=query_input)
-            return self.layer_norm(out + input_tensor)
-        return self.layer_norm(self.compose(z, residual=pre_ln, query_input=query_input))
+            query_input = hidden_states if self.query_before_ln else None
+            return layer_norm(self._compose(layer_norm(pre_ln), hidden_states, query_input) + input_tensor)
+        if self.query_before_ln:
+            return layer_norm(self._compose(layer_norm(pre_ln), pre_ln, hidden_states))
+        flat = pre_ln.reshape(-1, pre_ln.shape[-1])  # [T, d] throughout: one view in, one out
+        return layer_norm(self._compose(layer_norm(flat), flat, None)).view_as(pre_ln)
 
     def extra_repr(self) -> str:
         parts = [name for name in ("query", "key", "value") if getattr(self, name) is not None]

@@ -470,11 +470,11 @@ def test_folded_inference_matches_the_adapters_library():
 
 
 def _spy_folded(monkeypatch):
-    from scalearn_fast.ops import fusion as fusion_ops
+    from scalearn_fast.ops import fusion_autograd as fusion_ops
 
     calls = []
-    real = fusion_ops._adapter_fusion_weights_folded
-    monkeypatch.setattr(fusion_ops, "_adapter_fusion_weights_folded", lambda *a: calls.append(1) or real(*a))
+    real = fusion_ops.fusion_weights_folded
+    monkeypatch.setattr(fusion_ops, "fusion_weights_folded", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
