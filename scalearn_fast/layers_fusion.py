@@ -25,7 +25,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .layers_base import FrozenSources, check_matches_z, check_sublayer_inputs, weights_key
+from .layers_base import (
+    FrozenSources,
+    apply_layer_norm,
+    check_matches_z,
+    check_sublayer_inputs,
+    weights_key,
+)
 from .ops.backends import resolve_backend
 from .ops.fusion import adapter_fusion_weights
 from .ops.fusion_args import FusionWeights, scaling_as_omega
@@ -264,11 +270,14 @@ class AdapterFusionLayer(FrozenSources):
         pre_ln = hidden_states + input_tensor
         if self.residual_before:  # h joins the keys and values; x comes after
             query_input = hidden_states if self.query_before_ln else None
-            return layer_norm(self._compose(layer_norm(pre_ln), hidden_states, query_input) + input_tensor)
+            z = apply_layer_norm(layer_norm, pre_ln)
+            return apply_layer_norm(layer_norm, self._compose(z, hidden_states, query_input) + input_tensor)
         if self.query_before_ln:
-            return layer_norm(self._compose(layer_norm(pre_ln), pre_ln, hidden_states))
+            z = apply_layer_norm(layer_norm, pre_ln)
+            return apply_layer_norm(layer_norm, self._compose(z, pre_ln, hidden_states))
         flat = pre_ln.reshape(-1, pre_ln.shape[-1])  # [T, d] throughout: one view in, one out
-        return layer_norm(self._compose(layer_norm(flat), flat, None)).view_as(pre_ln)
+        z = apply_layer_norm(layer_norm, flat)
+        return apply_layer_norm(layer_norm, self._compose(z, flat, None)).view_as(pre_ln)
 
     def extra_repr(self) -> str:
         parts = [name for name in ("query", "key", "value") if getattr(self, name) is not None]
