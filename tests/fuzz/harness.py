@@ -103,9 +103,7 @@ def error_outcome(exc: BaseException, extra_ok: Callable[[str], bool] | None = N
     return f"unclear exception {type(exc).__name__}: {msg[:300]}"
 
 
-def compare(
-    out: torch.Tensor, oracle64: torch.Tensor, oracle_low: torch.Tensor, what: str
-) -> Problem | None:
+def compare(out: torch.Tensor, oracle64: torch.Tensor, oracle_low: torch.Tensor, what: str) -> Problem | None:
     """``None`` when ``out`` matches the oracle (see the module docstring), else the mismatch."""
     if not isinstance(out, torch.Tensor):
         return Problem(f"{what}: got {type(out).__name__}, expected a tensor")

@@ -111,7 +111,9 @@ def test_scaled_adapter_sum(backend, case):
 # ------------------------------------------------------------------------------ non-finite inputs
 
 
-def _nonfinite_known(case: Case, where: str, value: float, out: torch.Tensor, ref: torch.Tensor) -> str | None:
+def _nonfinite_known(
+    case: Case, where: str, value: float, out: torch.Tensor, ref: torch.Tensor
+) -> str | None:
     if case.backend == "reference":
         return None
     if case.backend == "triton" and case.dtype in ("fp64", "bf16"):
@@ -122,7 +124,8 @@ def _nonfinite_known(case: Case, where: str, value: float, out: torch.Tensor, re
         # NaN only where the loop has ±inf, everything else equal: the fold's inf·0
         if torch.equal(new_nan, new_nan & r.isinf()) and torch.equal(o.isinf(), r.isinf() & ~new_nan):
             return "inf-omega-row-scale"
-    if where.startswith("z") and math.isinf(value) and case.backend == "triton" and case.use_fused is not False:
+    fused = case.backend == "triton" and case.use_fused is not False
+    if where.startswith("z") and math.isinf(value) and fused:
         if torch.equal(o.isinf(), r.isinf() & ~new_nan) and not (r.isnan() & ~o.isnan()).any():
             return "fused-padding-nonfinite"
     return None
@@ -233,7 +236,8 @@ def test_double_backward(backend, data):
     try:
         grads = _double_backward(case, x, lambda x: _call_op(case, x))
     except Exception as exc:  # noqa: BLE001
-        settle(suite, backend, error_outcome(exc, _double_backward_clear), None, _describe(case), ok="clear-error")
+        problem = error_outcome(exc, _double_backward_clear)
+        settle(suite, backend, problem, None, _describe(case), ok="clear-error")
         return
     problem = None
     for name, g, r64, rlow in zip(("dz", "domega", "drow_scale"), grads, g64, g_low, strict=False):
@@ -335,7 +339,8 @@ def fusion_cases(draw, backend: str) -> Case:
     case = draw(op_cases(backend, grads=False))
     case.big_omega = False
     case.row_scale = False
-    case.grads = draw(st.sampled_from((("z",), ("z", "fusion"), ("fusion",), ("z", "residual", "fusion"), ())))
+    grad_sets = (("z",), ("z", "fusion"), ("fusion",), ("z", "residual", "fusion"), ())
+    case.grads = draw(st.sampled_from(grad_sets))
     training = draw(st.booleans())
     case.extra = dict(
         query=draw(st.booleans()),
@@ -387,9 +392,9 @@ def _fusion_inputs(case: Case, base: OpInputs) -> dict:
 def _fusion_call(case: Case, x: OpInputs, w: dict, fn, **kw):
     e = case.extra
     return fn(
-        x.z, *x.sources, w["query_weight"], w["query_bias"], w["key_weight"], w["key_bias"], w["value_weight"],
-        x.residual, query_input=w["query_input"], scaling=w["scaling"], temperature=e["temperature"],
-        residual_before=e["residual_before"], activation=case.activation, **kw,
+        x.z, *x.sources, w["query_weight"], w["query_bias"], w["key_weight"], w["key_bias"],
+        w["value_weight"], x.residual, query_input=w["query_input"], scaling=w["scaling"],
+        temperature=e["temperature"], residual_before=e["residual_before"], activation=case.activation, **kw,
     )  # fmt: skip
 
 
@@ -436,7 +441,9 @@ def test_adapter_fusion(backend, data):
             return out.detach(), []
         loss = (out * probe_like(out.detach().to(case.torch_dtype)).to(compute)).sum()
         grads = torch.autograd.grad(loss, [t for _, t in targets], allow_unused=True)
-        return out.detach(), [torch.zeros_like(t) if g is None else g for (_, t), g in zip(targets, grads)]
+        return out.detach(), [
+            torch.zeros_like(t) if g is None else g for (_, t), g in zip(targets, grads, strict=True)
+        ]
 
     ref64, g64 = run_oracle(F64)
     ref_low, g_low = run_oracle(case.torch_dtype)
@@ -465,4 +472,3 @@ def test_adapter_fusion(backend, data):
             if problem is not None:
                 break
     settle(suite, backend, problem, _known_wrong(case, problem), _describe(case))
-
