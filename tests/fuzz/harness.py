@@ -48,6 +48,8 @@ KNOWN_DEFECTS: dict[str, str] = {
     "the loop does not (the padded R columns compute inf·0)",
     "fp16-fold-overflow": "issue 16 item 6: in fp16, folding omega into W_up overflows (W_up·omega > 65504) "
     "where the loop's separate products do not",
+    "omega-none": "found by this fuzz: scaled_adapter_sum(..., omega=None) raises TypeError (reference) or "
+    "AttributeError (torch, triton, auto) instead of a ValueError naming omega",
 }
 
 _ARG_NAMES = (
