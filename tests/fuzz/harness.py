@@ -166,10 +166,12 @@ def settle(
     not the known defect ``known`` (``None``: no known defect applies)."""
     if problem is None:
         record(suite, backend, ok)
+        if os.environ.get("SCALEARN_FUZZ_VERBOSE") == "2":
+            print(f"\n{ok}: {suite}[{backend}] {describe}")
         return
     if known is not None and known in KNOWN_DEFECTS:
         record(suite, backend, f"known-defect:{known}")
-        if os.environ.get("SCALEARN_FUZZ_VERBOSE") == "1":
+        if os.environ.get("SCALEARN_FUZZ_VERBOSE") in ("1", "2"):
             print(f"\nknown defect {known}: {suite}[{backend}] {describe}: {problem}")
         return
     record(suite, backend, "defect")
