@@ -37,7 +37,7 @@ def _no_degenerate_layer_norm(case: Case) -> Case:
 def _layer_inputs(case: Case) -> tuple[torch.Tensor, torch.Tensor, nn.LayerNorm]:
     g = torch.Generator().manual_seed(case.seed + 7)
     dtype, d = case.torch_dtype, case.d
-    lead = case.lead if case.lead else (1,)
+    lead = case.lead  # () is a single token [d]
     h = (torch.randn(*lead, d, generator=g, dtype=F64)).to(dtype)
     x = (torch.randn(*lead, d, generator=g, dtype=F64)).to(dtype)
     ln = nn.LayerNorm(d, eps=1e-5, dtype=dtype)
