@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 from hypothesis import strategies as st
 
@@ -25,6 +26,16 @@ LAYOUTS = ("contiguous", "sliced", "transposed")
 
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+NEEDS_INTERPRETER = pytest.mark.skipif(
+    not interpreted(), reason="the fuzz runs Triton on CPU tensors, in the interpreter (TRITON_INTERPRET=1)"
+)
+
+
+def backend_params(backends=BACKENDS) -> list:
+    """``backends`` as pytest params; ``triton`` is skipped where it cannot run on CPU tensors."""
+    return [pytest.param(b, marks=NEEDS_INTERPRETER) if b == "triton" else b for b in backends]
 
 
 def dtype_strategy(backend: str):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from scalearn_fast import VARIANTS, AdapterFusionLayer, ScaLearnLayer
 from tests.fuzz import oracle
-from tests.fuzz.cases import BACKENDS, Case, make_op_inputs, op_cases, probe_like, triton_path
+from tests.fuzz.cases import Case, backend_params, make_op_inputs, op_cases, probe_like, triton_path
 from tests.fuzz.harness import F64, Problem, compare, error_outcome, fuzz_settings, settle
 
 
@@ -95,7 +95,7 @@ def _scalearn_oracle(case, sources, omega, masks, h, x, h2, ln, compute):
     return ys
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params())
 @fuzz_settings(20)
 @given(data=st.data())
 def test_scalearn_layer(backend, data):
@@ -218,7 +218,7 @@ def fusion_layer_cases(draw, backend: str) -> Case:
     return case
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params())
 @fuzz_settings(20)
 @given(data=st.data())
 def test_adapter_fusion_layer(backend, data):

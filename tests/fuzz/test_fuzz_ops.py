@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from scalearn_fast import adapter_fusion, scaled_adapter_sum
 from tests.fuzz import oracle
 from tests.fuzz.cases import (
-    BACKENDS,
     Case,
     OpInputs,
+    backend_params,
     grad_targets,
     make_op_inputs,
     op_cases,
@@ -101,7 +101,7 @@ def check_op_case(case: Case, suite: str = "scaled_adapter_sum") -> None:
     settle(suite, case.backend, problem, _known_wrong(case, problem), _describe(case))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params())
 @fuzz_settings(40)
 @given(case=st.data())
 def test_scaled_adapter_sum(backend, case):
@@ -174,7 +174,7 @@ def _poison(case: Case, x: OpInputs) -> OpInputs:
     return x
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params())
 @fuzz_settings(30)
 @given(data=st.data())
 def test_scaled_adapter_sum_nonfinite(backend, data):
@@ -218,7 +218,7 @@ def _double_backward_clear(msg: str) -> bool:
     return any(k in low for k in ("double backward", "create_graph", "twice", "second-order", "higher-order"))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params())
 @fuzz_settings(12)
 @given(data=st.data())
 def test_double_backward(backend, data):
@@ -317,7 +317,7 @@ def _mutate(case: Case, x: OpInputs, mutation: str) -> tuple[OpInputs, dict]:
     return x, kw
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params())
 @fuzz_settings(25)
 @given(data=st.data())
 def test_scaled_adapter_sum_bad_input(backend, data):
@@ -425,7 +425,7 @@ def _fusion_fresh(case: Case, base: OpInputs, w0: dict, layout: str | None):
     return x, w
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params())
 @fuzz_settings(30)
 @given(data=st.data())
 def test_adapter_fusion(backend, data):
