@@ -407,17 +407,20 @@ def _fusion_call(case: Case, x: OpInputs, w: dict, fn, **kw):
     )  # fmt: skip
 
 
+_FUSION_WEIGHTS = ("query_weight", "query_bias", "key_weight", "key_bias", "value_weight")
+
+
 def _fusion_targets(case: Case, x: OpInputs, w: dict) -> list[tuple[str, torch.Tensor]]:
     out = [(n, t) for n, t in grad_targets(x, tuple(g for g in case.grads if g != "fusion"))]
     if "fusion" in case.grads:
-        out += [(f"d{k}", w[k]) for k in ("query_weight", "key_weight", "value_weight") if w[k] is not None]
+        out += [(f"d{k}", w[k]) for k in _FUSION_WEIGHTS if w[k] is not None]
     return out
 
 
 def _fusion_fresh(case: Case, base: OpInputs, w0: dict, layout: str | None):
     x = with_grad(base, case.grads, layout)
     w = {
-        k: (v.detach().clone().requires_grad_("fusion" in case.grads and k.endswith("weight")))
+        k: (v.detach().clone().requires_grad_("fusion" in case.grads and k in _FUSION_WEIGHTS))
         if isinstance(v, torch.Tensor)
         else v
         for k, v in w0.items()
