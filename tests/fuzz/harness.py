@@ -118,6 +118,12 @@ def compare(out: torch.Tensor, oracle64: torch.Tensor, oracle_low: torch.Tensor,
     o = out.detach().double()
     # where the float64 answer is not representable in the dtype, ±inf is the right answer
     ref = oracle64.detach().to(out.dtype).double()
+    low = oracle_low.detach().double()
+    # where the answer is representable but the loop in this dtype overflows on the way (e.g. two fp16
+    # terms beyond 65504 that cancel), any non-finite value is as good as the loop's
+    excused = ref.isfinite() & ~low.isfinite() & ~o.isfinite()
+    if excused.any():
+        o, ref = o.masked_fill(excused, 0.0), ref.masked_fill(excused, 0.0)
     nan_o, nan_r = o.isnan(), ref.isnan()
     if not torch.equal(nan_o, nan_r):
         return Problem(
@@ -132,12 +138,11 @@ def compare(out: torch.Tensor, oracle64: torch.Tensor, oracle_low: torch.Tensor,
             f"{what}: ±inf differs from the oracle at {_where((pinf_o ^ pinf_r) | (ninf_o ^ ninf_r))}",
             "nonfinite",
         )
-    finite = o.isfinite() & ref.isfinite()
+    finite = o.isfinite() & ref.isfinite() & ~excused
     if not finite.any():
         return None
     r64 = oracle64.detach().double()
     err = (o - r64)[finite].abs().max().item()
-    low = oracle_low.detach().double()
     base_mask = finite & low.isfinite()
     base = (low - r64)[base_mask].abs().max().item() if base_mask.any() else 0.0
     scale = r64[finite].abs().max().item()

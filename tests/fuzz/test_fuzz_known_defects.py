@@ -236,6 +236,13 @@ def test_harness_flags_wrong_answers_and_unclear_errors():
     assert error_outcome(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is not None
     assert error_outcome(IndexError("list index out of range")) is not None
     assert error_outcome(TypeError("z must be a tensor")) is not None  # a TypeError is not a clear error
+    overflow = torch.tensor([1.0, 2.0], dtype=F64)  # representable, but the fp16 loop overflowed
+    low16 = torch.tensor([math.inf, 2.0], dtype=torch.float16)
+    assert compare(torch.tensor([math.nan, 2.0], dtype=torch.float16), overflow, low16, "out") is None
+    assert (
+        compare(torch.tensor([math.inf, 2.0], dtype=torch.float16), overflow, overflow.half(), "out").kind
+        == "nonfinite"
+    )
     assert names_an_argument("row_scale has shape") and not names_an_argument("sizes do not match")
 
 
