@@ -27,10 +27,12 @@ def _known_wrong(case: Case, problem: Problem | None) -> str | None:
 
 
 def _no_degenerate_layer_norm(case: Case) -> Case:
-    """d = 1: a LayerNorm's output is its bias and every gradient through it is rounding noise times
-    1/sqrt(eps); the ops' fuzz covers d = 1."""
-    if case.d == 1:
-        case.d = 3
+    """d >= 5 for the layers: at d = 1 a LayerNorm's output is its bias and every gradient through it
+    is rounding noise times 1/sqrt(eps); at d = 3 the spread over three features is often tiny and
+    fp16 rounding is amplified ~50x, so a fair error bound is not 3x the loop's (lucky) error. The
+    ops' fuzz covers d = 1 and 3."""
+    if case.d < 5:
+        case.d = 5
     return case
 
 
@@ -99,7 +101,11 @@ def _scalearn_oracle(case, sources, omega, masks, h, x, h2, ln, compute):
 @fuzz_settings(20)
 @given(data=st.data())
 def test_scalearn_layer(backend, data):
-    case = data.draw(scalearn_cases(backend))
+    check_scalearn_case(data.draw(scalearn_cases(backend)))
+
+
+def check_scalearn_case(case: Case) -> None:
+    backend = case.backend
     e = case.extra
     suite = "ScaLearnLayer"
     variant, mode = e["variant"], e["mode"]
@@ -222,7 +228,11 @@ def fusion_layer_cases(draw, backend: str) -> Case:
 @fuzz_settings(20)
 @given(data=st.data())
 def test_adapter_fusion_layer(backend, data):
-    case = data.draw(fusion_layer_cases(backend))
+    check_fusion_layer_case(data.draw(fusion_layer_cases(backend)))
+
+
+def check_fusion_layer_case(case: Case) -> None:
+    backend = case.backend
     e = case.extra
     suite = "AdapterFusionLayer"
     dtype = case.torch_dtype
