@@ -80,3 +80,20 @@ def test_eval_fold_follows_settings_changed_after_construction():
         for layer in (fast, ref):
             layer.residual_before, layer.activation = True, "tanh"
         torch.testing.assert_close(fast(h, x), ref(h, x), rtol=1e-10, atol=1e-10)
+
+
+def test_eval_fold_with_every_rank_zero():
+    """Sources of rank 0 (the fuzz found this): the fold's unit index was an empty float tensor,
+    an IndexError; the output is then the bias values' softmax mix, as in the reference."""
+    d = 5
+    layer = AdapterFusionLayer(
+        [torch.randn(0, d, dtype=torch.float64)], [torch.randn(0, dtype=torch.float64)],
+        [torch.randn(d, 0, dtype=torch.float64)], [torch.randn(d, dtype=torch.float64)],
+        query=False, key=False, value=False, dropout=0.0, backend="torch",
+        layer_norm=torch.nn.LayerNorm(d, dtype=torch.float64),
+    ).eval()  # fmt: skip
+    h, x = torch.randn(3, d, dtype=torch.float64), torch.randn(3, d, dtype=torch.float64)
+    with torch.no_grad():
+        fast = layer(h, x)
+        layer.backend = "reference"
+        torch.testing.assert_close(fast, layer(h, x), rtol=1e-12, atol=1e-12)

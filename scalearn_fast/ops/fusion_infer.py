@@ -61,7 +61,9 @@ def _blocks(packed: PackedSources) -> tuple[torch.Tensor, torch.Tensor, int]:
     device = packed.w_down.device
     units = [i * b + k for i, r in enumerate(packed.ranks) for k in range(r)]
     const = [i * b + b - 1 for i in range(packed.num_sources)]
-    return torch.tensor(units, device=device), torch.tensor(const, device=device), b
+    # dtype given: an empty list (every rank 0) would otherwise make a float index tensor
+    index = dict(dtype=torch.long, device=device)
+    return torch.tensor(units, **index), torch.tensor(const, **index), b
 
 
 def fold_fusion(

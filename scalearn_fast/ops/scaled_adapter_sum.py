@@ -46,6 +46,11 @@ def scaled_adapter_sum_packed(
     row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``scaled_adapter_sum`` on sources already packed by ``pack_sources``."""
+    if not isinstance(omega, torch.Tensor):
+        raise ValueError(
+            f"omega must be a tensor [N, d] or [N, 1]; got {type(omega).__name__} "
+            "(scaled_adapter_sum_folded takes ω already applied to the up projections)"
+        )
     check_activation(activation)
     check_inputs(z, packed, omega, residual, row_scale=row_scale)
     backend = resolve_backend(backend, z.device)

@@ -78,6 +78,18 @@ def _forward_in_fp32(call: Composition) -> tuple[Tensor, Tensor | None]:
     return out.to(call.z.dtype), (None if pre is None else pre.to(call.z.dtype))
 
 
+def _backward_in_fp32(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients) -> Gradients:
+    """The backward of ``_forward_in_fp32``: the same formulas in fp32, each gradient rounded once."""
+    up = call._replace(**{name: None if t is None else t.float() for name, t in _float_fields(call)})
+    grads = backward(up, pre.float(), grad_out.float(), needs)
+    return Gradients(
+        *(
+            None if g is None else g.to(getattr(call, name).dtype)
+            for name, g in zip(Gradients._fields, grads, strict=True)
+        )
+    )
+
+
 def _float_fields(call: Composition):
     for name in ("z", "w_down", "b_down", "w_up", "b_up", "omega", "row_scale", "residual"):
         yield name, getattr(call, name)
@@ -85,6 +97,10 @@ def _float_fields(call: Composition):
 
 def backward(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients) -> Gradients:
     """The gradients flagged in ``needs``; others ``None``."""
+    if grad_out.dtype == torch.float16 and algebra.fp16_fold_overflows(
+        call.w_up, call.omega, call.source_index
+    ):
+        return _backward_in_fp32(call, pre, grad_out, needs)
     g = grad_out
     omega, row_scale, source_index = call.omega, call.row_scale, call.source_index
     n = call.num_sources

@@ -11,7 +11,8 @@ True fused whenever it fits, False never (tests flip it to exercise both); None 
 
 Operands the kernels cannot take run ``torch_backend`` (cuBLAS) instead: float64 (the kernels
 accumulate in fp32 and do not compile for fp64), and, under ``TRITON_INTERPRET=1``, float64 and
-bfloat16 (the interpreter's ``tl.dot`` is wrong for both).
+bfloat16 (the interpreter's ``tl.dot`` is wrong for both); so do fp16 calls whose ω·W_up
+leaves fp16's range (computed in fp32 there).
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ def runs_on_torch(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _fp16_overflow(call: Composition) -> bool:
+    """fp16 operands whose ω-scaled up projection leaves fp16's range (the kernels apply ω to W in
+    the operand dtype): the torch backend computes those calls (forward and backward) in fp32.
+    A host sync, fp16 only."""
+    return (
+        call.z.dtype == torch.float16
+        and call.omega is not None
+        and algebra.fp16_fold_overflows(call.w_up, call.omega, call.source_index)
+    )
+
+
 def _bias(call: Composition) -> Tensor:
     """Σ_i ω_i ⊙ b_up_i [d] (fp32), w·(ω⊙B) [T, d] with row_scale, or the call's scaled_bias."""
     if call.omega is None:
@@ -47,7 +59,7 @@ def _bias(call: Composition) -> Tensor:
 def forward(call: Composition) -> tuple[Tensor, Tensor]:
     """``(out [T, d], pre [T, R] or empty)``; see ``torch_backend.forward``."""
     z = call.z
-    if runs_on_torch(z.dtype):
+    if runs_on_torch(z.dtype) or _fp16_overflow(call):
         return torch_backend.forward(call)
     k = load_kernels()
     w_down, w_up = call.w_down, call.w_up if call.omega is not None else call.scaled_up
@@ -88,7 +100,7 @@ def backward(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients)
     fp32 and cast back.
     """
     z = call.z
-    if runs_on_torch(z.dtype):
+    if runs_on_torch(z.dtype) or _fp16_overflow(call):
         return torch_backend.backward(call, pre, grad_out, needs)
     k = load_kernels()
     g = grad_out
