@@ -122,7 +122,12 @@ def test_without_checkpointing_the_inputs_stay_as_they_were():
     assert seen == [False, True, False]
     detach_scalearn(model)
     handle.remove()
-    assert not any(m._forward_hooks for m in model.modules())
+    # ours are gone (transformers 5 registers hooks of its own on some modules)
+    from scalearn_fast.models.attach import InputsRequireGrad
+
+    assert not any(
+        isinstance(h, InputsRequireGrad) for m in model.modules() for h in m._forward_hooks.values()
+    )
 
 
 def test_detach_fusion_removes_the_hook_and_copies_keep_their_own():
@@ -131,7 +136,12 @@ def test_detach_fusion_removes_the_hook_and_copies_keep_their_own():
     model = attach(tiny("bert"), "fusion")
     clone = copy.deepcopy(model)
     detach_fusion(model)
-    assert not any(m._forward_hooks for m in model.modules())
+    # ours are gone (transformers 5 registers hooks of its own on some modules)
+    from scalearn_fast.models.attach import InputsRequireGrad
+
+    assert not any(
+        isinstance(h, InputsRequireGrad) for m in model.modules() for h in m._forward_hooks.values()
+    )
     assert any(m._forward_hooks for m in clone.modules())  # the copy still carries its hook
     got = grads(clone, "reentrant")
     assert any("adapter_fusion" in n for n in got)
