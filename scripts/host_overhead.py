@@ -21,7 +21,34 @@ import torch
 from scalearn_fast.bench.matrix import ModelCase
 from scalearn_fast.bench.model import build_model, inference_step
 
-VARIANTS = ("plain", "scalearn_naive", "scalearn_fused", "fusion_fused")
+VARIANTS = ("plain", "aten_floor", "scalearn_naive", "scalearn_fused", "fusion_fused")
+
+
+class AtenFloor(torch.nn.Module):
+    """The ScaLearn sub-layer with ω already applied, written as the bare ATen calls it needs
+    (LayerNorm, linear, relu, linear, add, LayerNorm) and nothing else: the floor any
+    implementation's host time per layer can reach."""
+
+    def __init__(self, output: torch.nn.Module, n: int, r: int) -> None:
+        super().__init__()
+        self.dense, self.dropout, ln = output.dense, output.dropout, output.LayerNorm
+        d = ln.normalized_shape[0]
+        self.ln = (ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        self.w_down, self.b_down = torch.randn(n * r, d) * 0.02, torch.zeros(n * r)
+        self.up, self.bias = torch.randn(d, n * r) * 0.02, torch.zeros(d)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        pre = self.dropout(self.dense(hidden_states)) + input_tensor
+        z = torch.layer_norm(pre, *self.ln)
+        hidden = torch.nn.functional.linear(z, self.w_down, self.b_down).relu_()
+        return torch.layer_norm(torch.nn.functional.linear(hidden, self.up, self.bias).add_(pre), *self.ln)
+
+
+def aten_floor_model(case: ModelCase):
+    m = build_model("plain", case, torch.device("cpu"))
+    for layer in m.encoder.encoder.layer:
+        layer.output = AtenFloor(layer.output, case.n, case.d // 16)  # the sources' r
+    return m
 
 
 def main() -> None:
@@ -33,7 +60,12 @@ def main() -> None:
     ids = torch.randint(3, 1000, (case.batch, case.seq), generator=torch.Generator().manual_seed(0))
     steps = {}
     for variant in VARIANTS:
-        steps[variant] = inference_step(build_model(variant, case, torch.device("cpu")), ids)
+        model = (
+            aten_floor_model(case)
+            if variant == "aten_floor"
+            else build_model(variant, case, torch.device("cpu"))
+        )
+        steps[variant] = inference_step(model, ids)
         for _ in range(10):
             steps[variant]()
     best = dict.fromkeys(steps, float("inf"))
