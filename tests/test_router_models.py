@@ -281,3 +281,35 @@ def test_attach_errors():
     detach_router(model)
     with pytest.raises(ValueError, match="has no router attached"):
         detach_router(model)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_model_routes_with_its_own_mask(how):
+    import copy
+    import io
+    import pickle
+
+    model = tiny("bert")
+    attach_router(model, random_sources(model), granularity="sequence")
+    with torch.no_grad():
+        for layer in router_layers(model):
+            layer.router.weight.normal_(0.0, 1.0)
+    if how == "deepcopy":
+        other = copy.deepcopy(model)
+    else:
+        buf = io.BytesIO()
+        pickle.dump(model, buf)
+        other = pickle.loads(buf.getvalue())
+    hook = next(iter(other._forward_pre_hooks.values()))
+    assert all(layer.context is hook.context for layer in router_layers(other))
+    assert hook.context is not router_layers(model)[0].context
+    ids = ids_for(model)
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(
+            other(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+        )
+        torch.testing.assert_close(other(ids[:1, :5]).logits, model(ids, attention_mask=mask).logits[:1])
+    detach_router(other)
+    assert not other._forward_pre_hooks and model._forward_pre_hooks

@@ -234,3 +234,17 @@ def test_router_layer_errors():
     seq = RouterLayer(*srcs, granularity="sequence")
     with pytest.raises(ValueError, match=r"attention_mask has shape \[2, 3\], expected \[2, 4\]"):
         seq.compose(z, attention_mask=torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("mode", ["output", "merge"])
+def test_bf16_close_to_float64(mode):
+    n, d, r = 3, 24, 4
+    srcs = sources(n, d, r)
+    layer = RouterLayer(*srcs, gate="softmax", granularity="sequence", mode=mode, backend="torch")
+    with torch.no_grad():
+        layer.router.weight.normal_()
+    z = torch.randn(2, 6, d, dtype=F64)
+    want = layer.compose(z)
+    got = layer.compose(z.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2)
