@@ -248,3 +248,29 @@ def test_bf16_close_to_float64(mode):
     got = layer.compose(z.to(torch.bfloat16))
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("mode", ["output", "merge"])
+def test_torch_compile_fullgraph(mode):
+    n, d = 3, 16
+    layer = RouterLayer(
+        *sources(n, d, 4, dtype=torch.float32),
+        gate="topk",
+        k=2,
+        granularity="sequence",
+        mode=mode,
+        backend="torch",
+    )
+    with torch.no_grad():
+        layer.router.weight.normal_()
+    z = torch.randn(2, 5, d, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    compiled = torch.compile(
+        lambda z, m: layer.compose(z, attention_mask=m), fullgraph=True, backend="aot_eager"
+    )
+    out, ref = compiled(z, mask), layer.compose(z, attention_mask=mask)
+    torch.testing.assert_close(out, ref)
+    got = torch.autograd.grad(out.sum(), [z, layer.router.weight])
+    want = torch.autograd.grad(ref.sum(), [z, layer.router.weight])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
