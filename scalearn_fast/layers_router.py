@@ -8,6 +8,10 @@ the layer's own pre-trained output LayerNorm and ``g`` the router's gates:
     y = LN(Σ_i g_i·A_i(z) + h + x)          mode "output"
     y = LN(A_merged(g)(z) + h + x)           mode "merge": A_merged's parameters are Σ_i g_i·θ_i
 
+In merge mode a sequence router's B merged adapters are built (B·N·2·r·d multiply-adds) and
+run as batched rank-r GEMMs; per-token gates run the packed two-GEMM form without merged
+weights (``ops/routing.py``).
+
 The router is one ``nn.Linear(d, N)`` initialised to zero (softmax gates start uniform). With
 ``granularity="sequence"`` it reads z mean-pooled over each sequence's real (non-padding)
 tokens: the attention mask comes from ``compose(..., attention_mask=)`` or, inside a model
@@ -32,6 +36,7 @@ from .ops.routing import (
     gates,
     masked_mean,
     merged_adapter_sum,
+    merged_adapter_sum_per_sequence,
     merged_adapter_sum_reference,
 )
 from .ops.scaled_adapter_sum import scaled_adapter_sum_packed
@@ -126,21 +131,26 @@ class RouterLayer(FrozenSources):
             return attention_mask
         return self.context.mask(self.stack)
 
-    def coefficients(self, z: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The gates ``[..., N]`` for ``z [..., d]`` (a sequence router's gates repeated over each
-        sequence's tokens), in z's dtype."""
+    def _router_gates(self, z: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The router's gates in z's dtype: ``[..., N]`` per token, or ``[B, N]`` per sequence."""
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
             got = getattr(z, "dtype", type(z).__name__)
             raise ValueError(f"z must be a floating-point tensor [..., d]; got {got}")
         if z.shape[-1] != self.hidden_size:
             raise ValueError(f"z has shape {list(z.shape)}: its last dim must be d={self.hidden_size}")
         weight, bias = self.router.weight, self.router.bias
-        if self.granularity == "token":
-            logits = F.linear(z.to(weight.dtype), weight, bias)
-            return gates(logits, self.gate, self.k).to(z.dtype)
-        pooled = masked_mean(z.to(weight.dtype), self._mask(attention_mask))  # [B, d]
-        g = gates(F.linear(pooled, weight, bias), self.gate, self.k).to(z.dtype)  # [B, N]
-        return g.unsqueeze(1).expand(*z.shape[:-1], self.num_sources)
+        x = z.to(weight.dtype)
+        if self.granularity == "sequence":
+            x = masked_mean(x, self._mask(attention_mask))  # [B, d]
+        return gates(F.linear(x, weight, bias), self.gate, self.k).to(z.dtype)
+
+    def coefficients(self, z: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The gates ``[..., N]`` for ``z [..., d]`` (a sequence router's gates repeated over each
+        sequence's tokens), in z's dtype."""
+        g = self._router_gates(z, attention_mask)
+        if self.granularity == "sequence":
+            return g.unsqueeze(1).expand(*z.shape[:-1], self.num_sources)
+        return g
 
     def compose(
         self,
@@ -154,12 +164,17 @@ class RouterLayer(FrozenSources):
 
         ``gates [..., N]`` (z's leading dims) replaces the router's output when given;
         ``attention_mask [B, L]`` is read by a sequence router (else the context's mask)."""
-        if gates is None:
-            g = self.coefficients(z, attention_mask)
-        else:
+        if not isinstance(z, torch.Tensor):
+            raise ValueError(f"z must be a tensor [..., d]; got {type(z).__name__}")
+        packed = self.packed().to(z.dtype)
+        if gates is not None:
             check_gates(gates, z, self.num_sources)
             g = gates
-        packed = self.packed().to(z.dtype)
+        elif self.mode == "merge" and self.granularity == "sequence" and self.backend != "reference":
+            g = self._router_gates(z, attention_mask)  # [B, N]: build the B merged adapters
+            return merged_adapter_sum_per_sequence(z, packed, g, residual, activation=self.activation)
+        else:
+            g = self.coefficients(z, attention_mask)
         if self.mode == "merge":
             merge = merged_adapter_sum_reference if self.backend == "reference" else merged_adapter_sum
             return merge(z, packed, g, residual, activation=self.activation)

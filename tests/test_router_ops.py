@@ -13,6 +13,7 @@ from scalearn_fast.ops.routing import (
     gates,
     masked_mean,
     merged_adapter_sum,
+    merged_adapter_sum_per_sequence,
     merged_adapter_sum_reference,
 )
 
@@ -274,3 +275,33 @@ def test_torch_compile_fullgraph(mode):
     want = torch.autograd.grad(ref.sum(), [z, layer.router.weight])
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_per_sequence_merge_matches_oracle_values_and_grads(activation):
+    n, d, r = 3, 10, 3
+    wd, bd, wu, bu = sources(n, d, r)
+    leaves = [t.requires_grad_() for t in (*wd, *bd, *wu, *bu)]
+    packed = pack_sources(wd, bd, wu, bu)
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(3, 5, d, dtype=F64, generator=g, requires_grad=True)
+    res = torch.randn(3, 5, d, dtype=F64, generator=g)
+    logits = torch.randn(3, n, dtype=F64, generator=g, requires_grad=True)
+    seq_gates = torch.softmax(logits, -1)
+    fast = merged_adapter_sum_per_sequence(z, packed, seq_gates, res, activation=activation)
+    ref = merged_adapter_sum_reference(
+        z, packed, seq_gates[:, None, :].expand(3, 5, n), res, activation=activation
+    )
+    torch.testing.assert_close(fast, ref)
+    grad = torch.randn_like(fast)
+    inputs = [z, logits, *leaves]
+    for a, b in zip(
+        torch.autograd.grad(fast, inputs, grad, retain_graph=True),
+        torch.autograd.grad(ref, inputs, grad),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"gates has shape \[3, 2\], expected \[3, 3\]"):
+        merged_adapter_sum_per_sequence(z, packed, seq_gates[:, :2])
+    with pytest.raises(ValueError, match=r"equal rank"):
+        merged_adapter_sum_per_sequence(z, pack_sources(*sources(3, d, [3, 2, 3])), seq_gates)

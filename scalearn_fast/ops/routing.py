@@ -23,6 +23,11 @@ It is computed without building any merged weight:
 ``merged_adapter_sum`` is that form (differentiable by autograd, gradients for z, the sources
 and the gates); ``merged_adapter_sum_reference`` builds the merged weights row by row, the
 oracle the tests compare against.
+
+With one gate vector per sequence (``gates [B, N]`` for ``z [B, L, d]``) the B merged adapters
+are cheaper to build than the rank-N·r GEMMs are to run once L is larger than a few tokens
+(``B·N·2·r·d`` multiply-adds to build, ``B·L·2·r·d`` to apply, against ``B·L·N·2·r·d``):
+``merged_adapter_sum_per_sequence`` does that, with two batched rank-r GEMMs.
 """
 
 from __future__ import annotations
@@ -153,6 +158,39 @@ def merged_adapter_sum(
     s = (g.unsqueeze(-1) * hidden.unsqueeze(1)).reshape(-1, n * r)  # block i: g_i·act(P̄)
     out = torch.addmm(g @ packed.b_up, s, packed.w_up.T) if rows.shape[0] else rows.new_zeros(0, d)
     out = out.reshape(z.shape)
+    return out if residual is None else out + residual
+
+
+def merged_adapter_sum_per_sequence(
+    z: Tensor,
+    packed: PackedSources,
+    gates_: Tensor,
+    residual: Tensor | None = None,
+    *,
+    activation: str = "relu",
+) -> Tensor:
+    """``merged_adapter_sum`` for one gate vector per sequence: ``gates_ [B, N]``, ``z [B, L, d]``.
+    Builds each sequence's merged ``D̄ [r, d]``, ``b̄``, ``Ū [d, r]``, ``B̄`` (``[B, ...]`` tensors,
+    one weighted sum each) and applies them with two batched GEMMs; differentiable by autograd."""
+    if z.dim() != 3:
+        raise ValueError(f"per-sequence merge needs z as [batch, length, d]; got z of shape {list(z.shape)}")
+    b, n, d = z.shape[0], packed.num_sources, packed.hidden_size
+    if tuple(gates_.shape) != (b, n):
+        raise ValueError(
+            f"gates has shape {list(gates_.shape)}, expected {[b, n]} (one gate vector per sequence of "
+            f"z {list(z.shape)}, N={n} sources)"
+        )
+    r = _check_merge(
+        z[:, :1], packed, gates_[:, None, :], None if residual is None else residual[:, :1], activation
+    )
+    if residual is not None and residual.shape != z.shape:
+        raise ValueError(f"residual has shape {list(residual.shape)}, expected z's {list(z.shape)}")
+    w_down = (gates_ @ packed.w_down.reshape(n, r * d)).view(b, r, d)
+    b_down = gates_ @ packed.b_down.view(n, r)
+    w_up = (gates_ @ packed.w_up.view(d, n, r).transpose(0, 1).reshape(n, d * r)).view(b, d, r)
+    b_up = gates_ @ packed.b_up
+    hidden = activation_fn(activation, torch.baddbmm(b_down.unsqueeze(1), z, w_down.transpose(1, 2)))
+    out = torch.baddbmm(b_up.unsqueeze(1), hidden, w_up.transpose(1, 2))
     return out if residual is None else out + residual
 
 
