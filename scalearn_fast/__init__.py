@@ -7,12 +7,17 @@ fused Triton kernels, behind autograd-aware ``torch.library`` custom ops.
 from .formats import load_adapterhub_sources
 from .layers import VARIANTS, ScaLearnLayer, init_omega
 from .layers_fusion import AdapterFusionLayer
+from .layers_router import RouterLayer
 from .models import (
     attach_fusion,
+    attach_router,
     attach_scalearn,
     detach_fusion,
+    detach_router,
     detach_scalearn,
+    load_router,
     load_scalearn,
+    save_router,
     save_scalearn,
 )
 from .ops import PackedSources, adapter_fusion, pack_sources, scaled_adapter_sum
@@ -23,17 +28,22 @@ __all__ = [
     "VARIANTS",
     "AdapterFusionLayer",
     "PackedSources",
+    "RouterLayer",
     "ScaLearnLayer",
     "__version__",
     "adapter_fusion",
     "attach_fusion",
+    "attach_router",
     "attach_scalearn",
     "detach_fusion",
+    "detach_router",
     "detach_scalearn",
     "init_omega",
     "load_adapterhub_sources",
+    "load_router",
     "load_scalearn",
     "pack_sources",
+    "save_router",
     "save_scalearn",
     "scaled_adapter_sum",
 ]

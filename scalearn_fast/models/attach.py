@@ -16,20 +16,26 @@ from .registry import FFNSite
 
 SCALEARN = "scalearn"
 FUSION = "adapter_fusion"
-_RECORD_KEYS = {SCALEARN: "_scalearn_fast_state", FUSION: "_scalearn_fast_fusion_state"}
-_ATTACH_FN = {SCALEARN: "attach_scalearn", FUSION: "attach_fusion"}
-_LABEL = {SCALEARN: "ScaLearn", FUSION: "AdapterFusion"}
+ROUTER = "router"
+_RECORD_KEYS = {
+    SCALEARN: "_scalearn_fast_state",
+    FUSION: "_scalearn_fast_fusion_state",
+    ROUTER: "_scalearn_fast_router_state",
+}
+_ATTACH_FN = {SCALEARN: "attach_scalearn", FUSION: "attach_fusion", ROUTER: "attach_router"}
+_LABEL = {SCALEARN: "ScaLearn", FUSION: "AdapterFusion", ROUTER: "router"}
 
 
 @dataclass
 class AttachRecord:
     """What an ``attach_*`` did to a model, kept on the model for the getters, saving and detach.
 
-    ``kind`` is ``"scalearn"`` or ``"adapter_fusion"``, which is also the name of the sub-layer on
-    every patched module. ``source_paths`` are the folders the sources were read from (None for
-    sources built in memory). ``variant`` and ``shared_omega`` are ScaLearn's; ``name`` and
-    ``config`` are AdapterFusion's. ``hooked`` are the embedding modules carrying the
-    gradient-checkpointing hook.
+    ``kind`` is ``"scalearn"``, ``"adapter_fusion"`` or ``"router"``, which is also the name of
+    the sub-layer on every patched module. ``source_paths`` are the folders the sources were read
+    from (None for sources built in memory). ``variant`` and ``shared_omega`` are ScaLearn's; ``name`` and
+    ``config`` are AdapterFusion's (a router's options are in ``config`` too). ``hooked`` are the
+    embedding modules carrying the gradient-checkpointing hook; ``handles`` are other hooks the
+    attach registered (removed by its detach).
     """
 
     kind: str
@@ -43,6 +49,7 @@ class AttachRecord:
     name: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     hooked: list[nn.Module] = field(default_factory=list)
+    handles: list[Any] = field(default_factory=list)
 
     @property
     def attr(self) -> str:
