@@ -4,7 +4,8 @@ A folder holds ``adapter_config.json`` and the weights as ``pytorch_adapter.bin`
 ``adapter.safetensors``, keyed (BERT-like models)
 ``[prefix.]encoder.layer.{l}.output.adapters.{name}.adapter_down.0.weight`` [r, d],
 ``...adapter_down.0.bias`` [r], ``...adapter_up.weight`` [d, r], ``...adapter_up.bias`` [d]
-(BART: ``{encoder|decoder}.layers.{l}.output_adapters.adapters.{name}...``). Only
+(BART, mBART: ``{encoder|decoder}.layers.{l}.output_adapters.adapters.{name}...``; T5, mT5:
+``encoder.block.{l}.layer.1.adapters.{name}...``, ``decoder.block.{l}.layer.2...``). Only
 Pfeiffer / ``SeqBnConfig`` adapters (one adapter after each FFN output) are accepted; a config
 that computes something else (gating, extra LayerNorms, attention adapters, ...) is refused.
 """
@@ -101,7 +102,11 @@ SEQ_BN_CONFIG: dict[str, Any] = {
 _PARAM = re.compile(
     r"\.adapters\.(?P<name>.+?)\.(?P<param>adapter_down\.0\.(?:weight|bias)|adapter_up\.(?:weight|bias))$"
 )
-_OUTPUT_SLOTS = (".output", ".output_adapters")  # BERT-like, BART
+_OUTPUT_SLOTS = (".output", ".output_adapters")  # BERT-like; BART, mBART, M2M100, Marian
+# T5 / mT5: the FFN sub-layer is the block's last, ``layer.1`` in the encoder (``layer.0`` is
+# self-attention) and ``layer.2`` in the decoder (``layer.1`` is cross-attention).
+_T5_FFN_SLOT = re.compile(r"(?:^|\.)block\.\d+\.layer\.(\d+)$")
+_T5_FFN_INDEX = {"encoder": 1, "decoder": 2}
 _PARAMS = ("adapter_down.0.weight", "adapter_down.0.bias", "adapter_up.weight", "adapter_up.bias")
 
 
@@ -189,6 +194,14 @@ def check_adapter_config(config: Mapping[str, Any], where: str = "adapter") -> s
     return LIBRARY_ACTIVATIONS[act]
 
 
+def _is_ffn_output_slot(head: str, site: SiteKey) -> bool:
+    """Whether ``head`` (a key up to ``.adapters.``) is where the library keeps FFN-output adapters."""
+    t5 = _T5_FFN_SLOT.search(head)
+    if t5 is not None:
+        return int(t5.group(1)) == _T5_FFN_INDEX[site[0]]
+    return head.endswith(_OUTPUT_SLOTS) and not head.endswith("attention.output")
+
+
 def adapter_from_state_dict(
     state: Mapping[str, torch.Tensor],
     name: str | None = None,
@@ -210,7 +223,7 @@ def adapter_from_state_dict(
             continue
         head = key[: match.start()]
         site = site_key(head + ".")
-        if site is None or not head.endswith(_OUTPUT_SLOTS) or head.endswith("attention.output"):
+        if site is None or not _is_ffn_output_slot(head, site):
             raise _fail(
                 where, f"key {key!r} is not an FFN-output adapter (only Pfeiffer/SeqBn are supported)"
             )
@@ -357,11 +370,14 @@ def load_adapterhub_sources(
 def adapter_key_prefix(site_name: str, style: str) -> str:
     """Where ``adapters`` keeps a layer's output adapters, from a registry site's qualified name:
     ``bert.encoder.layer.0.output`` -> itself; BART ``...layers.0.final_layer_norm`` ->
-    ``...layers.0.output_adapters``."""
-    if style == "output":
+    ``...layers.0.output_adapters``; mBART ``...layers.0`` -> ``...layers.0.output_adapters``;
+    T5 ``encoder.block.0.layer.1`` -> itself."""
+    if style in ("output", "pre_ln_ff"):
         return site_name
     if style == "post_ln":
         return site_name.rsplit(".", 1)[0] + ".output_adapters"
+    if style == "pre_ln_layer":
+        return site_name + ".output_adapters"
     raise ValueError(f"unknown site style {style!r}")
 
 
