@@ -323,3 +323,31 @@ def test_pre_ln_layer_refuses_a_layer_norm():
     for cls in (ScaLearnLayer, AdapterFusionLayer):
         with pytest.raises(ValueError, match="pass layer_norm=None"):
             cls(*ws, layer_norm=torch.nn.LayerNorm(D), pre_ln=True)
+
+
+@pytest.mark.parametrize("kind", ["mbart", "t5"])
+def test_stage1_adapter_saves_what_the_library_computes(kind, tmp_path):
+    """A stage-1 adapter at pre-LN sites, saved, loads in the library and computes the same there."""
+    from scalearn_fast.train.adapter import (
+        attach_bottleneck_adapters,
+        detach_bottleneck_adapters,
+        save_bottleneck_adapters,
+    )
+
+    model = tiny(kind).double().eval()
+    inputs = batch()
+    before = outputs(model, inputs)
+    for adapter in attach_bottleneck_adapters(model, reduction_factor=4, seed=0):
+        with torch.no_grad():
+            for p in adapter.parameters():  # fp32-representable: the library loads them in fp32
+                p.copy_(p.normal_(0.0, 0.3).float())
+    ours = outputs(model, inputs)
+    save_bottleneck_adapters(model, tmp_path / "s1", "s1", reduction_factor=4)
+    detach_bottleneck_adapters(model)
+    lib = tiny(kind).double().eval()
+    lib.load_state_dict(model.state_dict())
+    adapters.init(lib)
+    lib.load_adapter(str(tmp_path / "s1"), set_active=True)
+    lib.double()
+    assert_outputs_close(ours, outputs(lib, inputs))
+    assert (ours[0] - before[0]).abs().max() > 1e-3
