@@ -114,6 +114,16 @@ def plain_copy(kind: str, lib, **model_kw):
     return ours
 
 
+def random_sources(model, names=NAMES, r: int = 4):
+    """``{name: {site key: (w_down, b_down, w_up, b_up)}}`` with random weights."""
+    g = torch.Generator().manual_seed(0)
+    shapes = ((r, D), (r,), (D, r), (D,))
+    return {
+        name: {s.key: tuple(torch.randn(*sh, generator=g) for sh in shapes) for s in ffn_sites(model)}
+        for name in names
+    }
+
+
 def set_one_hot(model, k: int) -> None:
     with torch.no_grad():
         for omega in omega_parameters(model):
@@ -351,3 +361,41 @@ def test_stage1_adapter_saves_what_the_library_computes(kind, tmp_path):
     lib.double()
     assert_outputs_close(ours, outputs(lib, inputs))
     assert (ours[0] - before[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["mbart", "t5"])
+def test_greedy_generate_same_tokens_as_library(kind, tmp_path):
+    lib, folders = library_model(kind, tmp_path)
+    lib.float().set_active_adapters("c")
+    ours = attach_scalearn(plain_copy(kind, lib).float(), folders)
+    set_one_hot(ours, 2)
+    ids = batch()["input_ids"]
+    kw = dict(max_new_tokens=6, do_sample=False, num_beams=1, decoder_start_token_id=2, min_new_tokens=6)
+    with torch.no_grad():
+        ref = lib.generate(ids, **kw)
+        out = ours.generate(ids, **kw)
+        plain = detach_scalearn(ours).generate(ids, **kw)
+    assert torch.equal(out, ref)
+    assert not torch.equal(plain, ref)  # the adapter changes the tokens
+
+
+@pytest.mark.parametrize("kind", ["mbart", "t5"])
+def test_gradient_checkpointing_trains_omega(kind):
+    model = tiny(kind)
+    sources = random_sources(model)
+    attach_scalearn(model, sources)
+    model.gradient_checkpointing_enable()
+    model.train()
+    inputs = batch()
+    model(**inputs, labels=inputs["decoder_input_ids"]).loss.backward()
+    grads = [o.grad for o in omega_parameters(model)]
+    assert len(grads) == 4 and all(gr is not None and gr.abs().sum() > 0 for gr in grads)
+
+
+def test_bart_fusion_needing_h_apart_is_refused():
+    """BART's site sees only h + x too: query_before_ln would have used h + x as the query."""
+    model = tiny("bart")
+    sources = random_sources(model, NAMES[:2])
+    with pytest.raises(ValueError, match="query_before_ln=True needs the FFN output apart"):
+        attach_fusion(model, sources, fusion_config={"query_before_ln": True})
+    assert not any(is_patched(s.module) for s in ffn_sites(model))
