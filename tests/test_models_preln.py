@@ -310,12 +310,15 @@ def test_t5_keys_parse_to_blocks_and_cross_attention_slot_is_refused():
 
 
 def test_source_for_another_layout_is_refused(tmp_path):
-    """A BART adapter (post-LN keys for 2+2 layers) on a T5 model with other layers: a clear error."""
+    """An mBART adapter on a T5 with the same sizes and layer counts: the keys name another layout."""
     _, folders = library_model("mbart", tmp_path)
     t5 = tiny("t5").double()
-    t5.encoder.block = t5.encoder.block[:1]
-    with pytest.raises(ValueError, match="unknown layers"):
+    with pytest.raises(ValueError, match="saved for another model layout.*'output_adapters'.*'t5_block'"):
         attach_scalearn(t5, folders)
+    with pytest.raises(ValueError, match="saved for another model layout"):
+        attach_fusion(t5, folders)
+    assert not any(is_patched(s.module) for s in ffn_sites(t5))
+    attach_scalearn(tiny("m2m_100"), folders)  # the same layout as mBART: accepted
 
 
 def test_unsupported_model_names_supported_and_why():

@@ -157,6 +157,7 @@ class AdapterSource:
     activation: str = "relu"
     config: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    layout: str | None = None  # where its keys put it (SOURCE_LAYOUTS); None when built from tensors
 
     @property
     def hidden_size(self) -> int:
@@ -194,12 +195,26 @@ def check_adapter_config(config: Mapping[str, Any], where: str = "adapter") -> s
     return LIBRARY_ACTIVATIONS[act]
 
 
-def _is_ffn_output_slot(head: str, site: SiteKey) -> bool:
-    """Whether ``head`` (a key up to ``.adapters.``) is where the library keeps FFN-output adapters."""
+# The library's key layouts of FFN-output adapters, by the registry site styles that use them.
+SOURCE_LAYOUTS = {
+    "output": "output",  # BERT-like: ...layer.{l}.output.adapters...
+    "post_ln": "output_adapters",  # BART, Marian: ...layers.{l}.output_adapters.adapters...
+    "pre_ln_layer": "output_adapters",  # mBART, M2M100
+    "pre_ln_ff": "t5_block",  # T5, mT5: ...block.{l}.layer.{1|2}.adapters...
+}
+
+
+def _ffn_output_layout(head: str, site: SiteKey) -> str | None:
+    """The layout (``SOURCE_LAYOUTS``) of ``head`` (a key up to ``.adapters.``) when it is where
+    the library keeps FFN-output adapters, else None."""
     t5 = _T5_FFN_SLOT.search(head)
     if t5 is not None:
-        return int(t5.group(1)) == _T5_FFN_INDEX[site[0]]
-    return head.endswith(_OUTPUT_SLOTS) and not head.endswith("attention.output")
+        return "t5_block" if int(t5.group(1)) == _T5_FFN_INDEX[site[0]] else None
+    if head.endswith("attention.output"):
+        return None
+    if head.endswith(".output_adapters"):
+        return "output_adapters"
+    return "output" if head.endswith(".output") else None
 
 
 def adapter_from_state_dict(
@@ -217,17 +232,22 @@ def adapter_from_state_dict(
     activation = check_adapter_config(config, where)
     scaling = float(config.get("scaling", 1.0))
     found: dict[str, dict[SiteKey, dict[str, torch.Tensor]]] = {}
+    layouts: set[str] = set()
     for key, tensor in state.items():
         match = _PARAM.search(key)
         if match is None:
             continue
         head = key[: match.start()]
         site = site_key(head + ".")
-        if site is None or not _is_ffn_output_slot(head, site):
+        layout = None if site is None else _ffn_output_layout(head, site)
+        if layout is None:
             raise _fail(
                 where, f"key {key!r} is not an FFN-output adapter (only Pfeiffer/SeqBn are supported)"
             )
+        layouts.add(layout)
         found.setdefault(match["name"], {}).setdefault(site, {})[match["param"]] = tensor
+    if len(layouts) > 1:
+        raise _fail(where, f"mixes the key layouts of different models: {sorted(layouts)}")
     if not found:
         raise _fail(where, "no '...adapters.<name>.adapter_down.0.weight' keys (not an AdapterHub adapter)")
     if name is None:
@@ -246,7 +266,9 @@ def adapter_from_state_dict(
     dims = {w.w_down.shape[1] for w in layers.values()}
     if len(dims) != 1:
         raise _fail(where, f"adapter {name!r} has different hidden sizes across layers: {sorted(dims)}")
-    return AdapterSource(name=name, layers=layers, activation=activation, config=config)
+    return AdapterSource(
+        name=name, layers=layers, activation=activation, config=config, layout=next(iter(layouts))
+    )
 
 
 def _from_layer_tensors(name: str, layers: Mapping[Any, Sequence[torch.Tensor]]) -> AdapterSource:
@@ -345,7 +367,9 @@ def load_adapterhub_sources(
         if name is not None and not isinstance(name, str):
             raise ValueError(f"source name {name!r} is a {type(name).__name__}; expected a string")
         if isinstance(spec, AdapterSource):
-            src = AdapterSource(name or spec.name, spec.layers, spec.activation, spec.config, spec.path)
+            src = AdapterSource(
+                name or spec.name, spec.layers, spec.activation, spec.config, spec.path, spec.layout
+            )
         elif isinstance(spec, Mapping) and spec and all(isinstance(k, str) for k in spec):
             src = adapter_from_state_dict(spec, None, None, where=f"source {name!r}")
             src.name = name or src.name
