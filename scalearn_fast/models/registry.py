@@ -1,7 +1,7 @@
 """Where the adapters go: one registry from ``config.model_type`` to the FFN output sub-layers.
 
 The design (docs/design.md) puts every source adapter after the FFN output sub-layer of each transformer
-layer. Two shapes of sub-layer are covered:
+layer. Post-LN models have two site styles:
 
 * ``"output"`` (BERT, RoBERTa, XLM-RoBERTa, DeBERTa-v2): a module with ``dense``,
   ``dropout`` and ``LayerNorm`` whose ``forward(hidden_states, input_tensor)`` returns
