@@ -6,6 +6,11 @@ Sub-layer form (docs/design.md), with ``h`` the FFN output, ``x`` its residual i
     z = LN(h + x)
     y = LN(Σ_i ω_i ⊙ A_i(z) + h + x)
 
+At a pre-LN site (``pre_ln=True``: mBART, T5, ...; the LayerNorm runs before the FFN) there is
+no LayerNorm around the composition, as in the `adapters` library there:
+
+    y = Σ_i ω_i ⊙ A_i(h + x) + h + x
+
 Variants: ``scalearn`` (ω [N, d] per layer), ``scalearn_uniform`` (ω [N, 1] per layer),
 ``scalearn++`` and ``scalearn_uniform++`` (one ω shared by every layer: pass the same
 Parameter to each layer, e.g. from ``init_omega``). ω is unconstrained, initialised
@@ -29,6 +34,8 @@ from .layers_base import (
     FrozenSources,
     apply_layer_norm,
     check_matches_z,
+    check_pre_ln,
+    check_residual_pair,
     check_sublayer_inputs,
     weights_key,
 )
@@ -99,6 +106,8 @@ class ScaLearnLayer(FrozenSources):
         backend: ``auto``, ``torch``, ``triton`` or ``reference``.
         layer_norm: the layer's pre-trained output LayerNorm, used by ``forward``.
         source_names: optional names of the N sources, in order.
+        pre_ln: ``forward`` is the pre-LN sub-layer ``Σ ω_i ⊙ A_i(h + x) + h + x`` (no
+            LayerNorm; ``layer_norm`` must be None).
     """
 
     def __init__(
@@ -115,8 +124,11 @@ class ScaLearnLayer(FrozenSources):
         backend: str = "auto",
         layer_norm: nn.Module | None = None,
         source_names: Sequence[str] | None = None,
+        pre_ln: bool = False,
     ) -> None:
         super().__init__(w_down, b_down, w_up, b_up, source_names)
+        check_pre_ln("ScaLearnLayer", pre_ln, layer_norm)
+        self.pre_ln = pre_ln
         self.variant = check_variant(variant)
         self.activation = check_activation(activation)
         self.backend = backend
@@ -209,7 +221,10 @@ class ScaLearnLayer(FrozenSources):
         )
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        """The full sub-layer ``LN(Σ ω_i ⊙ A_i(LN(h + x)) + h + x)``; needs ``layer_norm``."""
+        """The full sub-layer ``LN(Σ ω_i ⊙ A_i(LN(h + x)) + h + x)``; needs ``layer_norm``.
+        With ``pre_ln``: ``forward_pre_ln``."""
+        if self.pre_ln:
+            return self.forward_pre_ln(hidden_states, input_tensor)
         layer_norm = check_sublayer_inputs("ScaLearnLayer", self.layer_norm, hidden_states, input_tensor)
         pre_ln = hidden_states + input_tensor
         z = apply_layer_norm(layer_norm, pre_ln)
@@ -219,8 +234,18 @@ class ScaLearnLayer(FrozenSources):
             out = self.compose(z, residual=pre_ln)
         return apply_layer_norm(layer_norm, out)
 
+    def forward_pre_ln(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        """The pre-LN sub-layer ``Σ ω_i ⊙ A_i(h + x) + h + x`` (no LayerNorm): ``compose(s, s)``
+        with ``s = h + x``."""
+        check_residual_pair(hidden_states, input_tensor)
+        s = hidden_states + input_tensor
+        if s.is_floating_point() and self._eval_fast(s):
+            return self._folded_compose(s, s, residual_checked=True)
+        return self.compose(s, residual=s)
+
     def extra_repr(self) -> str:
         return (
             f"variant={self.variant!r}, num_sources={self.num_sources}, ranks={list(self.ranks)}, "
             f"hidden_size={self.hidden_size}, omega_dropout={self.omega_dropout}, backend={self.backend!r}"
+            + (", pre_ln=True" if self.pre_ln else "")
         )

@@ -62,6 +62,25 @@ def apply_layer_norm(layer_norm: Callable[[torch.Tensor], torch.Tensor], x: torc
     return layer_norm(x)
 
 
+def check_pre_ln(owner: str, pre_ln: bool, layer_norm: object) -> None:
+    """A pre-LN sub-layer has no LayerNorm around the composition: refuse one passed to it."""
+    if not isinstance(pre_ln, bool):
+        raise ValueError(f"{owner}: pre_ln must be a bool; got {pre_ln!r}")
+    if pre_ln and layer_norm is not None:
+        raise ValueError(
+            f"{owner}: pre_ln=True applies no LayerNorm around the composition; pass layer_norm=None"
+        )
+
+
+def check_residual_pair(hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> None:
+    """The FFN output h and its residual x of a sub-layer ``forward(h, x)`` must match in shape."""
+    if hidden_states.shape != input_tensor.shape:
+        raise ValueError(
+            f"hidden_states has shape {list(hidden_states.shape)} but input_tensor has "
+            f"{list(input_tensor.shape)}; they must match"
+        )
+
+
 def check_sublayer_inputs(
     owner: str, layer_norm: nn.Module | None, hidden_states: torch.Tensor, input_tensor: torch.Tensor
 ) -> nn.Module:
@@ -71,11 +90,7 @@ def check_sublayer_inputs(
             f"{owner}.forward needs the layer's output LayerNorm (pass layer_norm=...); "
             "use compose(z, residual) for the composition alone"
         )
-    if hidden_states.shape != input_tensor.shape:
-        raise ValueError(
-            f"hidden_states has shape {list(hidden_states.shape)} but input_tensor has "
-            f"{list(input_tensor.shape)}; they must match"
-        )
+    check_residual_pair(hidden_states, input_tensor)
     return layer_norm
 
 

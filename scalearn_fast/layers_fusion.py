@@ -7,6 +7,9 @@ residual input and ``LN`` the layer's own pre-trained output LayerNorm (Pfeiffer
     z = LN(h + x)
     y = LN(fusion(z, query_input = h if query_before_ln else z, residual = h) + x)
 
+At a pre-LN site (``pre_ln=True``: mBART, T5, ...) there is no LayerNorm around it, as in the
+`adapters` library there: ``z = h + x`` and ``y = fusion(z, ..., residual = h) + x``.
+
 ``fusion`` is ``ops.fusion.adapter_fusion`` (its docstring has the exact math; docs/fusion.md the
 rewrites). In eval mode the fixed weights are folded once (``ops.fusion_infer``) and cached.
 The trainable parameters are named as in the library's ``BertFusion`` (``query.weight``,
@@ -29,6 +32,8 @@ from .layers_base import (
     FrozenSources,
     apply_layer_norm,
     check_matches_z,
+    check_pre_ln,
+    check_residual_pair,
     check_sublayer_inputs,
     weights_key,
 )
@@ -87,6 +92,7 @@ class AdapterFusionLayer(FrozenSources):
         backend: ``auto``, ``torch``, ``triton`` or ``reference``.
         layer_norm: the layer's pre-trained output LayerNorm, used by ``forward``.
         source_names: optional names of the N sources, in order.
+        pre_ln: ``forward`` is the pre-LN sub-layer (no LayerNorm; ``layer_norm`` must be None).
     """
 
     def __init__(
@@ -109,8 +115,11 @@ class AdapterFusionLayer(FrozenSources):
         backend: str = "auto",
         layer_norm: nn.Module | None = None,
         source_names: Sequence[str] | None = None,
+        pre_ln: bool = False,
     ) -> None:
         super().__init__(w_down, b_down, w_up, b_up, source_names)
+        check_pre_ln("AdapterFusionLayer", pre_ln, layer_norm)
+        self.pre_ln = pre_ln
         self.activation = check_activation(activation)
         self.backend = backend
         d = self.hidden_size
@@ -265,7 +274,10 @@ class AdapterFusionLayer(FrozenSources):
         return out
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        """The full sub-layer ``LN(fusion(LN(h + x), residual=h) + x)``; needs ``layer_norm``."""
+        """The full sub-layer ``LN(fusion(LN(h + x), residual=h) + x)``; needs ``layer_norm``.
+        With ``pre_ln``: ``forward_pre_ln``."""
+        if self.pre_ln:
+            return self.forward_pre_ln(hidden_states, input_tensor)
         layer_norm = check_sublayer_inputs("AdapterFusionLayer", self.layer_norm, hidden_states, input_tensor)
         pre_ln = hidden_states + input_tensor
         if self.residual_before:  # h joins the keys and values; x comes after
@@ -279,11 +291,20 @@ class AdapterFusionLayer(FrozenSources):
         z = apply_layer_norm(layer_norm, flat)
         return apply_layer_norm(layer_norm, self._compose(z, flat, None)).view_as(pre_ln)
 
+    def forward_pre_ln(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        """The pre-LN sub-layer ``fusion(h + x, residual=h) + x`` (no LayerNorm)."""
+        check_residual_pair(hidden_states, input_tensor)
+        z = hidden_states + input_tensor
+        query_input = hidden_states if self.query_before_ln else None
+        if self.residual_before:  # h joins the keys and values; x comes after
+            return self.compose(z, residual=hidden_states, query_input=query_input) + input_tensor
+        return self.compose(z, residual=z, query_input=query_input)
+
     def extra_repr(self) -> str:
         parts = [name for name in ("query", "key", "value") if getattr(self, name) is not None]
         return (
             f"num_sources={self.num_sources}, ranks={list(self.ranks)}, hidden_size={self.hidden_size}, "
             f"projections={parts}, dropout={self.dropout}, temperature={self.temperature}, "
             f"residual_before={self.residual_before}, query_before_ln={self.query_before_ln}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}" + (", pre_ln=True" if self.pre_ln else "")
         )

@@ -4,7 +4,8 @@ A folder holds ``adapter_config.json`` and the weights as ``pytorch_adapter.bin`
 ``adapter.safetensors``, keyed (BERT-like models)
 ``[prefix.]encoder.layer.{l}.output.adapters.{name}.adapter_down.0.weight`` [r, d],
 ``...adapter_down.0.bias`` [r], ``...adapter_up.weight`` [d, r], ``...adapter_up.bias`` [d]
-(BART: ``{encoder|decoder}.layers.{l}.output_adapters.adapters.{name}...``). Only
+(BART, mBART: ``{encoder|decoder}.layers.{l}.output_adapters.adapters.{name}...``; T5, mT5:
+``encoder.block.{l}.layer.1.adapters.{name}...``, ``decoder.block.{l}.layer.2...``). Only
 Pfeiffer / ``SeqBnConfig`` adapters (one adapter after each FFN output) are accepted; a config
 that computes something else (gating, extra LayerNorms, attention adapters, ...) is refused.
 """
@@ -101,7 +102,11 @@ SEQ_BN_CONFIG: dict[str, Any] = {
 _PARAM = re.compile(
     r"\.adapters\.(?P<name>.+?)\.(?P<param>adapter_down\.0\.(?:weight|bias)|adapter_up\.(?:weight|bias))$"
 )
-_OUTPUT_SLOTS = (".output", ".output_adapters")  # BERT-like, BART
+_OUTPUT_SLOTS = (".output", ".output_adapters")  # BERT-like; BART, mBART, M2M100, Marian
+# T5 / mT5: the FFN sub-layer is the block's last, ``layer.1`` in the encoder (``layer.0`` is
+# self-attention) and ``layer.2`` in the decoder (``layer.1`` is cross-attention).
+_T5_FFN_SLOT = re.compile(r"(?:^|\.)block\.\d+\.layer\.(\d+)$")
+_T5_FFN_INDEX = {"encoder": 1, "decoder": 2}
 _PARAMS = ("adapter_down.0.weight", "adapter_down.0.bias", "adapter_up.weight", "adapter_up.bias")
 
 
@@ -152,6 +157,7 @@ class AdapterSource:
     activation: str = "relu"
     config: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    layout: str | None = None  # where its keys put it (SOURCE_LAYOUTS); None when built from tensors
 
     @property
     def hidden_size(self) -> int:
@@ -189,6 +195,28 @@ def check_adapter_config(config: Mapping[str, Any], where: str = "adapter") -> s
     return LIBRARY_ACTIVATIONS[act]
 
 
+# The library's key layouts of FFN-output adapters, by the registry site styles that use them.
+SOURCE_LAYOUTS = {
+    "output": "output",  # BERT-like: ...layer.{l}.output.adapters...
+    "post_ln": "output_adapters",  # BART, Marian: ...layers.{l}.output_adapters.adapters...
+    "pre_ln_layer": "output_adapters",  # mBART, M2M100
+    "pre_ln_ff": "t5_block",  # T5, mT5: ...block.{l}.layer.{1|2}.adapters...
+}
+
+
+def _ffn_output_layout(head: str, site: SiteKey) -> str | None:
+    """The layout (``SOURCE_LAYOUTS``) of ``head`` (a key up to ``.adapters.``) when it is where
+    the library keeps FFN-output adapters, else None."""
+    t5 = _T5_FFN_SLOT.search(head)
+    if t5 is not None:
+        return "t5_block" if int(t5.group(1)) == _T5_FFN_INDEX[site[0]] else None
+    if head.endswith("attention.output"):
+        return None
+    if head.endswith(".output_adapters"):
+        return "output_adapters"
+    return "output" if head.endswith(".output") else None
+
+
 def adapter_from_state_dict(
     state: Mapping[str, torch.Tensor],
     name: str | None = None,
@@ -204,17 +232,22 @@ def adapter_from_state_dict(
     activation = check_adapter_config(config, where)
     scaling = float(config.get("scaling", 1.0))
     found: dict[str, dict[SiteKey, dict[str, torch.Tensor]]] = {}
+    layouts: set[str] = set()
     for key, tensor in state.items():
         match = _PARAM.search(key)
         if match is None:
             continue
         head = key[: match.start()]
         site = site_key(head + ".")
-        if site is None or not head.endswith(_OUTPUT_SLOTS) or head.endswith("attention.output"):
+        layout = None if site is None else _ffn_output_layout(head, site)
+        if layout is None:
             raise _fail(
                 where, f"key {key!r} is not an FFN-output adapter (only Pfeiffer/SeqBn are supported)"
             )
+        layouts.add(layout)
         found.setdefault(match["name"], {}).setdefault(site, {})[match["param"]] = tensor
+    if len(layouts) > 1:
+        raise _fail(where, f"mixes the key layouts of different models: {sorted(layouts)}")
     if not found:
         raise _fail(where, "no '...adapters.<name>.adapter_down.0.weight' keys (not an AdapterHub adapter)")
     if name is None:
@@ -233,7 +266,9 @@ def adapter_from_state_dict(
     dims = {w.w_down.shape[1] for w in layers.values()}
     if len(dims) != 1:
         raise _fail(where, f"adapter {name!r} has different hidden sizes across layers: {sorted(dims)}")
-    return AdapterSource(name=name, layers=layers, activation=activation, config=config)
+    return AdapterSource(
+        name=name, layers=layers, activation=activation, config=config, layout=next(iter(layouts))
+    )
 
 
 def _from_layer_tensors(name: str, layers: Mapping[Any, Sequence[torch.Tensor]]) -> AdapterSource:
@@ -332,7 +367,9 @@ def load_adapterhub_sources(
         if name is not None and not isinstance(name, str):
             raise ValueError(f"source name {name!r} is a {type(name).__name__}; expected a string")
         if isinstance(spec, AdapterSource):
-            src = AdapterSource(name or spec.name, spec.layers, spec.activation, spec.config, spec.path)
+            src = AdapterSource(
+                name or spec.name, spec.layers, spec.activation, spec.config, spec.path, spec.layout
+            )
         elif isinstance(spec, Mapping) and spec and all(isinstance(k, str) for k in spec):
             src = adapter_from_state_dict(spec, None, None, where=f"source {name!r}")
             src.name = name or src.name
@@ -357,11 +394,14 @@ def load_adapterhub_sources(
 def adapter_key_prefix(site_name: str, style: str) -> str:
     """Where ``adapters`` keeps a layer's output adapters, from a registry site's qualified name:
     ``bert.encoder.layer.0.output`` -> itself; BART ``...layers.0.final_layer_norm`` ->
-    ``...layers.0.output_adapters``."""
-    if style == "output":
+    ``...layers.0.output_adapters``; mBART ``...layers.0`` -> ``...layers.0.output_adapters``;
+    T5 ``encoder.block.0.layer.1`` -> itself."""
+    if style in ("output", "pre_ln_ff"):
         return site_name
     if style == "post_ln":
         return site_name.rsplit(".", 1)[0] + ".output_adapters"
+    if style == "pre_ln_layer":
+        return site_name + ".output_adapters"
     raise ValueError(f"unknown site style {style!r}")
 
 

@@ -4,7 +4,8 @@ The folder holds ``adapter_fusion_config.json`` (``name``, ``adapter_names``, ``
 ``hidden_size``, ...) and the weights as ``model_adapter_fusion.safetensors`` or
 ``pytorch_model_adapter_fusion.bin``, keyed
 ``[prefix.]encoder.layer.{l}.output.adapter_fusion_layer.{name}.{query|key|value}.{weight|bias}``
-(BART: ``{encoder|decoder}.layers.{l}...``).
+(BART, mBART: ``{encoder|decoder}.layers.{l}.output_adapters...``; T5, mT5:
+``{encoder|decoder}.block.{l}.layer.{1|2}...``).
 """
 
 from __future__ import annotations

@@ -6,12 +6,15 @@ import re
 
 SiteKey = tuple[str, int]
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers?\.(\d+)(?:\.|$)")
+# The first ``layer.N`` / ``layers.N`` / ``block.N`` (T5: ``encoder.block.3.layer.1`` is block 3,
+# its sub-layer 1) in a name is the transformer layer.
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:block|layers?)\.(\d+)(?:\.|$)")
 
 
 def site_key(qualified_name: str) -> SiteKey | None:
     """``(stack, layer index)`` parsed from a module or state-dict key, e.g.
-    ``bert.encoder.layer.3.output.adapters.x...`` -> ``("encoder", 3)``; None without a layer index."""
+    ``bert.encoder.layer.3.output.adapters.x...`` -> ``("encoder", 3)``,
+    ``decoder.block.2.layer.2.adapters.x...`` -> ``("decoder", 2)``; None without a layer index."""
     match = _LAYER_INDEX.search(qualified_name)
     if match is None:
         return None

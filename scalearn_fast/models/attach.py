@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..formats.adapterhub import SOURCE_LAYOUTS
 from .patching import is_patched, patch_site, restore_sites
 from .registry import FFNSite
 
@@ -99,12 +100,20 @@ def head_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def check_sources_fit(model: nn.Module, sources: Sequence[Any], sites: Sequence[FFNSite], d: int) -> str:
     """The sources' common non-linearity; raises ``ValueError`` naming the source when they use
-    different ones, have another hidden size than the model's ``d`` or cover other layers."""
+    different ones, were saved for another model's key layout, have another hidden size than the
+    model's ``d`` or cover other layers."""
     activations = {s.activation for s in sources}
     if len(activations) != 1:
         raise ValueError(f"sources use different non-linearities {sorted(activations)}")
     wanted = {s.key for s in sites}
+    layout = SOURCE_LAYOUTS.get(sites[0].style)
     for src in sources:
+        if src.layout is not None and layout is not None and src.layout != layout:
+            raise ValueError(
+                f"source {src.name!r} was saved for another model layout: its keys are the "
+                f"{src.layout!r} kind, {type(model).__name__} ({model.config.model_type}) has "
+                f"{layout!r} adapter sites; load an adapter trained for this model type"
+            )
         if src.hidden_size != d:
             raise ValueError(f"source {src.name!r} has hidden size {src.hidden_size}, the model has d={d}")
         missing, extra = sorted(wanted - set(src.layers)), sorted(set(src.layers) - wanted)

@@ -120,6 +120,19 @@ def _load_layer(layer: AdapterFusionLayer, state: Mapping[str, torch.Tensor], wh
             dst.copy_(src.to(dtype=dst.dtype, device=dst.device))
 
 
+def check_fusion_fits_sites(model: nn.Module, sites: Sequence[FFNSite], options: Mapping[str, Any]) -> None:
+    """``residual_before`` and ``query_before_ln`` need the FFN output h apart from its residual
+    x; sites that only see ``h + x`` (``FFNSite.splits_residual``) cannot give them."""
+    flags = [flag for flag in ("residual_before", "query_before_ln") if options.get(flag)]
+    joined = [s for s in sites if not s.splits_residual]
+    if flags and joined:
+        raise ValueError(
+            f"fusion config {'/'.join(flags)}=True needs the FFN output apart from its residual, but "
+            f"{type(model).__name__} ({sites[0].style!r} sites, e.g. {joined[0].name}) only exposes their "
+            "sum; use a fusion config without it"
+        )
+
+
 def attach_fusion(
     model: nn.Module,
     sources: Sequence[Any] | Mapping[str, Any] | str,
@@ -182,6 +195,7 @@ def attach_fusion(
             )
 
     options = fusion_options_from_config(config, _default_dropout(model))
+    check_fusion_fits_sites(model, sites, options)
     if not config.get("dropout_prob"):  # the library: ``dropout_prob or attention_probs_dropout_prob``
         options["dropout"] = _default_dropout(model)
     param = next(model.parameters())
@@ -195,8 +209,9 @@ def attach_fusion(
             [w[3] for w in ws],
             activation=activation,
             backend=backend,
-            layer_norm=LayerNormRef(site.layer_norm),  # type: ignore[arg-type]
+            layer_norm=None if site.pre_ln else LayerNormRef(site.layer_norm),  # type: ignore[arg-type]
             source_names=names,
+            pre_ln=site.pre_ln,
             **options,
         ).to(device=param.device, dtype=param.dtype)
         if ckpt is not None:

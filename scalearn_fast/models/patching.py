@@ -103,7 +103,33 @@ def _post_ln_forward(self: nn.Module, hidden_states: Any, *args: Any, **kwargs: 
     return _call_sublayer(self, hidden_states, zeros)
 
 
-_STYLES = {"output": _output_forward, "post_ln": _post_ln_forward}
+def _pre_ln_ff_forward(self: nn.Module, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+    """Patched ``forward(x)`` of a T5 FFN sub-layer: ``h = dropout(DenseReluDense(layer_norm(x)))``."""
+    h = self.dropout(self.DenseReluDense(self.layer_norm(hidden_states)))
+    return _call_sublayer(self, h, hidden_states)
+
+
+def _pre_ln_layer_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Patched ``forward`` of a pre-LN transformer layer (mBART, M2M100): the layer runs as
+    before; its first output, ``h + x`` after the FFN, goes through the sub-layer."""
+    out = original_forward(self)(*args, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return _call_sublayer(self, out, out.new_zeros(()).expand_as(out))
+    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+        s = out[0]
+        return (_call_sublayer(self, s, s.new_zeros(()).expand_as(s)), *out[1:])
+    raise TypeError(
+        f"{type(self).__name__}.forward returned {type(out).__name__}; expected the hidden states "
+        "(a tensor, or a tuple starting with one)"
+    )
+
+
+_STYLES = {
+    "output": _output_forward,
+    "post_ln": _post_ln_forward,
+    "pre_ln_ff": _pre_ln_ff_forward,
+    "pre_ln_layer": _pre_ln_layer_forward,
+}
 
 
 class SiteForward:
@@ -119,8 +145,9 @@ class SiteForward:
 
 def patch_site(site: Any, sublayer: nn.Module, attr: str) -> None:
     """Route ``site`` (a registry ``FFNSite``) through ``sublayer(h, x)``, which must return the
-    sub-layer's final output ``LN(... + h + x)``. ``sublayer`` is registered on the patched
-    module as ``attr`` so it moves with ``.to()`` and shows in ``named_parameters``."""
+    sub-layer's final output (``LN(... + h + x)`` at a post-LN site, ``... + h + x`` at a pre-LN
+    one). ``sublayer`` is registered on the patched module as ``attr`` so it moves with ``.to()``
+    and shows in ``named_parameters``."""
     module = site.module
     if is_patched(module):
         raise RuntimeError(f"{site.name} is already patched; detach what holds it first")

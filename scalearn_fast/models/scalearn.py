@@ -139,8 +139,9 @@ def attach_scalearn(
             activation=activation,
             omega_dropout=omega_dropout,
             backend=backend,
-            layer_norm=LayerNormRef(site.layer_norm),  # type: ignore[arg-type]
+            layer_norm=None if site.pre_ln else LayerNormRef(site.layer_norm),  # type: ignore[arg-type]
             source_names=names,
+            pre_ln=site.pre_ln,
         ).to(device=param.device)
 
     record = AttachRecord(

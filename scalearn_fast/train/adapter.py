@@ -3,7 +3,8 @@
 The module's parameter names (``adapter_down.0``, ``adapter_up``) and init (weights N(0, 0.02),
 zero biases: ``init_weights="bert"``) follow the ``adapters`` library, so the trained adapter is
 written in its format and computes the same function there:
-``LN(A(LN(h + x)) + h + x)`` with ``A(z) = W_up relu(W_down z + b_down) + b_up``.
+``LN(A(LN(h + x)) + h + x)`` with ``A(z) = W_up relu(W_down z + b_down) + b_up``; at a pre-LN
+site (mBART, T5, ...) ``A(h + x) + h + x``, as the library computes there.
 """
 
 from __future__ import annotations
@@ -41,15 +42,18 @@ class BottleneckAdapter(nn.Module):
 
 
 class AdapterSublayer(nn.Module):
-    """The FFN output sub-layer with one adapter: ``LN(A(LN(h + x)) + h + x)``."""
+    """The FFN output sub-layer with one adapter: ``LN(A(LN(h + x)) + h + x)``, or
+    ``A(h + x) + h + x`` without a LayerNorm (``layer_norm=None``: a pre-LN site)."""
 
-    def __init__(self, adapter: BottleneckAdapter, layer_norm: nn.Module) -> None:
+    def __init__(self, adapter: BottleneckAdapter, layer_norm: nn.Module | None) -> None:
         super().__init__()
         self.adapter = adapter
-        self._ln = LayerNormRef(layer_norm)
+        self._ln = None if layer_norm is None else LayerNormRef(layer_norm)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         s = h + x
+        if self._ln is None:
+            return self.adapter(s) + s
         return self._ln(self.adapter(self._ln(s)) + s)
 
 
@@ -78,7 +82,7 @@ def attach_bottleneck_adapters(
     adapters = []
     for site in ffn_sites(model):
         adapter = BottleneckAdapter(d, bottleneck, generator).to(device=param.device, dtype=param.dtype)
-        patch_site(site, AdapterSublayer(adapter, site.layer_norm), ATTR)
+        patch_site(site, AdapterSublayer(adapter, None if site.pre_ln else site.layer_norm), ATTR)
         adapters.append(adapter)
     return adapters
 
