@@ -27,7 +27,7 @@ _CANDIDATES = {"triton": triton_backend, "torch": torch_backend}
 def forward(call: Composition) -> tuple[torch.Tensor, torch.Tensor]:
     """``triton_backend.forward`` or ``torch_backend.forward``, whichever is faster here."""
     flags = (
-        call.row_scale is not None,
+        call.row_scale is not None or call.omega_bank is not None,  # a uniform bank is a row_scale
         call.save_for_backward,
         call.omega is None,
         call.residual is not None,
@@ -42,7 +42,8 @@ def forward(call: Composition) -> tuple[torch.Tensor, torch.Tensor]:
 
 def backward(call: Composition, pre: torch.Tensor, grad_out: torch.Tensor, needs: Gradients) -> Gradients:
     """``triton_backend.backward`` or ``torch_backend.backward``, whichever is faster here."""
-    key = ("backward", *path_choice.shape_class(call.z, pre.shape[1], call.row_scale is not None, *needs))
+    per_row = call.row_scale is not None or call.omega_bank is not None
+    key = ("backward", *path_choice.shape_class(call.z, pre.shape[1], per_row, *needs))
     name = path_choice.choice(key)
     if name is None:
         candidates = {n: (lambda m=m: m.backward(call, pre, grad_out, needs)) for n, m in _CANDIDATES.items()}
