@@ -8,14 +8,18 @@ from .formats import load_adapterhub_sources
 from .layers import VARIANTS, ScaLearnLayer, init_omega
 from .layers_fusion import AdapterFusionLayer
 from .models import (
+    add_task,
     attach_fusion,
     attach_scalearn,
+    attach_task_bank,
     detach_fusion,
     detach_scalearn,
+    detach_task_bank,
     load_scalearn,
+    remove_task,
     save_scalearn,
 )
-from .ops import PackedSources, adapter_fusion, pack_sources, scaled_adapter_sum
+from .ops import PackedSources, adapter_fusion, pack_sources, scaled_adapter_sum, scaled_adapter_sum_bank
 
 __version__ = "0.1.0"
 
@@ -26,14 +30,19 @@ __all__ = [
     "ScaLearnLayer",
     "__version__",
     "adapter_fusion",
+    "add_task",
     "attach_fusion",
     "attach_scalearn",
+    "attach_task_bank",
     "detach_fusion",
     "detach_scalearn",
+    "detach_task_bank",
     "init_omega",
     "load_adapterhub_sources",
     "load_scalearn",
     "pack_sources",
+    "remove_task",
     "save_scalearn",
     "scaled_adapter_sum",
+    "scaled_adapter_sum_bank",
 ]

@@ -1,5 +1,5 @@
 """Hugging Face models: the FFN-site registry, per-instance patching, ScaLearn and AdapterFusion
-attach/detach, ScaLearn checkpoints."""
+attach/detach, ScaLearn checkpoints, task banks (many ScaLearn targets in one model)."""
 
 from .checkpoint import load_scalearn, save_scalearn
 from .fusion import attach_fusion, detach_fusion
@@ -15,10 +15,30 @@ from .scalearn import (
     omega_parameters,
     scalearn_layers,
 )
+from .task_bank import (
+    add_task,
+    attach_task_bank,
+    detach_task_bank,
+    num_labels,
+    remove_task,
+    task_bank_layers,
+    task_bank_parameters,
+    task_ids,
+    task_names,
+)
 
 __all__ = [
     "REGISTRY",
     "FFNSite",
+    "add_task",
+    "attach_task_bank",
+    "detach_task_bank",
+    "num_labels",
+    "remove_task",
+    "task_bank_layers",
+    "task_bank_parameters",
+    "task_ids",
+    "task_names",
     "attach_fusion",
     "attach_scalearn",
     "attach_state",

@@ -16,20 +16,25 @@ from .registry import FFNSite
 
 SCALEARN = "scalearn"
 FUSION = "adapter_fusion"
-_RECORD_KEYS = {SCALEARN: "_scalearn_fast_state", FUSION: "_scalearn_fast_fusion_state"}
-_ATTACH_FN = {SCALEARN: "attach_scalearn", FUSION: "attach_fusion"}
-_LABEL = {SCALEARN: "ScaLearn", FUSION: "AdapterFusion"}
+TASK_BANK = "task_bank"
+_RECORD_KEYS = {
+    SCALEARN: "_scalearn_fast_state",
+    FUSION: "_scalearn_fast_fusion_state",
+    TASK_BANK: "_scalearn_fast_task_bank",
+}
+_ATTACH_FN = {SCALEARN: "attach_scalearn", FUSION: "attach_fusion", TASK_BANK: "attach_task_bank"}
+_LABEL = {SCALEARN: "ScaLearn", FUSION: "AdapterFusion", TASK_BANK: "task bank"}
 
 
 @dataclass
 class AttachRecord:
     """What an ``attach_*`` did to a model, kept on the model for the getters, saving and detach.
 
-    ``kind`` is ``"scalearn"`` or ``"adapter_fusion"``, which is also the name of the sub-layer on
-    every patched module. ``source_paths`` are the folders the sources were read from (None for
-    sources built in memory). ``variant`` and ``shared_omega`` are ScaLearn's; ``name`` and
-    ``config`` are AdapterFusion's. ``hooked`` are the embedding modules carrying the
-    gradient-checkpointing hook.
+    ``kind`` is ``"scalearn"``, ``"adapter_fusion"`` or ``"task_bank"``, which is also the name
+    of the sub-layer on every patched module. ``source_paths`` are the folders the sources were
+    read from (None for sources built in memory). ``variant`` and ``shared_omega`` are
+    ScaLearn's; ``name`` and ``config`` are AdapterFusion's. ``hooked`` are the embedding modules
+    carrying the gradient-checkpointing hook.
     """
 
     kind: str

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import path_choice, torch_backend, triton_backend
-from .composition import Composition, Gradients
+from .composition import GRAD_FIELDS, Composition, Gradients
 
 _CANDIDATES = {"triton": triton_backend, "torch": torch_backend}
 
@@ -43,7 +43,10 @@ def forward(call: Composition) -> tuple[torch.Tensor, torch.Tensor]:
 def backward(call: Composition, pre: torch.Tensor, grad_out: torch.Tensor, needs: Gradients) -> Gradients:
     """``triton_backend.backward`` or ``torch_backend.backward``, whichever is faster here."""
     per_row = call.row_scale is not None or call.omega_bank is not None
-    key = ("backward", *path_choice.shape_class(call.z, pre.shape[1], per_row, *needs))
+    # a (uniform) bank's gradient is a row_scale gradient (ops/bank.py): same class
+    as_rows = needs._replace(row_scale=bool(needs.row_scale or needs.omega_bank))
+    flags = (bool(v) for name, v in zip(GRAD_FIELDS, as_rows, strict=True) if name != "omega_bank")
+    key = ("backward", *path_choice.shape_class(call.z, pre.shape[1], per_row, *flags))
     name = path_choice.choice(key)
     if name is None:
         candidates = {n: (lambda m=m: m.backward(call, pre, grad_out, needs)) for n, m in _CANDIDATES.items()}

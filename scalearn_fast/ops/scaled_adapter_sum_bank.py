@@ -83,7 +83,23 @@ def scaled_adapter_sum_bank_packed(
     check_activation(activation)
     check_bank(z, packed, omega_bank, task_index)
     check_inputs(z, packed, omega_bank[0], residual, row_scale=row_scale)  # dtypes and devices
-    backend = resolve_backend(backend, z.device)
+    return compose_bank(
+        z, packed, omega_bank, task_index, residual, activation, resolve_backend(backend, z.device), row_scale
+    )
+
+
+def compose_bank(
+    z: torch.Tensor,
+    packed: PackedSources,
+    omega_bank: torch.Tensor,
+    task_index: torch.Tensor,
+    residual: torch.Tensor | None,
+    activation: str,
+    backend: str,
+    row_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The call itself, on inputs already checked (``check_bank``, ``check_inputs``) and a
+    resolved backend: what the task-bank layers run per site."""
     d, n = packed.hidden_size, packed.num_sources
 
     def rows(t: torch.Tensor | None, width: int) -> torch.Tensor | None:
