@@ -30,11 +30,13 @@ GROUPS = ("scalearn", "scalearn_uniform", "scalearn++", "scalearn_uniform++")
 
 
 class TaskRows:
-    """The bank row of each sequence of the batch being run ([B] int64), set by the model's
-    task-bank forward and read by every layer (a plain object: not a module, not state)."""
+    """What every layer of a task-bank model reads (a plain object: not a module, not state):
+    ``rows``, the bank row of each sequence of the batch being run ([B] int64), set by the
+    model's task-bank forward; ``dropout``, each group's per-task ω dropout probabilities."""
 
     def __init__(self) -> None:
         self.rows: torch.Tensor | None = None
+        self.dropout: dict[str, torch.Tensor] = {}
 
 
 class TaskBankLayer(FrozenSources):
@@ -88,13 +90,27 @@ class TaskBankLayer(FrozenSources):
         return self._parameters[_attr(name)]
 
     def bank(self) -> torch.Tensor:
-        """Ω [K, N, d or 1]: the groups stacked in ``GROUPS`` order."""
-        parts = [p for p in (self.group(g) for g in GROUPS) if p is not None and p.shape[0]]
+        """Ω [K, N, d or 1]: the groups stacked in ``GROUPS`` order. In training each task's ω
+        is dropped out with its own probability (a fresh mask per call, as ``ScaLearnLayer``)."""
+        parts = []
+        for g in GROUPS:
+            p = self.group(g)
+            if p is not None and p.shape[0]:
+                parts.append(self._dropped(p, self.task_rows.dropout.get(g)) if self.training else p)
         if not parts:
             raise ValueError("the task bank holds no task")
         if any(p.shape[-1] != 1 for p in parts):
             parts = [p.expand(-1, -1, self.hidden_size) for p in parts]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @staticmethod
+    def _dropped(omega: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
+        """``omega`` [K_g, N, c] with row k dropped out with probability ``probs[k]``."""
+        if probs is None or not bool((probs > 0).any()):
+            return omega
+        p = probs.to(omega.device, omega.dtype).reshape(-1, 1, 1)
+        keep = torch.rand_like(omega) >= p
+        return omega * keep / (1 - p)
 
     def _bank_for(self, z: torch.Tensor) -> torch.Tensor:
         """The bank in z's dtype; cached while nothing differentiates and no group changed."""

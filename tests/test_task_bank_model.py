@@ -279,3 +279,19 @@ def test_bad_inputs_give_clear_errors(setup, tmp_path):
     assert task_names(bank) == list(TASKS)  # the failed adds changed nothing
     with pytest.raises(ValueError, match="tasks must map task names"):
         attach_task_bank(copy.deepcopy(trunk), sources, {})
+
+
+def test_training_drops_out_each_tasks_omega_with_its_own_rate(setup):
+    """In training each task's ω is dropped out with its checkpoint's rate (0.3 by default,
+    0 for scalearn_uniform++): rows of a p = 0 task do not change between calls, others do."""
+    kind, trunk, sources, folders = setup
+    bank = attach_task_bank(copy.deepcopy(trunk), sources, folders, backend="torch").train()
+    ids, mask = batch()
+    with torch.no_grad():
+        first, second = (bank(input_ids=ids, attention_mask=mask, task=MIXED).logits for _ in range(2))
+        evaluated = bank.eval()(input_ids=ids, attention_mask=mask, task=MIXED).logits
+    rows = {name: [b for b, t in enumerate(MIXED) if t == name] for name in TASKS}
+    torch.testing.assert_close(first[rows["stsb"]], second[rows["stsb"]], rtol=0, atol=0)
+    torch.testing.assert_close(first[rows["stsb"]], evaluated[rows["stsb"]], rtol=0, atol=0)
+    for name in ("rte", "mnli", "sst"):
+        assert not torch.equal(first[rows[name]], second[rows[name]]), name

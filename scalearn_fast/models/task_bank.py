@@ -16,8 +16,9 @@ have a different label count per task. The model's own head is not used while th
 
 ``add_task`` / ``remove_task`` change the bank at run time, without re-attaching. Training: ω of
 every task and every task's head are Parameters (``task_bank_parameters``); a mixed batch trains
-several targets at once. Compute the loss from ``out.logits`` per task (``labels=`` is refused:
-the model's own loss assumes one label count). ω dropout is not applied in the bank.
+several targets at once, each task's ω dropped out in training with the probability its
+checkpoint was trained with. Compute the loss from ``out.logits`` per task (``labels=`` is
+refused: the model's own loss assumes one label count).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from ..formats.adapterhub import load_adapterhub_sources
 from ..formats.keys import site_tag
 from ..formats.scalearn import ScaLearnCheckpoint, read_scalearn_checkpoint
-from ..layers import VARIANTS
+from ..layers import VARIANTS, default_omega_dropout
 from ..layers_bank import GROUPS, TaskBankLayer, TaskRows
 from .attach import TASK_BANK, AttachRecord, attach, check_not_attached, check_sources_fit, detach, get_record
 from .patching import LayerNormRef, original_forward, patch_forward, unpatch
@@ -52,6 +53,7 @@ class TaskBankRecord(AttachRecord):
 
     tasks: list[str] = field(default_factory=list)
     variants: dict[str, str] = field(default_factory=dict)
+    dropout: dict[str, float] = field(default_factory=dict)  # task -> ω dropout probability
     omegas: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # task -> ω per layer (++: one)
     head_modules: list[str] = field(default_factory=list)
     output_module: str = ""
@@ -224,8 +226,11 @@ def task_ids(model: nn.Module, task: Any) -> torch.Tensor:
 # ------------------------------------------------------------------ building the bank
 
 
-def _read_task(model: nn.Module, record: TaskBankRecord, name: str, folder: Any) -> tuple[str, list, dict]:
-    """A task's variant, ω per layer (one for ``++``) and head tensors, checked against the bank."""
+def _read_task(
+    model: nn.Module, record: TaskBankRecord, name: str, folder: Any
+) -> tuple[str, list, dict, float]:
+    """A task's variant, ω per layer (one for ``++``), head tensors and ω dropout, checked
+    against the bank."""
     ckpt: ScaLearnCheckpoint = read_scalearn_checkpoint(folder)
     config, tensors, where = ckpt.config, ckpt.tensors, f"task {name!r} ({ckpt.folder})"
     d, n = hidden_size(model), len(record.source_names)
@@ -275,7 +280,8 @@ def _read_task(model: nn.Module, record: TaskBankRecord, name: str, folder: Any)
                 f"{where}: head tensor {pname} has shape {list(t.shape)}, expected {list(expect)}"
             )
         head[pname] = t
-    return variant, omegas, head
+    dropout = config.get("omega_dropout")
+    return variant, omegas, head, default_omega_dropout(variant) if dropout is None else float(dropout)
 
 
 def _rebuild(model: nn.Module, record: TaskBankRecord) -> None:
@@ -288,6 +294,7 @@ def _rebuild(model: nn.Module, record: TaskBankRecord) -> None:
         members = [t for t in record.tasks if record.variants[t] == group]
         for t in members:
             rows[t] = len(rows)
+        record.rows.dropout[group] = torch.tensor([record.dropout[t] for t in members])
         if not members:
             continue
         if group.endswith("++"):
@@ -328,10 +335,11 @@ def add_task(model: nn.Module, name: str, folder: str | os.PathLike[str]) -> Non
     record = _record(model)
     if name in record.tasks:
         raise ValueError(f"task {name!r} is already in the bank; remove_task it first")
-    variant, omegas, head = _read_task(model, record, name, folder)
+    variant, omegas, head, dropout = _read_task(model, record, name, folder)
     _snapshot(model, record)
     record.tasks.append(name)
     record.variants[name] = variant
+    record.dropout[name] = dropout
     record.omegas[name] = omegas
     _add_head(model, record, name, head)
     _rebuild(model, record)
@@ -345,7 +353,7 @@ def remove_task(model: nn.Module, name: str) -> None:
         raise ValueError(f"{name!r} is the bank's last task; detach_task_bank instead")
     _snapshot(model, record)
     record.tasks.remove(name)
-    del record.variants[name], record.omegas[name]
+    del record.variants[name], record.omegas[name], record.dropout[name]
     del model.get_submodule(HEADS)[name]
     _rebuild(model, record)
 
@@ -390,9 +398,10 @@ def attach_task_bank(
     attach(model, record, build, lambda: [], freeze=freeze)
     try:
         model.add_module(HEADS, nn.ModuleDict())
-        for name, (variant, omegas, head) in read.items():
+        for name, (variant, omegas, head, dropout) in read.items():
             record.tasks.append(name)
             record.variants[name] = variant
+            record.dropout[name] = dropout
             record.omegas[name] = omegas
             _add_head(model, record, name, head)
         _rebuild(model, record)
