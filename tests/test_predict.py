@@ -121,3 +121,16 @@ def test_predict_task_names_must_be_unique(served, tmp_path, capsys):
     args = ["predict", "--sources", *sources, "--input", str(tmp_path / "x.tsv"), "--tasks", folder, folder]
     assert cli.main(args) == 2
     assert "names task 'rte' twice" in capsys.readouterr().err
+
+
+def test_readme_predict_line_parses():
+    """The README's ``predict`` line (an ``sh`` block) parses with the CLI as written."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"^```sh\n(.*?)^```", readme, flags=re.M | re.S)
+    lines = [b.replace("\\\n", " ").strip() for b in blocks if "scalearn-fast predict" in b]
+    assert len(lines) == 1
+    args = cli.build_parser().parse_args(shlex.split(lines[0])[1:])
+    assert args.command == "predict" and args.tasks == ["out/rte", "out/mrpc"]
