@@ -411,10 +411,10 @@ def attach_task_bank(
     except BaseException:
         detach_task_bank(model)
         raise
-    own_head = [p for n, p in model.named_parameters() if n in shapes]
-    for p in own_head:  # unused while the bank is on (each task runs its own)
-        p.requires_grad_(False)
     if freeze:
+        for n, p in model.named_parameters():
+            if n in shapes:  # the model's own head: unused while the bank is on
+                p.requires_grad_(False)
         for p in task_bank_parameters(model):
             p.requires_grad_(True)
     return model
