@@ -6,6 +6,7 @@ A RoBERTa-shaped encoder with N random sources; K targets (``scalearn`` variant,
 heads, saved with ``save_scalearn``) spread uniformly over the batch. Each step is timed with
 ``time.thread_time`` on one thread (CPU time of this thread: less sensitive to other jobs),
 the three ways interleaved, best of ``--repeats``. Sequences per second = batch / step time.
+Memory per task: the bank's ω and head Parameters divided by K (the heads dominate).
 
     PYTHONPATH=. python scripts/task_bank_throughput.py [--tasks 1 8 64] [--repeats 5]
 """
@@ -21,7 +22,7 @@ import torch
 import transformers
 
 from scalearn_fast import attach_scalearn, attach_task_bank, load_scalearn, save_scalearn
-from scalearn_fast.models import ffn_sites, omega_parameters, scalearn_layers
+from scalearn_fast.models import ffn_sites, omega_parameters, scalearn_layers, task_bank_parameters
 
 
 def build(args, num_labels: int = 2):
@@ -80,13 +81,14 @@ def main() -> None:
     srcs = sources(base, args.sources, args.rank)
     ids = torch.randint(3, 1000, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     print(f"d={args.d} layers={args.layers} N={args.sources} r={args.rank} batch={args.batch} seq={args.seq}")
-    print("K | single-task seq/s | bank seq/s | per-task loop (a) seq/s | bank/single | bank/(a)")
+    print("K | single-task seq/s | bank seq/s | loop (a) seq/s | bank/single | bank/(a) | memory per task")
     with tempfile.TemporaryDirectory() as tmp:
         folders = save_tasks(args, srcs, max(args.tasks), Path(tmp))
         for k in args.tasks:
             rate = measure(args, srcs, folders, ids, k)
             print(f"{k} | {rate['single']:.0f} | {rate['bank']:.0f} | {rate['loop']:.0f} | "
-                  f"{rate['bank'] / rate['single']:.2f} | {rate['bank'] / rate['loop']:.2f}")  # fmt: skip
+                  f"{rate['bank'] / rate['single']:.2f} | {rate['bank'] / rate['loop']:.2f} | "
+                  f"{rate['bytes_per_task'] / 1024:.0f} KiB")  # fmt: skip
 
 
 def measure(args, srcs, folders, ids, k: int) -> dict[str, float]:
@@ -125,7 +127,10 @@ def measure(args, srcs, folders, ids, k: int) -> dict[str, float]:
                 t0 = time.thread_time()
                 fn()
                 best[name] = min(best[name], time.thread_time() - t0)
-    return {name: args.batch / t for name, t in best.items()}
+    rates = {name: args.batch / t for name, t in best.items()}
+    per_task = sum(p.numel() * p.element_size() for p in task_bank_parameters(bank)) / k
+    rates["bytes_per_task"] = per_task
+    return rates
 
 
 if __name__ == "__main__":
