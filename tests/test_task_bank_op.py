@@ -200,3 +200,45 @@ def test_bank_bad_inputs(bank_shape, tasks, match):
     tasks = good if tasks is None else tasks
     with pytest.raises(ValueError, match=match):
         scaled_adapter_sum_bank(z, *sources, torch.ones(bank_shape, dtype=z.dtype), tasks, residual)
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_bank_with_unsorted_source_columns(uniform):
+    """Units of a source need not be contiguous (a Composition built by hand): the torch backend on
+    permuted units equals the reference loop on the packed order, values and every gradient
+    (permuted alike)."""
+    from scalearn_fast.ops import reference, torch_backend
+    from scalearn_fast.ops.composition import Gradients
+
+    z, sources, bank, tasks, residual = make_case((6,), ranks=(3, 2, 4), uniform=uniform, k=2)
+    p = pack_sources(*sources)
+    perm = torch.randperm(p.total_rank, generator=torch.Generator().manual_seed(4))
+    row_scale = torch.rand(6, 3, dtype=z.dtype)
+    sorted_call = Composition(
+        z, p.w_down, p.b_down, p.w_up, p.b_up, p.source_index, None, None, None, row_scale, residual,
+        "gelu", True, omega_bank=bank, task_index=tasks,
+    )  # fmt: skip
+    call = sorted_call._replace(
+        w_down=p.w_down[perm], b_down=p.b_down[perm], w_up=p.w_up[:, perm], source_index=p.source_index[perm]
+    )
+    out, pre = torch_backend.forward(call)
+    ref, _ = reference.forward(sorted_call)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    needs = Gradients(*[True] * 5, False, True, True)
+    g = torch.randn_like(out)
+    got = torch_backend.backward(call, pre, g, needs)
+    want = reference.backward(sorted_call, pre, g, needs)
+    want = want._replace(w_down=want.w_down[perm], b_down=want.b_down[perm], w_up=want.w_up[:, perm])
+    for name in ("z", "w_down", "b_down", "w_up", "b_up", "row_scale", "omega_bank"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-9, atol=1e-11)
+
+
+def test_bank_of_one_task_equals_scaled_adapter_sum():
+    """K = 1, one row: the bank is plain ScaLearn."""
+    from scalearn_fast import scaled_adapter_sum
+
+    z, sources, bank, _, residual = make_case((1,), k=1)
+    out = scaled_adapter_sum_bank(
+        z, *sources, bank, torch.zeros(1, dtype=torch.int64), residual, backend="torch"
+    )
+    torch.testing.assert_close(out, scaled_adapter_sum(z, *sources, bank[0], residual, backend="torch"))
