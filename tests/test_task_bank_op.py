@@ -242,3 +242,19 @@ def test_bank_of_one_task_equals_scaled_adapter_sum():
         z, *sources, bank, torch.zeros(1, dtype=torch.int64), residual, backend="torch"
     )
     torch.testing.assert_close(out, scaled_adapter_sum(z, *sources, bank[0], residual, backend="torch"))
+
+
+def test_bank_under_torch_compile_fullgraph():
+    """torch.compile(fullgraph=True) traces a bank call as the custom op (no graph break)."""
+    z, sources, bank, tasks, residual = make_case((2, 5), dtype=torch.float32)
+    bk = bank.clone().requires_grad_()
+    fn = torch.compile(
+        lambda z, b, t, r: scaled_adapter_sum_bank(z, *sources, b, t, r, backend="torch"), fullgraph=True
+    )
+    out = fn(z, bk, tasks, residual)
+    out.sum().backward()
+    ref_bank = bank.double().requires_grad_()
+    ref = oracle(z.double(), [[t.double() for t in p] for p in sources], ref_bank, tasks, residual.double())
+    ref.sum().backward()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bk.grad.double(), ref_bank.grad, rtol=1e-5, atol=1e-5)
