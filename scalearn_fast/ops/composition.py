@@ -18,7 +18,7 @@ thin adapters over these two functions: the op's schema, its fake and its gradie
 are all derived from ``TENSOR_FIELDS`` below. Adding an input means adding a field here and
 using it in the backends that support it; a backend that does not support a field raises.
 
-Coefficients. Exactly one way of scaling the up projections is given:
+Coefficients. Exactly one way of scaling the up projections is given (or a task bank, below):
 
 - ``omega`` [N, d] or [N, 1]: ω is applied to W and B inside this call (training, or any call
   whose ω may change);
