@@ -295,3 +295,53 @@ def test_training_drops_out_each_tasks_omega_with_its_own_rate(setup):
     torch.testing.assert_close(first[rows["stsb"]], evaluated[rows["stsb"]], rtol=0, atol=0)
     for name in ("rte", "mnli", "sst"):
         assert not torch.equal(first[rows[name]], second[rows[name]]), name
+
+
+def _other_model(kind: str, num_labels: int):
+    torch.manual_seed(0)
+    if kind == "deberta-v2":
+        cfg = transformers.DebertaV2Config(num_labels=num_labels, **TINY)
+        return transformers.DebertaV2ForSequenceClassification(cfg).eval()
+    cfg = transformers.BartConfig(
+        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=37, decoder_ffn_dim=37, vocab_size=100, max_position_embeddings=64,
+        num_labels=num_labels, dropout=0.0, attention_dropout=0.0,
+    )  # fmt: skip
+    return transformers.BartForSequenceClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["deberta-v2", "bart"])
+def test_other_heads_and_encoder_decoder(kind, tmp_path):
+    """DeBERTa-v2 (a pooler inside the head) and BART (decoder sites, an eos-pooled head): each
+    sequence of a mixed batch equals its task's single-task model."""
+    trunk = _other_model(kind, 2)
+    srcs = sources_for(trunk)
+    folders, labels = {}, {"a": 2, "b": 3}
+    for i, (name, n_labels) in enumerate(labels.items()):
+        model = _other_model(kind, n_labels)
+        model.base_model.load_state_dict(trunk.base_model.state_dict())
+        g = torch.Generator().manual_seed(20 + i)
+        attach_scalearn(model, srcs, "scalearn" if i == 0 else "scalearn_uniform++")
+        with torch.no_grad():
+            for _, p in model.named_parameters():
+                if p.requires_grad:  # ω and the head
+                    p.copy_(
+                        torch.randn(p.shape, generator=g) * 0.5
+                        + (1 if p.dim() == 2 and p.shape[0] == 3 else 0)
+                    )
+        folders[name] = save_scalearn(model, tmp_path / name)
+    bank = attach_task_bank(copy.deepcopy(trunk), srcs, folders, backend="torch")
+    ids, mask = batch(n=4, length=8)
+    ids[:, -1] = trunk.config.eos_token_id if kind == "bart" else ids[:, -1]
+    mask[:] = 1
+    task = ["a", "b", "b", "a"]
+    with torch.no_grad():
+        logits = bank(input_ids=ids, attention_mask=mask, task=task).logits
+    for name, n_labels in labels.items():
+        rows = [b for b, t in enumerate(task) if t == name]
+        ref = _other_model(kind, n_labels)
+        ref.base_model.load_state_dict(trunk.base_model.state_dict())
+        load_scalearn(ref, folders[name], sources=srcs, backend="torch")
+        with torch.no_grad():
+            expect = ref.eval()(input_ids=ids[rows], attention_mask=mask[rows]).logits
+        torch.testing.assert_close(logits[rows, :n_labels], expect, rtol=1e-4, atol=1e-5)
