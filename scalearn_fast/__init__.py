@@ -9,18 +9,22 @@ from .layers import VARIANTS, ScaLearnLayer, init_omega
 from .layers_fusion import AdapterFusionLayer
 from .layers_router import RouterLayer
 from .models import (
+    add_task,
     attach_fusion,
     attach_router,
     attach_scalearn,
+    attach_task_bank,
     detach_fusion,
     detach_router,
     detach_scalearn,
+    detach_task_bank,
     load_router,
     load_scalearn,
+    remove_task,
     save_router,
     save_scalearn,
 )
-from .ops import PackedSources, adapter_fusion, pack_sources, scaled_adapter_sum
+from .ops import PackedSources, adapter_fusion, pack_sources, scaled_adapter_sum, scaled_adapter_sum_bank
 
 __version__ = "0.1.0"
 
@@ -32,18 +36,23 @@ __all__ = [
     "ScaLearnLayer",
     "__version__",
     "adapter_fusion",
+    "add_task",
     "attach_fusion",
     "attach_router",
     "attach_scalearn",
+    "attach_task_bank",
     "detach_fusion",
     "detach_router",
     "detach_scalearn",
+    "detach_task_bank",
     "init_omega",
     "load_adapterhub_sources",
     "load_router",
     "load_scalearn",
     "pack_sources",
     "save_router",
+    "remove_task",
     "save_scalearn",
     "scaled_adapter_sum",
+    "scaled_adapter_sum_bank",
 ]

@@ -244,6 +244,12 @@ def _summarize_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_command() -> tuple:
+    from . import predict
+
+    return predict.add_arguments, predict.run
+
+
 register_command(
     "train-adapter", "stage 1: one bottleneck adapter + head per task", _adapter_args, _adapter_run
 )
@@ -252,6 +258,7 @@ register_command(
 )
 register_command("params", "transfer parameters per variant vs AdapterFusion", _params_args, _params_run)
 register_command("summarize", "training runs' results.json as one table", _summarize_args, _summarize_run)
+register_command("predict", "many ScaLearn tasks' predictions from one model", *_predict_command())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
-"""Hugging Face models: the FFN-site registry, per-instance patching, ScaLearn, AdapterFusion and
-router attach/detach, ScaLearn and router checkpoints."""
+"""Hugging Face models: the FFN-site registry, per-instance patching, ScaLearn, AdapterFusion,
+router and task-bank attach/detach, ScaLearn and router checkpoints."""
 
 from .checkpoint import load_scalearn, save_scalearn
 from .fusion import attach_fusion, detach_fusion
@@ -17,10 +17,30 @@ from .scalearn import (
     omega_parameters,
     scalearn_layers,
 )
+from .task_bank import (
+    add_task,
+    attach_task_bank,
+    detach_task_bank,
+    num_labels,
+    remove_task,
+    task_bank_layers,
+    task_bank_parameters,
+    task_ids,
+    task_names,
+)
 
 __all__ = [
     "REGISTRY",
     "FFNSite",
+    "add_task",
+    "attach_task_bank",
+    "detach_task_bank",
+    "num_labels",
+    "remove_task",
+    "task_bank_layers",
+    "task_bank_parameters",
+    "task_ids",
+    "task_names",
     "attach_fusion",
     "attach_router",
     "attach_scalearn",

@@ -18,25 +18,32 @@ from .registry import FFNSite
 SCALEARN = "scalearn"
 FUSION = "adapter_fusion"
 ROUTER = "router"
+TASK_BANK = "task_bank"
 _RECORD_KEYS = {
     SCALEARN: "_scalearn_fast_state",
     FUSION: "_scalearn_fast_fusion_state",
     ROUTER: "_scalearn_fast_router_state",
+    TASK_BANK: "_scalearn_fast_task_bank",
 }
-_ATTACH_FN = {SCALEARN: "attach_scalearn", FUSION: "attach_fusion", ROUTER: "attach_router"}
-_LABEL = {SCALEARN: "ScaLearn", FUSION: "AdapterFusion", ROUTER: "router"}
+_ATTACH_FN = {
+    SCALEARN: "attach_scalearn",
+    FUSION: "attach_fusion",
+    ROUTER: "attach_router",
+    TASK_BANK: "attach_task_bank",
+}
+_LABEL = {SCALEARN: "ScaLearn", FUSION: "AdapterFusion", ROUTER: "router", TASK_BANK: "task bank"}
 
 
 @dataclass
 class AttachRecord:
     """What an ``attach_*`` did to a model, kept on the model for the getters, saving and detach.
 
-    ``kind`` is ``"scalearn"``, ``"adapter_fusion"`` or ``"router"``, which is also the name of
-    the sub-layer on every patched module. ``source_paths`` are the folders the sources were read
-    from (None for sources built in memory). ``variant`` and ``shared_omega`` are ScaLearn's; ``name`` and
-    ``config`` are AdapterFusion's (a router's options are in ``config`` too). ``hooked`` are the
-    embedding modules carrying the gradient-checkpointing hook; ``handles`` are other hooks the
-    attach registered (removed by its detach).
+    ``kind`` is ``"scalearn"``, ``"adapter_fusion"``, ``"router"`` or ``"task_bank"``, which is
+    also the name of the sub-layer on every patched module. ``source_paths`` are the folders the
+    sources were read from (None for sources built in memory). ``variant`` and ``shared_omega``
+    are ScaLearn's; ``name`` and ``config`` are AdapterFusion's (a router's options are in
+    ``config`` too). ``hooked`` are the embedding modules carrying the gradient-checkpointing
+    hook; ``handles`` are other hooks the attach registered (removed by its detach).
     """
 
     kind: str

@@ -7,6 +7,7 @@ from .scaled_adapter_sum import (
     scaled_adapter_sum_folded,
     scaled_adapter_sum_packed,
 )
+from .scaled_adapter_sum_bank import scaled_adapter_sum_bank, scaled_adapter_sum_bank_packed
 
 __all__ = [
     "PackedSources",
@@ -14,6 +15,8 @@ __all__ = [
     "adapter_fusion_packed",
     "pack_sources",
     "scaled_adapter_sum",
+    "scaled_adapter_sum_bank",
+    "scaled_adapter_sum_bank_packed",
     "scaled_adapter_sum_folded",
     "scaled_adapter_sum_packed",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import path_choice, torch_backend, triton_backend
-from .composition import Composition, Gradients
+from .composition import GRAD_FIELDS, Composition, Gradients
 
 _CANDIDATES = {"triton": triton_backend, "torch": torch_backend}
 
@@ -27,7 +27,7 @@ _CANDIDATES = {"triton": triton_backend, "torch": torch_backend}
 def forward(call: Composition) -> tuple[torch.Tensor, torch.Tensor]:
     """``triton_backend.forward`` or ``torch_backend.forward``, whichever is faster here."""
     flags = (
-        call.row_scale is not None,
+        call.row_scale is not None or call.omega_bank is not None,  # a uniform bank is a row_scale
         call.save_for_backward,
         call.omega is None,
         call.residual is not None,
@@ -42,7 +42,11 @@ def forward(call: Composition) -> tuple[torch.Tensor, torch.Tensor]:
 
 def backward(call: Composition, pre: torch.Tensor, grad_out: torch.Tensor, needs: Gradients) -> Gradients:
     """``triton_backend.backward`` or ``torch_backend.backward``, whichever is faster here."""
-    key = ("backward", *path_choice.shape_class(call.z, pre.shape[1], call.row_scale is not None, *needs))
+    per_row = call.row_scale is not None or call.omega_bank is not None
+    # a (uniform) bank's gradient is a row_scale gradient (ops/bank.py): same class
+    as_rows = needs._replace(row_scale=bool(needs.row_scale or needs.omega_bank))
+    flags = (bool(v) for name, v in zip(GRAD_FIELDS, as_rows, strict=True) if name != "omega_bank")
+    key = ("backward", *path_choice.shape_class(call.z, pre.shape[1], per_row, *flags))
     name = path_choice.choice(key)
     if name is None:
         candidates = {n: (lambda m=m: m.backward(call, pre, grad_out, needs)) for n, m in _CANDIDATES.items()}

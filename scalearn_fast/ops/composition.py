@@ -18,7 +18,7 @@ thin adapters over these two functions: the op's schema, its fake and its gradie
 are all derived from ``TENSOR_FIELDS`` below. Adding an input means adding a field here and
 using it in the backends that support it; a backend that does not support a field raises.
 
-Coefficients. Exactly one way of scaling the up projections is given:
+Coefficients. Exactly one way of scaling the up projections is given (or a task bank, below):
 
 - ``omega`` [N, d] or [N, 1]: ω is applied to W and B inside this call (training, or any call
   whose ω may change);
@@ -26,7 +26,16 @@ Coefficients. Exactly one way of scaling the up projections is given:
   beforehand (``algebra.scale_up_projections``); inference only, not differentiable.
 
 ``row_scale`` [T, N] additionally weights source i in row t (routers, gates, AdapterFusion's
-softmax); it combines with ``omega`` only.
+softmax); it combines with ``omega`` or a task bank, not with ``scaled_up``.
+
+A task bank replaces ``omega``: ``omega_bank`` [K, N, d] (vector) or [K, N, 1] (uniform) holds
+the ω of K target tasks and ``task_index`` [T] int64 names the task of each row, so row t is
+scaled by Ω[task_index[t]] (``ops/bank.py``). Its gradient is non-zero only in the rows of the
+bank whose tasks occur in the call.
+
+Fields. The schema of the custom op is generated from the annotations below, in field order
+(``Tensor`` / ``Tensor | None`` / ``str`` / ``bool``): a new input is one new line here, with
+a default so that existing constructions keep their meaning.
 """
 
 from __future__ import annotations
@@ -59,6 +68,9 @@ class Composition(NamedTuple):
     # how
     activation: str = "relu"
     save_for_backward: bool = False
+    # a task bank (instead of omega): row t is scaled by omega_bank[task_index[t]]
+    omega_bank: Tensor | None = None  # Ω [K, N, d] or [K, N, 1]
+    task_index: Tensor | None = None  # k [T] int64: the task of each row
 
     @property
     def num_sources(self) -> int:
@@ -74,10 +86,21 @@ class Composition(NamedTuple):
         return self.scaled_up is not None
 
 
-TENSOR_FIELDS: tuple[str, ...] = Composition._fields[:11]
-"""The tensor fields, in the order the custom op takes them."""
+_SCHEMA_TYPES = {"Tensor": "Tensor", "Tensor | None": "Tensor?", "str": "str", "bool": "bool"}
 
-OPTIONAL_TENSOR_FIELDS = frozenset({"omega", "scaled_up", "scaled_bias", "row_scale", "residual"})
+
+def _annotation(name: str) -> str:
+    hint = Composition.__annotations__[name]  # a string or a ForwardRef (postponed annotations)
+    return hint if isinstance(hint, str) else hint.__forward_arg__
+
+
+FIELD_TYPES: dict[str, str] = {name: _SCHEMA_TYPES[_annotation(name)] for name in Composition._fields}
+"""Each field's type in the custom op's schema, from its annotation."""
+
+TENSOR_FIELDS: tuple[str, ...] = tuple(n for n, t in FIELD_TYPES.items() if t.startswith("Tensor"))
+"""The tensor fields, in field order."""
+
+OPTIONAL_TENSOR_FIELDS = frozenset(n for n, t in FIELD_TYPES.items() if t == "Tensor?")
 
 
 class Gradients(NamedTuple):
@@ -91,6 +114,7 @@ class Gradients(NamedTuple):
     b_up: Tensor | bool | None = None
     omega: Tensor | bool | None = None
     row_scale: Tensor | bool | None = None
+    omega_bank: Tensor | bool | None = None
 
 
 GRAD_FIELDS: tuple[str, ...] = Gradients._fields
@@ -110,8 +134,5 @@ class Backend(Protocol):
 
 
 def op_schema(name_prefix: str = "") -> str:
-    """The argument list of the custom op, generated from ``TENSOR_FIELDS`` (one source of truth)."""
-    tensors = ", ".join(
-        f"Tensor{'?' if name in OPTIONAL_TENSOR_FIELDS else ''} {name_prefix}{name}" for name in TENSOR_FIELDS
-    )
-    return f"{tensors}, str activation, bool save_for_backward"
+    """The argument list of the custom op: ``Composition``'s fields in order (one source of truth)."""
+    return ", ".join(f"{kind} {name_prefix}{name}" for name, kind in FIELD_TYPES.items())

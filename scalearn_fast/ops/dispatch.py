@@ -97,7 +97,11 @@ def _backward(ctx, grad_out, _grad_pre):
     if grad_out is None:  # the output was not used (e.g. only its shape): nothing flows back
         return (None,) * _NUM_INPUTS
     *tensors, pre = ctx.saved_tensors
-    call = Composition(*tensors, ctx.activation, ctx.saved_pre)
+    call = Composition(
+        **dict(zip(TENSOR_FIELDS, tensors, strict=True)),
+        activation=ctx.activation,
+        save_for_backward=ctx.saved_pre,
+    )
     needs = Gradients(*(ctx.needs_input_grad[_FIELD_POSITION[name]] for name in GRAD_FIELDS))
     if torch.is_grad_enabled():  # create_graph=True: differentiable formulas, P recomputed
         grads = _differentiable_backward(call, grad_out, needs)
@@ -110,7 +114,7 @@ def _backward(ctx, grad_out, _grad_pre):
         grads = backend_module(ctx.backend).backward(call, pre, grad_out.contiguous(), needs)
     else:
         flat = torch.ops.scalearn_fast.scaled_adapter_sum_backward(
-            grad_out.contiguous(), pre, *tensors, ctx.activation, ctx.saved_pre, ctx.backend, list(needs)
+            grad_out.contiguous(), pre, *call, ctx.backend, list(needs)
         )
         grads = Gradients(*(t if need else None for t, need in zip(flat, needs, strict=True)))
     result: list[Tensor | None] = [None] * _NUM_INPUTS

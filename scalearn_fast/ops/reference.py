@@ -2,6 +2,8 @@
 
     out = Σ_i c_i ⊙ (W_up_i · act(W_down_i · z + b_down_i) + b_up_i) + residual,   c_i = w[:, i]·ω_i
 
+(with a task bank, ω_i is each row's Ω[task_index[t], i]).
+
 This is what `adapters` computes, one adapter at a time, each materialising a [T, d] output.
 It is slow on purpose and differentiable by plain autograd; every fast backend is tested
 against it in float64. As a backend (``forward``/``backward`` over a ``Composition``) it also
@@ -47,8 +49,16 @@ def compose(call: Composition, ranks: tuple[int, ...] | None = None) -> Tensor:
             adapter_out = hidden @ call.w_up[:, lo:hi].T + call.b_up[i]
         if call.row_scale is not None:
             adapter_out = adapter_out * call.row_scale[..., i : i + 1]
-        out = out + (adapter_out if call.scaled_up is not None else call.omega[i] * adapter_out)
+        out = out + (adapter_out if call.scaled_up is not None else _coefficient(call, i) * adapter_out)
     return out
+
+
+def _coefficient(call: Composition, i: int) -> Tensor:
+    """ω_i [d|1], or with a task bank each row's Ω[k(t), i] [..., d|1]."""
+    if call.omega_bank is None:
+        return call.omega[i]
+    rows = call.omega_bank[call.task_index.reshape(-1), i]
+    return rows.reshape(*call.z.shape[:-1], rows.shape[-1])
 
 
 def forward(call: Composition) -> tuple[Tensor, Tensor]:
@@ -79,6 +89,6 @@ def scaled_adapter_sum_reference(
     per token (a router, a gate, AdapterFusion's softmax): ``Σ_i row_scale[t, i] · ω_i ⊙ A_i(z_t)``."""
     call = Composition(
         z, packed.w_down, packed.b_down, packed.w_up, packed.b_up, packed.source_index,
-        omega, None, None, row_scale, residual, activation,
+        omega, None, None, row_scale, residual, activation=activation,
     )  # fmt: skip
     return compose(call, packed.ranks)

@@ -16,6 +16,9 @@ Backward, g = dL/dout (docs/design.md, "The algebra"):
     dW  = (M ⊙ ω[s])ᵀ,  dB = ω ⊙ (wᵀ·g)
     dw[t, i] = Σ_{c: s(c)=i} act(P)[t, c]·G[t, c] + Σ_j g[t, j]·ω_i[j]·B[i, j]
 
+A task bank (``omega_bank``, ``task_index``) runs ``ops/bank.py``: a uniform bank as the
+row_scale above, a vector bank as a loop over the N sources.
+
 Only P (T x R) is kept for backward: O(T·N·r) memory, never N [T, d] outputs. Every operation
 here is differentiable by autograd, so a backward run with ``create_graph=True`` (a gradient
 penalty) differentiates through these formulas.
@@ -26,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import algebra
+from . import algebra, bank
 from .activations import activation_fn, activation_grad
 from .composition import Composition, Gradients
 
@@ -41,7 +44,12 @@ def forward(call: Composition) -> tuple[Tensor, Tensor]:
 
 def output(call: Composition) -> tuple[Tensor, Tensor | None]:
     """``forward`` without an empty stand-in for ``pre`` when nothing is saved (``None``): the
-    inference entry point's route. z may also be [..., d] (rows are its leading dims)."""
+    inference entry point's route. z may also be [..., d] (rows are its leading dims), except
+    with a task bank (rows only)."""
+    if call.omega_bank is not None:  # ops/bank.py: a uniform bank is a row_scale
+        if bank.is_uniform(call.omega_bank):
+            return output(bank.as_row_scale(call))
+        return bank.vector_forward(call)
     z, omega, row_scale = call.z, call.omega, call.row_scale
     if omega is None and row_scale is None and not call.save_for_backward:  # inference, ω applied
         hidden = activation_fn(call.activation, F.linear(z, call.w_down, call.b_down), inplace=True)
@@ -91,12 +99,14 @@ def _backward_in_fp32(call: Composition, pre: Tensor, grad_out: Tensor, needs: G
 
 
 def _float_fields(call: Composition):
-    for name in ("z", "w_down", "b_down", "w_up", "b_up", "omega", "row_scale", "residual"):
+    for name in ("z", "w_down", "b_down", "w_up", "b_up", "omega", "row_scale", "residual", "omega_bank"):
         yield name, getattr(call, name)
 
 
 def backward(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients) -> Gradients:
     """The gradients flagged in ``needs``; others ``None``."""
+    if call.omega_bank is not None:
+        return bank.backward(backward, call, pre, grad_out, needs)
     if grad_out.dtype == torch.float16 and algebra.fp16_fold_overflows(
         call.w_up, call.omega, call.source_index
     ):

@@ -13,6 +13,11 @@ Operands the kernels cannot take run ``torch_backend`` (cuBLAS) instead: float64
 accumulate in fp32 and do not compile for fp64), and, under ``TRITON_INTERPRET=1``, float64 and
 bfloat16 (the interpreter's ``tl.dot`` is wrong for both); so do fp16 calls whose ω·W_up
 leaves fp16's range (computed in fp32 there).
+
+Task banks (``omega_bank``, ``task_index``; ``ops/bank.py``): a uniform bank [K, N, 1] runs on
+these kernels as a per-row ``row_scale`` (Ω[k(t), :, 0]); a vector bank [K, N, d] runs
+``torch_backend`` (the per-source loop there, on cuBLAS): the kernels here read one ω for all
+rows and have no per-row-task variant.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 
 from scalearn_fast._kernels import load_kernels
 
-from . import algebra, path_choice, torch_backend
+from . import algebra, bank, path_choice, torch_backend
 from .composition import Composition, Gradients
 
 Tensor = torch.Tensor
@@ -59,8 +64,11 @@ def _bias(call: Composition) -> Tensor:
 def forward(call: Composition) -> tuple[Tensor, Tensor]:
     """``(out [T, d], pre [T, R] or empty)``; see ``torch_backend.forward``."""
     z = call.z
-    if runs_on_torch(z.dtype) or _fp16_overflow(call):
+    vector_bank = call.omega_bank is not None and not bank.is_uniform(call.omega_bank)
+    if runs_on_torch(z.dtype) or vector_bank or _fp16_overflow(call):
         return torch_backend.forward(call)
+    if call.omega_bank is not None:
+        return bank.forward(forward, call)
     k = load_kernels()
     w_down, w_up = call.w_down, call.w_up if call.omega is not None else call.scaled_up
     if w_down.dtype != z.dtype or w_up.dtype != z.dtype:
@@ -100,8 +108,11 @@ def backward(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients)
     fp32 and cast back.
     """
     z = call.z
-    if runs_on_torch(z.dtype) or _fp16_overflow(call):
+    vector_bank = call.omega_bank is not None and not bank.is_uniform(call.omega_bank)
+    if runs_on_torch(z.dtype) or vector_bank or _fp16_overflow(call):
         return torch_backend.backward(call, pre, grad_out, needs)
+    if call.omega_bank is not None:
+        return bank.backward(backward, call, pre, grad_out, needs)
     k = load_kernels()
     g = grad_out
     dtype = z.dtype
