@@ -10,14 +10,9 @@ replace publishes both), and a folder whose JSON copy differs from it is refused
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from .unit import Fail, UnitCheckpoint, UnitFormat, is_int
+from .unit import Fail, UnitFormat, is_int
 
 ROUTER_CONFIG = "router_config.json"
 ROUTER_WEIGHTS = "router.safetensors"
@@ -48,21 +43,7 @@ _FORMAT = UnitFormat(
 )
 
 
-def check_router_config(config: Any, where: str | os.PathLike[str]) -> dict[str, Any]:
-    """``config`` if it is a well-formed router checkpoint config, else a ValueError naming
-    ``where`` and the field."""
-    return _FORMAT.check(config, where)
-
-
-def write_router_checkpoint(
-    directory: str | os.PathLike[str], config: dict[str, Any], tensors: Mapping[str, torch.Tensor]
-) -> Path:
-    """Write a checked ``config`` and its ``tensors``: weights (config in the header) first,
-    then the JSON copy."""
-    return _FORMAT.write(directory, config, tensors)
-
-
-def read_router_checkpoint(directory: str | os.PathLike[str]) -> UnitCheckpoint:
-    """Read, check and pair the two files of a ``save_router`` folder (``embedded_sources``
-    reads its stored sources)."""
-    return _FORMAT.read(directory)
+# What a ``save_router`` folder is read and written with (``UnitFormat``'s methods, documented there).
+check_router_config = _FORMAT.check
+write_router_checkpoint = _FORMAT.write
+read_router_checkpoint = _FORMAT.read

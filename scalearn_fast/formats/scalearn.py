@@ -14,12 +14,7 @@ The reading and writing is ``scalearn_fast.formats.unit``'s, shared with router 
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
-
-import torch
 
 from ..layers import VARIANTS
 from .unit import STACKS, Fail, UnitCheckpoint, UnitFormat, embedded_sources
@@ -67,25 +62,8 @@ _FORMAT = UnitFormat(
 )
 
 
-def check_scalearn_config(config: Any, where: str | os.PathLike[str]) -> dict[str, Any]:
-    """``config`` if it is a well-formed ScaLearn checkpoint config, else a ValueError naming
-    ``where`` and the field."""
-    return _FORMAT.check(config, where)
-
-
-def write_scalearn_checkpoint(
-    directory: str | os.PathLike[str], config: dict[str, Any], tensors: Mapping[str, torch.Tensor]
-) -> Path:
-    """Write a checked ``config`` and its ``tensors``: weights (with the config in the header)
-    first, then the JSON copy. Stale temporary files of killed saves are removed first."""
-    return _FORMAT.write(directory, config, tensors)
-
-
-def read_scalearn_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The checked ``scalearn_config.json`` of a ``save_scalearn`` folder."""
-    return _FORMAT.read_config(directory)
-
-
-def read_scalearn_checkpoint(directory: str | os.PathLike[str]) -> ScaLearnCheckpoint:
-    """Read, check and pair the two files of a ``save_scalearn`` folder."""
-    return _FORMAT.read(directory)
+# What a ``save_scalearn`` folder is read and written with (``UnitFormat``'s methods, documented there).
+check_scalearn_config = _FORMAT.check
+write_scalearn_checkpoint = _FORMAT.write
+read_scalearn_checkpoint = _FORMAT.read
+read_scalearn_config = _FORMAT.read_config
