@@ -233,7 +233,7 @@ def test_the_config_travels_in_the_weights_file(saved):
 
 
 def test_a_mismatched_pair_is_refused_and_a_new_save_repairs_it(tmp_path, monkeypatch):
-    from scalearn_fast.formats import scalearn as fmt
+    from scalearn_fast.formats import unit as fmt  # the writer ScaLearn checkpoints use
 
     folder = tmp_path / "ckpt"
     model = attach_scalearn(tiny_bert(), random_sources(), backend="torch")

@@ -203,19 +203,15 @@ def run_layer_case(
     params = {"kind": kind, "mode": mode, "case": c.id, "d": c.d, "r": c.r, "n": c.n, "batch": c.batch}
     params["seq"] = c.seq
     cost = cost_fn(c.tokens, c.d, c.r, c.n, elem_bytes=z.element_size(), backward=mode == "fwdbwd")
-    candidates = []
-    for name, factory in providers.items():
-        reason = skip(name)
-        if reason:
-            writer.skip(reason, kind=kind, mode=mode, case=c.id, provider=name)
-            continue
+
+    def candidate(name: str) -> Candidate:
         holder: dict[str, Provider] = {}
 
-        def build(factory=factory, holder=holder) -> tuple[Callable[[], Any], int]:
-            holder["p"] = p = factory(src)
+        def build() -> tuple[Callable[[], Any], int]:
+            holder["p"] = p = providers[name](src)
             return layer_step(p, z, residual, mode), p.warmup
 
-        def saved(holder=holder) -> dict[str, Any]:
+        def saved() -> dict[str, Any]:
             if mode != "fwdbwd":
                 return {}
             p = holder["p"]  # what the provider keeps for its backward (the memory target)
@@ -223,15 +219,44 @@ def run_layer_case(
             owned = [z, zg, residual, *p.module.parameters(), *p.module.buffers(), *p.trainable]
             return {"saved_activation_bytes": saved_activation_bytes(lambda: p.module(zg, residual), owned)}
 
-        candidates.append(Candidate(name, build, extra=saved))
+        return Candidate(name, build, extra=saved)
+
+    return run_case_group(
+        writer, c, list(providers), candidate, params=params, cost=cost, record=record, device=device,
+        quick=quick, skip=skip,
+    )  # fmt: skip
+
+
+def run_case_group(
+    writer: ResultWriter,
+    case: Any,
+    names: list[str],
+    candidate: Callable[[str], Candidate],
+    *,
+    params: dict[str, Any],
+    cost: OpCost | Callable[[str], OpCost],
+    record: DeviceRecord,
+    device: torch.device,
+    quick: bool,
+    skip: Callable[[str], str | None],
+) -> dict[str, dict[str, Any]]:
+    """``run_group`` over one ``case`` (with ``tokens``, ``dtype`` and ``id``): ``candidate(name)``
+    for every name that ``skip(name)`` gives no reason to leave out (a skip row says why)."""
+    candidates = []
+    for name in names:
+        reason = skip(name)
+        if reason:
+            writer.skip(reason, kind=params["kind"], mode=params["mode"], case=case.id, provider=name)
+            continue
+        candidates.append(candidate(name))
     return run_group(
         writer,
         candidates,
         params=params,
-        tokens=c.tokens,
+        tokens=case.tokens,
         cost=cost,
         record=record,
-        dtype=c.dtype,
+        dtype=case.dtype,
         device=device,
         quick=quick,
     )

@@ -8,18 +8,19 @@ time budget measures what matters most before the budget ends).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 
 SEQ = 128
 
 
-@dataclass(frozen=True)
-class LayerCase:
-    d: int
-    r: int
-    n: int
+class _BatchedCase:
+    """What layer and model cases share: ``batch`` sequences of ``seq`` tokens in ``dtype``, and
+    an ``id`` made of the class's ``ID`` pattern (over its fields and ``tokens``) and the dtype."""
+
+    ID: ClassVar[str]
     batch: int
     seq: int
     dtype: torch.dtype
@@ -30,11 +31,23 @@ class LayerCase:
 
     @property
     def id(self) -> str:
-        return f"d{self.d}-r{self.r}-N{self.n}-T{self.tokens}-{str(self.dtype).removeprefix('torch.')}"
+        values = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        return f"{self.ID.format(**values, tokens=self.tokens)}-{str(self.dtype).removeprefix('torch.')}"
 
 
 @dataclass(frozen=True)
-class ModelCase:
+class LayerCase(_BatchedCase):
+    d: int
+    r: int
+    n: int
+    batch: int
+    seq: int
+    dtype: torch.dtype
+    ID: ClassVar[str] = "d{d}-r{r}-N{n}-T{tokens}"
+
+
+@dataclass(frozen=True)
+class ModelCase(_BatchedCase):
     layers: int
     d: int
     heads: int
@@ -43,15 +56,7 @@ class ModelCase:
     batch: int
     seq: int
     dtype: torch.dtype
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq
-
-    @property
-    def id(self) -> str:
-        dt = str(self.dtype).removeprefix("torch.")
-        return f"L{self.layers}-d{self.d}-N{self.n}-B{self.batch}xS{self.seq}-{dt}"
+    ID: ClassVar[str] = "L{layers}-d{d}-N{n}-B{batch}xS{seq}"
 
 
 DEFAULT_SHAPE = {"d": 768, "n": 8, "tokens": 4096}

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .device import DeviceRecord
 from .flops import OpCost, row_cost
-from .harness import Candidate, run_group
+from .harness import Candidate, run_case_group
 from .matrix import ModelCase
 from .providers import NaiveScaLearn, ProviderUnavailable, adapters_installed, make_sources
 
@@ -243,15 +243,10 @@ def run_model_case(
         assert found is not None, params
         return found
 
-    candidates = []
-    for variant in variants:
-        reason = skip(variant)
-        if reason:
-            writer.skip(reason, kind="model", mode=mode, case=c.id, provider=variant)
-            continue
+    def candidate(variant: str) -> Candidate:
         attach: dict[str, Any] = {}
 
-        def build(variant=variant, attach=attach) -> tuple[Callable[[], Any], int]:
+        def build() -> tuple[Callable[[], Any], int]:
             m = build_model(variant, c, device)
             attach["attach"] = m.attach
             if mode == "train":
@@ -262,15 +257,9 @@ def run_model_case(
                 raise ValueError(f"model mode must be infer, infer_graph or train; got {mode!r}")
             return inference_step(m, ids), 2
 
-        candidates.append(Candidate(variant, build, extra=lambda attach=attach: dict(attach)))
-    return run_group(
-        writer,
-        candidates,
-        params=params,
-        tokens=c.tokens,
-        cost=cost,
-        record=record,
-        dtype=c.dtype,
-        device=device,
-        quick=quick,
-    )
+        return Candidate(variant, build, extra=lambda: dict(attach))
+
+    return run_case_group(
+        writer, c, variants, candidate, params=params, cost=cost, record=record, device=device,
+        quick=quick, skip=skip,
+    )  # fmt: skip

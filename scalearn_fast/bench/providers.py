@@ -52,10 +52,6 @@ class Sources:
     omega: torch.Tensor  # [N, d]
 
     @property
-    def n(self) -> int:
-        return self.w_down.shape[0]
-
-    @property
     def d(self) -> int:
         return self.w_down.shape[2]
 
@@ -102,15 +98,19 @@ def _bottleneck(
     return module
 
 
+def _bottlenecks(src: Sources) -> nn.ModuleList:
+    """The N sources as frozen ``adapters``-style bottleneck modules, in order."""
+    weights = zip(src.w_down, src.b_down, src.w_up, src.b_up, strict=True)
+    return nn.ModuleList(_bottleneck(*w) for w in weights)
+
+
 class NaiveScaLearn(nn.Module):
     """ScaLearn as the per-adapter loop: each adapter's Linear -> ReLU -> Linear materialises
     a [T, d] output, which is scaled by ω_i and added to the running sum."""
 
     def __init__(self, src: Sources) -> None:
         super().__init__()
-        self.adapters = nn.ModuleList(
-            _bottleneck(src.w_down[i], src.b_down[i], src.w_up[i], src.b_up[i]) for i in range(src.n)
-        )
+        self.adapters = _bottlenecks(src)
         self.omega = nn.Parameter(src.omega.detach().clone())
 
     def forward(self, z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -252,9 +252,7 @@ class NaiveFusion(nn.Module):
 
     def __init__(self, src: Sources) -> None:
         super().__init__()
-        self.adapters = nn.ModuleList(
-            _bottleneck(src.w_down[i], src.b_down[i], src.w_up[i], src.b_up[i]) for i in range(src.n)
-        )
+        self.adapters = _bottlenecks(src)
         self.query, self.key, self.value = _fusion_linears(
             src.d, dtype=src.w_down.dtype, device=src.w_down.device
         )
@@ -283,9 +281,7 @@ class AdaptersLibraryFusion(nn.Module):
         from adapters.configuration import DynamicAdapterFusionConfig
         from adapters.methods.modeling import BertFusion
 
-        self.adapters = nn.ModuleList(
-            _bottleneck(src.w_down[i], src.b_down[i], src.w_up[i], src.b_up[i]) for i in range(src.n)
-        )
+        self.adapters = _bottlenecks(src)
         d = src.d
         fusion = BertFusion(DynamicAdapterFusionConfig(), d, 0.1)
         q, k, v = _fusion_linears(d, dtype=src.w_down.dtype, device=src.w_down.device)

@@ -52,8 +52,10 @@ def _pct_spread(r: dict[str, Any]) -> str:
     return f"{pct:.1f}%" + (" noisy" if r.get("noisy") else "")
 
 
-def _times(v: Any, interval: Any) -> str:
-    """``10.00x`` or ``10.00x [9.80–10.20]``."""
+def _times(r: dict[str, Any], baseline: str) -> str:
+    """The row's speedup over ``baseline`` (``naive``, ``compile``): ``10.00x`` or
+    ``10.00x [9.80–10.20]`` with its interval."""
+    v, interval = r.get(f"speedup_vs_{baseline}"), r.get(f"speedup_vs_{baseline}_interval")
     if v is None:
         return "–"
     text = f"{v:.2f}x"
@@ -93,9 +95,7 @@ def layer_table(rows: list[dict[str, Any]], kind: str) -> list[str]:
             f"{_ms(r.get('device_s'), '.3f')} | {_fmt(r.get('tokens_per_s'))} | "
             f"{_fmt(r.get('tflops'))} | {_fmt(r.get('gbps'))} | "
             f"{_fmt(r.get('roofline_pct'), '.1f')} | {_mib(r.get('peak_mem_bytes'))} | "
-            f"{_mib(r.get('saved_activation_bytes'))} | "
-            f"{_times(r.get('speedup_vs_naive'), r.get('speedup_vs_naive_interval'))} | "
-            f"{_times(r.get('speedup_vs_compile'), r.get('speedup_vs_compile_interval'))} |"
+            f"{_mib(r.get('saved_activation_bytes'))} | {_times(r, 'naive')} | {_times(r, 'compile')} |"
         )
     return lines
 
@@ -142,10 +142,9 @@ def headline_table(rows: list[dict[str, Any]]) -> list[str]:
         f, b = by[prov].get("fwd", {}), by[prov].get("fwdbwd", {})
         lines.append(
             f"| {prov} | {_fmt(f.get('median_s') and f['median_s'] * 1e3, '.2f')} | "
-            f"{_times(f.get('speedup_vs_naive'), f.get('speedup_vs_naive_interval'))} | "
-            f"{_times(f.get('speedup_vs_compile'), f.get('speedup_vs_compile_interval'))} | "
+            f"{_times(f, 'naive')} | {_times(f, 'compile')} | "
             f"{_fmt(b.get('median_s') and b['median_s'] * 1e3, '.2f')} | "
-            f"{_times(b.get('speedup_vs_naive'), b.get('speedup_vs_naive_interval'))} | "
+            f"{_times(b, 'naive')} | "
             f"{_mib(b.get('peak_mem_bytes'))} | {_saved(b)} | {_pct_spread(f)} / {_pct_spread(b)} |"
         )
     return lines

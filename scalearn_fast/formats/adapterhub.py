@@ -24,7 +24,7 @@ import torch
 
 from ..ops.activations import check_activation
 from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_tensors, clean_stale_temps
-from .files import read_json, read_tensors
+from .files import read_json, read_tensors, weights_file
 from .keys import SiteKey, site_key
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -305,12 +305,7 @@ def load_adapterhub_source(
         hint = f"; it holds adapter folders {below}: pass them as a list" if below else ""
         raise ValueError(f"{path}: no {ADAPTER_CONFIG} (expected an AdapterHub save_adapter folder){hint}")
     meta = read_json(config_file)
-    if (path / ADAPTER_SAFE).is_file():
-        weights = path / ADAPTER_SAFE
-    elif (path / ADAPTER_BIN).is_file():
-        weights = path / ADAPTER_BIN
-    else:
-        raise ValueError(f"{path}: holds neither {ADAPTER_SAFE} nor {ADAPTER_BIN}")
+    weights = weights_file(path, ADAPTER_SAFE, ADAPTER_BIN, f"{path}:")
     config = meta.get("config", {})
     if not isinstance(config, dict):
         raise ValueError(f"{config_file}: 'config' is {config!r}; expected the adapter's config dict")

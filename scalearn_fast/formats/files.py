@@ -80,3 +80,12 @@ def read_tensors(path: str | os.PathLike[str], *, trust_pickle: bool = False) ->
             ) from exc
         raise ValueError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
     return _check_tensor_dict(path, value)
+
+
+def weights_file(folder: Path, safe_name: str, bin_name: str, where: str) -> Path:
+    """The weights file of a saved folder: ``safe_name`` (safetensors) when present, else
+    ``bin_name``; a ValueError starting with ``where`` when it holds neither."""
+    for name in (safe_name, bin_name):
+        if (folder / name).is_file():
+            return folder / name
+    raise ValueError(f"{where} holds neither {safe_name} nor {bin_name}")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .files import read_json, read_tensors
+from .files import read_json, read_tensors, weights_file
 from .keys import SiteKey, site_key
 
 CONFIG_NAME = "adapter_fusion_config.json"
@@ -124,12 +124,7 @@ def load_fusion_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool =
             f"fusion_weights={str(path)!r} has no {CONFIG_NAME} (an adapters save_adapter_fusion folder)"
         )
     meta = read_json(config_file)
-    if (folder / SAFE_WEIGHTS_NAME).is_file():
-        weights = folder / SAFE_WEIGHTS_NAME
-    elif (folder / WEIGHTS_NAME).is_file():
-        weights = folder / WEIGHTS_NAME
-    else:
-        raise ValueError(f"fusion_weights={str(path)!r} holds neither {SAFE_WEIGHTS_NAME} nor {WEIGHTS_NAME}")
+    weights = weights_file(folder, SAFE_WEIGHTS_NAME, WEIGHTS_NAME, f"fusion_weights={str(path)!r}")
     adapter_names = _meta_field(meta, "adapter_names", list, config_file)
     if adapter_names is not None and not all(isinstance(n, str) for n in adapter_names):
         raise ValueError(f"{config_file}: 'adapter_names' is {adapter_names!r}; expected a list of strings")

@@ -4,16 +4,17 @@ a new sub-layer (all or none), gradient checkpointing, and detach."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.nn as nn
 
 from ..formats.adapterhub import SOURCE_LAYOUTS
-from .patching import is_patched, patch_site, restore_sites
-from .registry import FFNSite
+from .patching import LayerNormRef, is_patched, patch_site, restore_sites
+from .registry import FFNSite, ffn_sites, hidden_size
 
 SCALEARN = "scalearn"
 FUSION = "adapter_fusion"
@@ -63,6 +64,14 @@ class AttachRecord:
     def attr(self) -> str:
         return self.kind
 
+    @classmethod
+    def over(
+        cls, kind: str, sources: Sequence[Any], sites: list[FFNSite], backend: str, **fields: Any
+    ) -> AttachRecord:
+        """The record of attaching ``sources`` (their names and folders are recorded) at ``sites``."""
+        names = [s.name for s in sources]
+        return cls(kind, names, sites, backend, source_paths=[s.path for s in sources], **fields)
+
 
 def get_record(model: nn.Module, kind: str) -> AttachRecord:
     """The record of ``kind`` on ``model``; a ValueError when nothing of that kind is attached."""
@@ -82,6 +91,72 @@ def attached_layers(model: nn.Module, kind: str) -> list[nn.Module]:
     """The sub-layers of ``kind`` on every patched site, in site order."""
     record = get_record(model, kind)
     return [getattr(site.module, record.attr) for site in record.sites]
+
+
+L = TypeVar("L", bound=nn.Module)
+
+
+class AttachKind(Generic[L]):
+    """The getters of one kind of attach (``scalearn``, ``adapter_fusion`` or ``router``), whose
+    sub-layers are of type ``L``: ``record`` (a ValueError when none is attached), ``attached``
+    and ``layers`` (in site order)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def record(self, model: nn.Module) -> AttachRecord:
+        """The record of this kind's attach on ``model`` (a ValueError when none)."""
+        return get_record(model, self.kind)
+
+    def attached(self, model: nn.Module) -> bool:
+        """Whether this kind is attached to ``model``."""
+        return has_record(model, self.kind)
+
+    def layers(self, model: nn.Module) -> list[L]:
+        """This kind's sub-layers on every patched site of ``model``, in site order."""
+        return attached_layers(model, self.kind)  # type: ignore[return-value]
+
+    def fit_sources(self, model: nn.Module, sources: Sequence[Any]) -> tuple[list[FFNSite], int, str]:
+        """Before attaching: check nothing of this kind is attached and the read ``sources`` fit
+        the model's FFN sites. Returns the sites, the hidden size d and the sources' activation."""
+        check_not_attached(model, self.kind)
+        sites = ffn_sites(model)
+        d = hidden_size(model)
+        return sites, d, check_sources_fit(model, sources, sites, d)
+
+
+def site_layer(
+    layer_type: Callable[..., L],
+    sources: Sequence[Any],
+    site: FFNSite,
+    *,
+    activation: str,
+    backend: str,
+    like: torch.Tensor,
+    cast: bool = False,
+    **options: Any,
+) -> L:
+    """A ``layer_type`` sub-layer for ``site`` over the sources' weights there (four lists over
+    the sources: w_down, b_down, w_up, b_up), with what every sub-layer takes (``activation``,
+    ``backend``, the site's LayerNorm, the source names) and its own ``options``; on ``like``'s
+    device (and, with ``cast``, its dtype)."""
+    ws = [tuple(s.layers[site.key]) for s in sources]
+    if site.pre_ln:  # no LayerNorm around the sub-layer there (docs/design.md, Sites)
+        if "pre_ln" not in inspect.signature(layer_type).parameters:
+            raise ValueError(
+                f"{layer_type.__name__} does not support pre-LN sites ({site.name}); "
+                "pre-LN models (mbart, t5, mt5, m2m_100) take attach_scalearn and attach_fusion"
+            )
+        options["pre_ln"] = True
+    layer = layer_type(
+        *([w[j] for w in ws] for j in range(4)),
+        activation=activation,
+        backend=backend,
+        layer_norm=None if site.pre_ln else LayerNormRef(site.layer_norm),
+        source_names=[s.name for s in sources],
+        **options,
+    )
+    return layer.to(device=like.device, dtype=like.dtype if cast else None)
 
 
 def check_not_attached(model: nn.Module, kind: str) -> None:

@@ -29,17 +29,15 @@ from ..formats.keys import SiteKey
 from ..layers_fusion import AdapterFusionLayer, fusion_options_from_config
 from .attach import (
     FUSION,
+    AttachKind,
     AttachRecord,
     attach,
-    attached_layers,
     check_not_attached,
     check_sites_free,
     check_sources_fit,
     detach,
-    get_record,
-    has_record,
+    site_layer,
 )
-from .patching import LayerNormRef
 from .registry import FFNSite, ffn_sites, hidden_size
 
 ATTR = FUSION  # name of the AdapterFusionLayer on each patched module
@@ -47,16 +45,10 @@ _PARAMS = ("query", "key", "value")
 FusionState = AttachRecord
 
 
-def fusion_state(model: nn.Module) -> AttachRecord:
-    return get_record(model, FUSION)
-
-
-def is_fusion_attached(model: nn.Module) -> bool:
-    return has_record(model, FUSION)
-
-
-def fusion_layers(model: nn.Module) -> list[AdapterFusionLayer]:
-    return attached_layers(model, FUSION)  # type: ignore[return-value]
+_KIND: AttachKind[AdapterFusionLayer] = AttachKind(FUSION)
+fusion_state = _KIND.record
+is_fusion_attached = _KIND.attached
+fusion_layers = _KIND.layers
 
 
 def fusion_regularization_loss(model: nn.Module) -> torch.Tensor | None:
@@ -201,27 +193,16 @@ def attach_fusion(
     param = next(model.parameters())
 
     def build(site: FFNSite) -> AdapterFusionLayer:
-        ws = [s.layers[site.key] for s in srcs]
-        layer = AdapterFusionLayer(
-            [w[0] for w in ws],
-            [w[1] for w in ws],
-            [w[2] for w in ws],
-            [w[3] for w in ws],
-            activation=activation,
-            backend=backend,
-            layer_norm=None if site.pre_ln else LayerNormRef(site.layer_norm),  # type: ignore[arg-type]
-            source_names=names,
-            pre_ln=site.pre_ln,
+        layer = site_layer(
+            AdapterFusionLayer, srcs, site, activation=activation, backend=backend, like=param, cast=True,
             **options,
-        ).to(device=param.device, dtype=param.dtype)
+        )  # fmt: skip
         if ckpt is not None:
             _load_layer(layer, ckpt.sites[site.key], f"{site.stack} layer {site.index}")
         return layer
 
     name = (ckpt.name if ckpt is not None else "") or ",".join(names)
-    record = AttachRecord(
-        FUSION, names, sites, backend, source_paths=[s.path for s in srcs], name=name, config=config
-    )
+    record = AttachRecord.over(FUSION, srcs, sites, backend, name=name, config=config)
     trainable = lambda: [p for layer in fusion_layers(model) for p in layer.fusion_parameters()]  # noqa: E731
     return attach(model, record, build, trainable, freeze=freeze)
 

@@ -22,17 +22,13 @@ from ..formats.adapterhub import load_adapterhub_sources
 from ..layers_router import RouterLayer, RoutingContext, check_router_options
 from .attach import (
     ROUTER,
+    AttachKind,
     AttachRecord,
     attach,
-    attached_layers,
-    check_not_attached,
-    check_sources_fit,
     detach,
+    site_layer,
 )
-from .attach import get_record as _get_record
-from .attach import has_record as _has_record
-from .patching import LayerNormRef
-from .registry import FFNSite, ffn_sites, hidden_size
+from .registry import FFNSite
 
 
 class AttentionMaskHook:
@@ -49,17 +45,10 @@ class AttentionMaskHook:
         self.context.masks = {"encoder": mask, "decoder": kwargs.get("decoder_attention_mask")}
 
 
-def router_state(model: nn.Module) -> AttachRecord:
-    """The attach record of ``attach_router`` (its options are in ``config``)."""
-    return _get_record(model, ROUTER)
-
-
-def has_router(model: nn.Module) -> bool:
-    return _has_record(model, ROUTER)
-
-
-def router_layers(model: nn.Module) -> list[RouterLayer]:
-    return attached_layers(model, ROUTER)  # type: ignore[return-value]
+_KIND: AttachKind[RouterLayer] = AttachKind(ROUTER)
+router_state = _KIND.record  # the attach record; the router's options are in its ``config``
+has_router = _KIND.attached
+router_layers = _KIND.layers
 
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -89,12 +78,9 @@ def attach_router(
     routers and the task head train. Returns ``model``, patched in place; undo with
     ``detach_router``, save with ``save_router``.
     """
-    check_not_attached(model, ROUTER)
     srcs = load_adapterhub_sources(sources)
+    sites, d, activation = _KIND.fit_sources(model, srcs)
     k = check_router_options(gate, k, granularity, mode, len(srcs))
-    sites = ffn_sites(model)
-    d = hidden_size(model)
-    activation = check_sources_fit(model, srcs, sites, d)
     if mode == "merge":
         for site in sites:
             ranks = {s.name: s.layers[site.key][0].shape[0] for s in srcs}
@@ -103,27 +89,16 @@ def attach_router(
                     f"merge mode needs sources of equal rank; at {site.name} the ranks are {ranks}"
                 )
     param = next(model.parameters())
-    names = [s.name for s in srcs]
     context = RoutingContext()
 
     def build(site: FFNSite) -> RouterLayer:
-        ws = [tuple(s.layers[site.key]) for s in srcs]
-        return RouterLayer(
-            *([w[j] for w in ws] for j in range(4)),
-            gate=gate,
-            k=k,
-            granularity=granularity,
-            mode=mode,
-            activation=activation,
-            backend=backend,
-            layer_norm=LayerNormRef(site.layer_norm),  # type: ignore[arg-type]
-            source_names=names,
-            context=context,
-            stack=site.stack,
-        ).to(device=param.device)
+        return site_layer(
+            RouterLayer, srcs, site, activation=activation, backend=backend, like=param,
+            gate=gate, k=k, granularity=granularity, mode=mode, context=context, stack=site.stack,
+        )  # fmt: skip
 
     config = {"gate": gate, "k": k, "granularity": granularity, "mode": mode}
-    record = AttachRecord(ROUTER, names, sites, backend, source_paths=[s.path for s in srcs], config=config)
+    record = AttachRecord.over(ROUTER, srcs, sites, backend, config=config)
     attach(model, record, build, lambda: router_parameters(model), freeze=freeze)
     if granularity == "sequence":
         record.handles.append(model.register_forward_pre_hook(AttentionMaskHook(context), with_kwargs=True))

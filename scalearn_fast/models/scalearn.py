@@ -13,33 +13,23 @@ from ..formats.adapterhub import load_adapterhub_sources
 from ..layers import ScaLearnLayer, check_variant, init_omega, is_shared
 from .attach import (
     SCALEARN,
+    AttachKind,
     AttachRecord,
     attach,
-    attached_layers,
-    check_not_attached,
-    check_sources_fit,
     detach,
     head_parameters,  # noqa: F401  (re-exported)
+    site_layer,
 )
-from .attach import get_record as _get_record
-from .attach import has_record as _has_record
-from .patching import LayerNormRef
-from .registry import FFNSite, ffn_sites, hidden_size
+from .registry import FFNSite
 
 ATTR = SCALEARN  # name of the ScaLearnLayer on each patched module
 AttachState = AttachRecord
 
 
-def attach_state(model: nn.Module) -> AttachRecord:
-    return _get_record(model, SCALEARN)
-
-
-def is_attached(model: nn.Module) -> bool:
-    return _has_record(model, SCALEARN)
-
-
-def scalearn_layers(model: nn.Module) -> list[ScaLearnLayer]:
-    return attached_layers(model, SCALEARN)  # type: ignore[return-value]
+_KIND: AttachKind[ScaLearnLayer] = AttachKind(SCALEARN)
+attach_state = _KIND.record
+is_attached = _KIND.attached
+scalearn_layers = _KIND.layers
 
 
 def omega_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -86,12 +76,6 @@ class SharedOmegaSavePretrained:
         return type(model).save_pretrained(model, save_directory, *args, state_dict=state_dict, **kwargs)
 
 
-def _as_tuple(weights: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if hasattr(weights, "w_down"):
-        return weights.w_down, weights.b_down, weights.w_up, weights.b_up
-    return tuple(weights)  # type: ignore[return-value]
-
-
 def attach_scalearn(
     model: nn.Module,
     sources: Sequence[Any] | Mapping[str, Any] | str | os.PathLike[str],
@@ -113,46 +97,23 @@ def attach_scalearn(
     ``save_scalearn``; ``save_pretrained`` also works (a ``++`` variant's ω is stored once).
     """
     check_variant(variant)
-    check_not_attached(model, SCALEARN)
     srcs = load_adapterhub_sources(sources)
-    sites = ffn_sites(model)
-    d = hidden_size(model)
-    activation = check_sources_fit(model, srcs, sites, d)
+    sites, d, activation = _KIND.fit_sources(model, srcs)
     param = next(model.parameters())
     shared = None
     if is_shared(variant):
         shared = init_omega(len(srcs), d, variant, device=param.device, generator=generator)
-    names = [s.name for s in srcs]
 
     def build(site: FFNSite) -> ScaLearnLayer:
-        ws = [_as_tuple(s.layers[site.key]) for s in srcs]
         omega = shared
         if omega is None:
             omega = init_omega(len(srcs), d, variant, device=param.device, generator=generator)
-        return ScaLearnLayer(
-            [w[0] for w in ws],
-            [w[1] for w in ws],
-            [w[2] for w in ws],
-            [w[3] for w in ws],
-            variant=variant,
-            omega=omega,
-            activation=activation,
-            omega_dropout=omega_dropout,
-            backend=backend,
-            layer_norm=None if site.pre_ln else LayerNormRef(site.layer_norm),  # type: ignore[arg-type]
-            source_names=names,
-            pre_ln=site.pre_ln,
-        ).to(device=param.device)
+        return site_layer(
+            ScaLearnLayer, srcs, site, activation=activation, backend=backend, like=param,
+            variant=variant, omega=omega, omega_dropout=omega_dropout,
+        )  # fmt: skip
 
-    record = AttachRecord(
-        SCALEARN,
-        names,
-        sites,
-        backend,
-        source_paths=[s.path for s in srcs],
-        variant=variant,
-        shared_omega=shared,
-    )
+    record = AttachRecord.over(SCALEARN, srcs, sites, backend, variant=variant, shared_omega=shared)
     attach(model, record, build, lambda: omega_parameters(model), freeze=freeze)
     if shared is not None and hasattr(type(model), "save_pretrained"):
         model.__dict__["save_pretrained"] = SharedOmegaSavePretrained(model)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from .backends import resolve_backend
-from .fusion_args import FusionWeights, check_fusion_inputs, scaling_as_omega
+from .fusion_args import FusionCall, FusionWeights, check_fusion_inputs, scaling_as_omega
 from .fusion_autograd import adapter_fusion_autograd
 from .fusion_reference import adapter_fusion_reference
 from .packing import PackedSources, TensorOrList, check_activation, check_inputs, pack_sources
@@ -57,17 +57,14 @@ def adapter_fusion_weights(
     check_inputs(z, packed, weights.scaling, residual)
     check_fusion_inputs(z, weights, residual, query_input)
     backend = resolve_backend(backend, z.device)
-    if backend == "reference":
-        return adapter_fusion_reference(
-            z, packed, weights, residual, query_input=query_input, training=training, activation=activation
-        )
     d = packed.hidden_size
     z2 = z.reshape(-1, d)
     c2 = z2 if query_input is None else query_input.reshape(-1, d)
     rho2 = None if residual is None else residual.reshape(-1, d)
     dropping = training and weights.dropout_p > 0.0
-    out = adapter_fusion_autograd(z2, c2, rho2, packed, weights, dropping, activation, backend)
-    return out.reshape(z.shape)
+    call = FusionCall(z2, c2, rho2, packed, weights, dropping, activation, backend)
+    path = adapter_fusion_reference if backend == "reference" else adapter_fusion_autograd
+    return path(call).reshape(z.shape)
 
 
 def adapter_fusion_packed(

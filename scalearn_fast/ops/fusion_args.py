@@ -107,3 +107,20 @@ def check_fusion_inputs(
         raise ValueError(f"temperature must be a positive number; got {temperature!r}")
     if not 0.0 <= weights.dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1); got {weights.dropout_p!r}")
+
+
+@dataclass(frozen=True)
+class FusionCall:
+    """One AdapterFusion call on 2-D inputs, as every backend's path receives it: ``z2``, the
+    query input ``c2`` and the residual ``rho2`` (``[T, d]``), the packed sources, the
+    ``FusionWeights``, whether score dropout applies to this call (``dropping``), the
+    activation and the backend."""
+
+    z2: torch.Tensor
+    c2: torch.Tensor
+    rho2: torch.Tensor | None
+    packed: PackedSources
+    weights: FusionWeights
+    dropping: bool
+    activation: str
+    backend: str

@@ -13,42 +13,25 @@ from __future__ import annotations
 
 import torch
 
-from .fusion_args import FusionWeights
+from .fusion_args import FusionCall
 from .fusion_math import block_row_sum, fold_weights, fusion_probs, fusion_scores
 from .packing import PackedSources
 from .reference import activation_fn
 from .scaled_adapter_sum import scaled_adapter_sum_packed
 
 
-def adapter_fusion_autograd(
-    z2: torch.Tensor,
-    c2: torch.Tensor,
-    rho2: torch.Tensor | None,
-    packed: PackedSources,
-    weights: FusionWeights,
-    dropping: bool,
-    activation: str,
-    backend: str,
-) -> torch.Tensor:
-    """AdapterFusion on 2-D inputs (``z2``, the query input ``c2``, the residual ``rho2``,
-    ``[T, d]``); ``dropping``: score dropout applies to this call."""
-    if z2.shape[0] > packed.total_rank and not (dropping and weights.residual_before):
-        return fusion_weights_folded(z2, c2, rho2, packed, weights, dropping, activation, backend)
-    return fusion_unfolded(z2, c2, rho2, packed, weights, dropping, activation, backend)
+def adapter_fusion_autograd(call: FusionCall) -> torch.Tensor:
+    """AdapterFusion on the 2-D inputs of ``call``, by the route that costs less."""
+    if call.z2.shape[0] > call.packed.total_rank and not (call.dropping and call.weights.residual_before):
+        return fusion_weights_folded(call)
+    return fusion_unfolded(call)
 
 
-def fusion_unfolded(
-    z2: torch.Tensor,
-    c2: torch.Tensor,
-    rho2: torch.Tensor | None,
-    packed: PackedSources,
-    weights: FusionWeights,
-    dropping: bool,
-    activation: str,
-    backend: str,
-) -> torch.Tensor:
+def fusion_unfolded(call: FusionCall) -> torch.Tensor:
     """R1-R4 with the query and key GEMMs on the tokens: u_t = W_kᵀ·q_t, the shift
     γ_t = q_t·b_k (+ u_t·ρ_t under ``residual_before``) only when dropout needs it."""
+    z2, c2, rho2, packed, weights = call.z2, call.c2, call.rho2, call.packed, call.weights
+    dropping, activation, backend = call.dropping, call.activation, call.backend
     q = weights.query(c2)
     u = q if weights.key_weight is None else q @ weights.key_weight
     scores, hidden, up = fusion_scores(z2, u, packed, weights.scaling, activation)
@@ -79,20 +62,13 @@ def fusion_unfolded(
     return torch.addmm(rho2, mixed, weights.value_weight.T)
 
 
-def fusion_weights_folded(
-    z2: torch.Tensor,
-    c2: torch.Tensor,
-    rho2: torch.Tensor | None,
-    packed: PackedSources,
-    weights: FusionWeights,
-    dropping: bool,
-    activation: str,
-    backend: str,
-) -> torch.Tensor:
+def fusion_weights_folded(call: FusionCall) -> torch.Tensor:
     """R5 with gradients: the folds of ``fold_weights`` (in >= float32, then one cast), the
     scores from ``c·score_weight + score_bias``, and the value-projected sources mixed by the
     core op with ω = 1. Under dropout the shift γ_t = q_t·b_k folds too:
     ``c_t·(W_qᵀ·b_k) + b_q·b_k``."""
+    z2, c2, rho2, packed, weights = call.z2, call.c2, call.rho2, call.packed, call.weights
+    dropping, activation, backend = call.dropping, call.activation, call.backend
     r, dtype = packed.total_rank, z2.dtype
     acc = torch.promote_types(dtype, torch.float32)
     score_weight, score_bias, up, c = fold_weights(packed, weights, acc)

@@ -6,21 +6,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fusion_args import FusionWeights
-from .packing import PackedSources
+from .fusion_args import FusionCall
 from .reference import activation_fn
 
 
-def adapter_fusion_reference(
-    z: torch.Tensor,
-    packed: PackedSources,
-    weights: FusionWeights,
-    residual: torch.Tensor | None = None,
-    *,
-    query_input: torch.Tensor | None = None,
-    training: bool = False,
-    activation: str = "relu",
-) -> torch.Tensor:
+def adapter_fusion_reference(call: FusionCall) -> torch.Tensor:
     """Per token t, with c_t the query input (z_t by default) and ρ_t the residual:
 
     a_ti = s_i ⊙ (W_up_i·act(W_down_i·z_t + b_down_i) + b_up_i)
@@ -29,15 +19,12 @@ def adapter_fusion_reference(
     p_t  = softmax_i(dropout(σ_t) / τ)                      (dropout in training only)
     out_t = Σ_i p_ti·W_v·e_ti  (+ ρ_t unless residual_before)
     """
-    d = packed.hidden_size
-    z2 = z.reshape(-1, d)
-    c = z2 if query_input is None else query_input.reshape(-1, d)
-    rho = None if residual is None else residual.reshape(-1, d)
+    z2, c, rho, packed, weights = call.z2, call.c2, call.rho2, call.packed, call.weights
     entries = []  # e_ti for each adapter, [T, d]
     start = 0
     for i, r in enumerate(packed.ranks):
         pre = F.linear(z2, packed.w_down[start : start + r], packed.b_down[start : start + r])
-        hidden = activation_fn(activation, pre)
+        hidden = activation_fn(call.activation, pre)
         a_i = weights.scaling[i] * F.linear(hidden, packed.w_up[:, start : start + r], packed.b_up[i])
         start += r
         entries.append(a_i + rho if weights.residual_before else a_i)
@@ -46,9 +33,9 @@ def adapter_fusion_reference(
     k = weights.key(e)  # [T, N, d]
     v = weights.value(e)
     scores = torch.einsum("td,tnd->tn", q, k)
-    scores = F.dropout(scores, weights.dropout_p, training)
+    scores = F.dropout(scores, weights.dropout_p, call.dropping)
     probs = torch.softmax(scores / weights.temperature, dim=-1)
     out = torch.einsum("tn,tnd->td", probs, v)
     if rho is not None and not weights.residual_before:
         out = out + rho
-    return out.reshape(z.shape)
+    return out
