@@ -112,11 +112,7 @@ class ScaLearnLayer(FrozenSources):
 
     def __init__(
         self,
-        w_down: TensorOrList,
-        b_down: TensorOrList,
-        w_up: TensorOrList,
-        b_up: TensorOrList,
-        *,
+        *sources: TensorOrList,
         variant: str = "scalearn",
         omega: nn.Parameter | None = None,
         activation: str = "relu",
@@ -126,7 +122,7 @@ class ScaLearnLayer(FrozenSources):
         source_names: Sequence[str] | None = None,
         pre_ln: bool = False,
     ) -> None:
-        super().__init__(w_down, b_down, w_up, b_up, source_names)
+        super().__init__(*sources, source_names=source_names)
         check_pre_ln("ScaLearnLayer", pre_ln, layer_norm)
         self.pre_ln = pre_ln
         self.variant = check_variant(variant)

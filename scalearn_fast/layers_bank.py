@@ -52,11 +52,7 @@ class TaskBankLayer(FrozenSources):
 
     def __init__(
         self,
-        w_down: TensorOrList,
-        b_down: TensorOrList,
-        w_up: TensorOrList,
-        b_up: TensorOrList,
-        *,
+        *sources: TensorOrList,
         groups: dict[str, nn.Parameter],
         task_rows: TaskRows,
         activation: str = "relu",
@@ -64,7 +60,7 @@ class TaskBankLayer(FrozenSources):
         layer_norm: nn.Module | None = None,
         source_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(w_down, b_down, w_up, b_up, source_names)
+        super().__init__(*sources, source_names=source_names)
         self.activation = check_activation(activation)
         self.backend = backend
         self.layer_norm = layer_norm

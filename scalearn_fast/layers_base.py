@@ -110,16 +110,14 @@ class FrozenSources(nn.Module):
     b_up: nn.Parameter
     source_index: torch.Tensor
 
-    def __init__(
-        self,
-        w_down: TensorOrList,
-        b_down: TensorOrList,
-        w_up: TensorOrList,
-        b_up: TensorOrList,
-        source_names: Sequence[str] | None = None,
-    ) -> None:
+    def __init__(self, *sources: TensorOrList, source_names: Sequence[str] | None = None) -> None:
         super().__init__()
-        packed = pack_sources(w_down, b_down, w_up, b_up)
+        if len(sources) != 4:
+            raise ValueError(
+                f"{type(self).__name__} takes the sources as four positional arguments w_down, b_down, "
+                f"w_up, b_up (stacked tensors or per-source lists); got {len(sources)}"
+            )
+        packed = pack_sources(*sources)
         for name in ("w_down", "b_down", "w_up", "b_up"):
             value = getattr(packed, name).detach().clone()
             self.register_parameter(name, nn.Parameter(value, requires_grad=False))

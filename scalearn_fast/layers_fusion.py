@@ -97,11 +97,7 @@ class AdapterFusionLayer(FrozenSources):
 
     def __init__(
         self,
-        w_down: TensorOrList,
-        b_down: TensorOrList,
-        w_up: TensorOrList,
-        b_up: TensorOrList,
-        *,
+        *sources: TensorOrList,
         query: bool = True,
         key: bool = True,
         value: bool = True,
@@ -117,7 +113,7 @@ class AdapterFusionLayer(FrozenSources):
         source_names: Sequence[str] | None = None,
         pre_ln: bool = False,
     ) -> None:
-        super().__init__(w_down, b_down, w_up, b_up, source_names)
+        super().__init__(*sources, source_names=source_names)
         check_pre_ln("AdapterFusionLayer", pre_ln, layer_norm)
         self.pre_ln = pre_ln
         self.activation = check_activation(activation)

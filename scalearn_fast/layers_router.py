@@ -93,11 +93,7 @@ class RouterLayer(FrozenSources):
 
     def __init__(
         self,
-        w_down: TensorOrList,
-        b_down: TensorOrList,
-        w_up: TensorOrList,
-        b_up: TensorOrList,
-        *,
+        *sources: TensorOrList,
         gate: str = "softmax",
         k: int | None = None,
         granularity: str = "token",
@@ -109,7 +105,7 @@ class RouterLayer(FrozenSources):
         context: RoutingContext | None = None,
         stack: str = "encoder",
     ) -> None:
-        super().__init__(w_down, b_down, w_up, b_up, source_names)
+        super().__init__(*sources, source_names=source_names)
         n, d = self.num_sources, self.hidden_size
         self.k = check_router_options(gate, k, granularity, mode, n)
         if mode == "merge":

@@ -37,10 +37,18 @@ from ..formats.keys import site_tag
 from ..formats.scalearn import ScaLearnCheckpoint, read_scalearn_checkpoint
 from ..layers import VARIANTS, default_omega_dropout
 from ..layers_bank import GROUPS, TaskBankLayer, TaskRows
-from .attach import TASK_BANK, AttachRecord, attach, check_not_attached, check_sources_fit, detach, get_record
-from .patching import LayerNormRef, original_forward, patch_forward, unpatch
+from .attach import (
+    TASK_BANK,
+    AttachRecord,
+    attach,
+    check_not_attached,
+    check_sources_fit,
+    detach,
+    get_record,
+    site_layer,
+)
+from .patching import original_forward, patch_forward, unpatch
 from .registry import FFNSite, ffn_sites, hidden_size
-from .scalearn import _as_tuple
 
 HEADS = "task_bank_heads"  # the module holding every task's head, registered on the model
 
@@ -388,12 +396,10 @@ def attach_task_bank(
     param = next(model.parameters())
 
     def build(site: FFNSite) -> TaskBankLayer:
-        ws = [_as_tuple(s.layers[site.key]) for s in srcs]
-        return TaskBankLayer(
-            *([w[j] for w in ws] for j in range(4)),
-            groups={}, task_rows=record.rows, activation=activation, backend=backend,
-            layer_norm=LayerNormRef(site.layer_norm), source_names=record.source_names,  # type: ignore[arg-type]
-        ).to(device=param.device)  # fmt: skip
+        return site_layer(
+            TaskBankLayer, srcs, site, activation=activation, backend=backend, like=param,
+            groups={}, task_rows=record.rows,
+        )  # fmt: skip
 
     attach(model, record, build, lambda: [], freeze=freeze)
     try:
