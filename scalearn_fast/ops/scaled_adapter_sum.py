@@ -53,13 +53,46 @@ def scaled_adapter_sum_packed(
         )
     check_activation(activation)
     check_inputs(z, packed, omega, residual, row_scale=row_scale)
-    backend = resolve_backend(backend, z.device)
+    return compose_packed(
+        z, packed, residual, activation=activation, backend=resolve_backend(backend, z.device),
+        row_scale=row_scale, omega=omega,
+    )  # fmt: skip
+
+
+def compose_packed(
+    z: torch.Tensor,
+    packed: PackedSources,
+    residual: torch.Tensor | None,
+    *,
+    activation: str,
+    backend: str,
+    row_scale: torch.Tensor | None = None,
+    omega: torch.Tensor | None = None,
+    omega_bank: torch.Tensor | None = None,
+    task_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One differentiable call on checked inputs and a resolved backend: ``z [..., d]`` as rows,
+    one ``Composition`` (coefficients ``omega``, or ``omega_bank`` with per-row ``task_index``),
+    then the reference loop or ``dispatch.run``; the output in z's shape."""
     d, n = packed.hidden_size, packed.num_sources
+    tensors = (
+        z,
+        packed.w_down,
+        packed.b_down,
+        packed.w_up,
+        packed.b_up,
+        omega,
+        omega_bank,
+        residual,
+        row_scale,
+    )
     call = Composition(
         z.reshape(-1, d).contiguous(), packed.w_down.contiguous(), packed.b_down.contiguous(),
         packed.w_up.contiguous(), packed.b_up.contiguous(), packed.source_index,
-        omega.contiguous(), None, None, _rows(row_scale, n), _rows(residual, d), activation,
-        _needs_grad(z, packed.w_down, packed.b_down, packed.w_up, packed.b_up, omega, residual, row_scale),
+        None if omega is None else omega.contiguous(), None, None, _rows(row_scale, n), _rows(residual, d),
+        activation, _needs_grad(*tensors),
+        omega_bank=None if omega_bank is None else omega_bank.contiguous(),
+        task_index=None if task_index is None else task_index.contiguous(),
     )  # fmt: skip
     if backend == "reference":  # the literal loop, differentiated by autograd
         return reference.compose(call, packed.ranks).reshape(z.shape)

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
 from .backends import resolve_backend
-from .composition import Composition
-from .dispatch import run
 from .packing import PackedSources, TensorOrList, check_activation, check_inputs, pack_sources
+from .scaled_adapter_sum import compose_packed
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -100,23 +98,10 @@ def compose_bank(
 ) -> torch.Tensor:
     """The call itself, on inputs already checked (``check_bank``, ``check_inputs``) and a
     resolved backend: what the task-bank layers run per site."""
-    d, n = packed.hidden_size, packed.num_sources
-
-    def rows(t: torch.Tensor | None, width: int) -> torch.Tensor | None:
-        return None if t is None else t.reshape(-1, width).contiguous()
-
-    tensors = (z, packed.w_down, packed.b_down, packed.w_up, packed.b_up, omega_bank, residual, row_scale)
-    call = Composition(
-        rows(z, d), packed.w_down.contiguous(), packed.b_down.contiguous(), packed.w_up.contiguous(),
-        packed.b_up.contiguous(), packed.source_index, None, None, None, rows(row_scale, n),
-        rows(residual, d), activation,
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors),
-        omega_bank=omega_bank.contiguous(), task_index=_task_rows(z, task_index).contiguous(),
+    return compose_packed(
+        z, packed, residual, activation=activation, backend=backend, row_scale=row_scale,
+        omega_bank=omega_bank, task_index=_task_rows(z, task_index),
     )  # fmt: skip
-    if backend == "reference":  # the literal loop, differentiated by autograd
-        return reference.compose(call, packed.ranks).reshape(z.shape)
-    out, _ = run(call, backend)
-    return out.reshape(z.shape)
 
 
 def scaled_adapter_sum_bank(
