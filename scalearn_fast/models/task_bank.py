@@ -329,6 +329,18 @@ def _snapshot(model: nn.Module, record: TaskBankRecord) -> None:
                 record.omegas[t] = [layer.group(group)[j].detach().clone() for layer in layers]
 
 
+def _register_task(
+    model: nn.Module, record: TaskBankRecord, name: str, variant: str, omegas: Any, head: Any, dropout: float
+) -> None:
+    """Append task ``name`` to the record (its variant, ω dropout and ω Parameters) and its head to
+    the model; the caller rebuilds the layers' banks."""
+    record.tasks.append(name)
+    record.variants[name] = variant
+    record.dropout[name] = dropout
+    record.omegas[name] = omegas
+    _add_head(model, record, name, head)
+
+
 def _add_head(model: nn.Module, record: TaskBankRecord, name: str, head: Mapping[str, torch.Tensor]) -> None:
     ref = dict(model.named_parameters())
     params = nn.ParameterDict()
@@ -345,11 +357,7 @@ def add_task(model: nn.Module, name: str, folder: str | os.PathLike[str]) -> Non
         raise ValueError(f"task {name!r} is already in the bank; remove_task it first")
     variant, omegas, head, dropout = _read_task(model, record, name, folder)
     _snapshot(model, record)
-    record.tasks.append(name)
-    record.variants[name] = variant
-    record.dropout[name] = dropout
-    record.omegas[name] = omegas
-    _add_head(model, record, name, head)
+    _register_task(model, record, name, variant, omegas, head, dropout)
     _rebuild(model, record)
 
 
@@ -405,11 +413,7 @@ def attach_task_bank(
     try:
         model.add_module(HEADS, nn.ModuleDict())
         for name, (variant, omegas, head, dropout) in read.items():
-            record.tasks.append(name)
-            record.variants[name] = variant
-            record.dropout[name] = dropout
-            record.omegas[name] = omegas
-            _add_head(model, record, name, head)
+            _register_task(model, record, name, variant, omegas, head, dropout)
         _rebuild(model, record)
         for name in modules:
             patch_forward(model.get_submodule(name), TaskHeadForward(model, name))

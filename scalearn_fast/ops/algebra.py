@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .activations import activation_fn
+from .activations import activation_fn, activation_grad
 
 Tensor = torch.Tensor
 
@@ -70,6 +70,32 @@ def hidden_units(
     scale_cols = row_scale.index_select(-1, source_index)
     in_place = overwrite or (hidden is not pre and not hidden.requires_grad)
     return hidden.mul_(scale_cols) if in_place else hidden * scale_cols
+
+
+def down_projection_grads(
+    pre: Tensor,
+    g_hidden: Tensor,
+    activation: str,
+    scale_cols: Tensor | None,
+    z: Tensor,
+    w_down: Tensor,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dz, dD, db_D) from the gradient of the hidden units ``g_hidden`` = ∂L/∂act(P)·w [T, R]:
+    dP = g_hidden ⊙ w[:, s] ⊙ act'(P), dz = dP·D, dD = dPᵀ·z, db_D = Σ_t dP; ``needs`` flags
+    which of the three to compute."""
+    if activation == "relu":  # one pass, same NaN rule as activation_grad (NaN > 0 is False)
+        d_pre = torch.where(pre > 0, g_hidden, 0.0)
+    else:
+        d_pre = g_hidden * activation_grad(activation, pre)
+    if scale_cols is not None:
+        d_pre = d_pre * scale_cols
+    need_z, need_wd, need_bd = needs
+    return (
+        d_pre @ w_down if need_z else None,
+        d_pre.T @ z if need_wd else None,
+        d_pre.sum(0) if need_bd else None,
+    )
 
 
 def segment_sum(values: Tensor, source_index: Tensor, num_sources: int) -> Tensor:

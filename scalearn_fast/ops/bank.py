@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import algebra
-from .activations import activation_fn, activation_grad
+from .activations import activation_fn
 from .composition import Composition, Gradients
 
 Tensor = torch.Tensor
@@ -168,18 +168,9 @@ def vector_backward(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gra
 
     d_z = d_wd = d_bd = None
     if need_g_u:
-        if call.activation == "relu":
-            d_pre = torch.where(pre > 0, g_u, 0.0)
-        else:
-            d_pre = g_u * activation_grad(call.activation, pre)
-        if scale_cols is not None:
-            d_pre = d_pre * scale_cols
-        if needs.z:
-            d_z = d_pre @ call.w_down
-        if needs.w_down:
-            d_wd = d_pre.T @ call.z
-        if needs.b_down:
-            d_bd = d_pre.sum(0)
+        d_z, d_wd, d_bd = algebra.down_projection_grads(
+            pre, g_u, call.activation, scale_cols, call.z, call.w_down, (needs.z, needs.w_down, needs.b_down)
+        )
     return Gradients(
         z=d_z,
         w_down=d_wd,

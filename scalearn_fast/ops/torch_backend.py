@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import algebra, bank
-from .activations import activation_fn, activation_grad
+from .activations import activation_fn
 from .composition import Composition, Gradients
 
 Tensor = torch.Tensor
@@ -125,18 +125,9 @@ def backward(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients)
         g_u = g @ u  # G = g·U  [T, R]
         if needs.row_scale:
             d_rs = algebra.segment_sum(act * g_u, source_index, n) + g @ (omega * call.b_up).T
-        if call.activation == "relu":  # one pass, same NaN rule as activation_grad (NaN > 0 is False)
-            d_pre = torch.where(pre > 0, g_u, 0.0)
-        else:
-            d_pre = g_u * activation_grad(call.activation, pre)
-        if scale_cols is not None:
-            d_pre = d_pre * scale_cols
-        if needs.z:
-            d_z = d_pre @ call.w_down
-        if needs.w_down:
-            d_wd = d_pre.T @ call.z
-        if needs.b_down:
-            d_bd = d_pre.sum(0)
+        d_z, d_wd, d_bd = algebra.down_projection_grads(
+            pre, g_u, call.activation, scale_cols, call.z, call.w_down, (needs.z, needs.w_down, needs.b_down)
+        )
     if needs.omega or needs.w_up:
         hidden = act if scale_cols is None else act * scale_cols
         m = hidden.T @ g  # [R, d]: the one GEMM
