@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from .layers_base import FrozenSources, apply_layer_norm, check_sublayer_inputs, weights_key
+from .layers_base import FrozenSources, weights_key
 from .ops.backends import resolve_backend
 from .ops.packing import TensorOrList, check_activation
 from .ops.scaled_adapter_sum_bank import compose_bank
@@ -132,10 +132,7 @@ class TaskBankLayer(FrozenSources):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         """The full sub-layer ``LN(Σ Ω[k] ⊙ A_i(LN(h + x)) + h + x)``."""
-        layer_norm = check_sublayer_inputs("TaskBankLayer", self.layer_norm, hidden_states, input_tensor)
-        pre_ln = hidden_states + input_tensor
-        z = apply_layer_norm(layer_norm, pre_ln)
-        return apply_layer_norm(layer_norm, self.compose(z, residual=pre_ln))
+        return self.post_ln_sublayer(hidden_states, input_tensor)
 
     def extra_repr(self) -> str:
         sizes = {g: p.shape[0] for g in GROUPS if (p := self.group(g)) is not None}

@@ -137,6 +137,14 @@ class FrozenSources(nn.Module):
             folded = self._folded = (key, build(*args))
         return folded[1]
 
+    def post_ln_sublayer(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        """``LN(compose(LN(h + x), residual=h + x))``: the post-LN sub-layer around a subclass's
+        ``compose(z, residual=...)``, with its ``layer_norm``."""
+        layer_norm = check_sublayer_inputs(type(self).__name__, self.layer_norm, hidden_states, input_tensor)
+        pre_ln = hidden_states + input_tensor
+        z = apply_layer_norm(layer_norm, pre_ln)
+        return apply_layer_norm(layer_norm, self.compose(z, residual=pre_ln))  # type: ignore[attr-defined]
+
     def invalidate_cache(self) -> None:
         """Drop the eval-mode cache of folded weights. Needed only after in-place edits through
         ``.data``, which PyTorch does not track; every other change is seen (``weights_key``)."""

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers_base import FrozenSources, apply_layer_norm, check_sublayer_inputs
+from .layers_base import FrozenSources
 from .ops.activations import check_activation
 from .ops.packing import TensorOrList
 from .ops.routing import (
@@ -181,10 +181,7 @@ class RouterLayer(FrozenSources):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         """The full sub-layer ``LN(routed(LN(h + x)) + h + x)``; needs ``layer_norm``."""
-        layer_norm = check_sublayer_inputs("RouterLayer", self.layer_norm, hidden_states, input_tensor)
-        pre_ln = hidden_states + input_tensor
-        z = apply_layer_norm(layer_norm, pre_ln)
-        return apply_layer_norm(layer_norm, self.compose(z, residual=pre_ln))
+        return self.post_ln_sublayer(hidden_states, input_tensor)
 
     def extra_repr(self) -> str:
         k = f", k={self.k}" if self.k is not None else ""

@@ -32,7 +32,7 @@ def forward(call: Composition) -> tuple[torch.Tensor, torch.Tensor]:
         call.omega is None,
         call.residual is not None,
     )
-    key = ("forward", *path_choice.shape_class(call.z, call.total_rank, *flags))
+    key = ("forward", *path_choice.shape_class(call.z, call.w_down.shape[0], *flags))
     name = path_choice.choice(key)  # the common case: chosen before
     if name is None:
         candidates = {n: (lambda m=m: m.forward(call)) for n, m in _CANDIDATES.items()}

@@ -74,16 +74,8 @@ class Composition(NamedTuple):
 
     @property
     def num_sources(self) -> int:
+        """N (B has one row per source); R is ``w_down.shape[0]``."""
         return self.b_up.shape[0]
-
-    @property
-    def total_rank(self) -> int:
-        return self.w_down.shape[0]
-
-    @property
-    def omega_applied(self) -> bool:
-        """Whether ω was applied to the up projections beforehand (``scaled_up``)."""
-        return self.scaled_up is not None
 
 
 _SCHEMA_TYPES = {"Tensor": "Tensor", "Tensor | None": "Tensor?", "str": "str", "bool": "bool"}

@@ -51,7 +51,7 @@ def _forward_op(*args):
 @_forward_op.register_fake
 def _(*args):
     call = Composition(*args[:-1])
-    pre_shape = (call.z.shape[0], call.total_rank) if call.save_for_backward else (0,)
+    pre_shape = (call.z.shape[0], call.w_down.shape[0]) if call.save_for_backward else (0,)
     return call.z.new_empty(call.z.shape), call.z.new_empty(pre_shape)
 
 
