@@ -116,6 +116,7 @@ def test_bank_matches_row_loop(backend, rows_shape, ranks, uniform, activation, 
 def test_bank_triton_interpreter_fp32(uniform, with_rs):
     """fp32 in the interpreter: a uniform bank runs the kernels as a row_scale, a vector bank the
     torch loop."""
+    pytest.importorskip("triton")
     z, sources, bank, tasks, residual = make_case((2, 5), ranks=(4, 2, 6), uniform=uniform, d=16)
     rs = torch.rand(2, 5, 3, dtype=torch.float64) + 0.5 if with_rs else None
     ref = run(slow(), z, sources, bank, tasks, residual, torch.float64, rs)
