@@ -38,7 +38,10 @@ Tensor = torch.Tensor
 
 def forward(call: Composition) -> tuple[Tensor, Tensor]:
     """``(out [T, d], pre [T, R] or empty)``."""
-    out, pre = output(call)
+    return _with_empty_pre(*output(call))
+
+
+def _with_empty_pre(out: Tensor, pre: Tensor | None) -> tuple[Tensor, Tensor]:
     return out, (out.new_empty(0) if pre is None else pre)
 
 
@@ -60,7 +63,7 @@ def output(call: Composition) -> tuple[Tensor, Tensor | None]:
         and omega is not None
         and algebra.fp16_fold_overflows(call.w_up, omega, call.source_index)
     ):
-        return _forward_in_fp32(call)
+        return _output_in_fp32(call)
     pre = algebra.down_projection(z, call.w_down, call.b_down)
     # P is needed again only when saved (or when autograd records this, for double backward)
     keep_pre = call.save_for_backward or torch.is_grad_enabled() and pre.requires_grad
@@ -76,20 +79,21 @@ def output(call: Composition) -> tuple[Tensor, Tensor | None]:
     return out, (pre if call.save_for_backward else None)
 
 
-def _forward_in_fp32(call: Composition) -> tuple[Tensor, Tensor | None]:
-    """fp16 operands whose ω-scaled up projection leaves fp16's range: the same sum in fp32,
-    rounded once at the end (as the loop's separate products stay in range)."""
-    up = call._replace(
-        **{name: None if t is None else t.float() for name, t in _float_fields(call)},
-    )
-    out, pre = output(up)
+def forward_in_fp32(call: Composition) -> tuple[Tensor, Tensor]:
+    """``forward`` for fp16 operands whose ω-scaled up projection leaves fp16's range: the same
+    sum in fp32, rounded once at the end (as the loop's separate products stay in range). The
+    triton backend sends such calls here after its own check."""
+    return _with_empty_pre(*_output_in_fp32(call))
+
+
+def _output_in_fp32(call: Composition) -> tuple[Tensor, Tensor | None]:
+    out, pre = output(_in_fp32(call))
     return out.to(call.z.dtype), (None if pre is None else pre.to(call.z.dtype))
 
 
-def _backward_in_fp32(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients) -> Gradients:
-    """The backward of ``_forward_in_fp32``: the same formulas in fp32, each gradient rounded once."""
-    up = call._replace(**{name: None if t is None else t.float() for name, t in _float_fields(call)})
-    grads = backward(up, pre.float(), grad_out.float(), needs)
+def backward_in_fp32(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients) -> Gradients:
+    """The backward of ``forward_in_fp32``: the same formulas in fp32, each gradient rounded once."""
+    grads = backward(_in_fp32(call), pre.float(), grad_out.float(), needs)
     return Gradients(
         *(
             None if g is None else g.to(getattr(call, name).dtype)
@@ -98,9 +102,10 @@ def _backward_in_fp32(call: Composition, pre: Tensor, grad_out: Tensor, needs: G
     )
 
 
-def _float_fields(call: Composition):
-    for name in ("z", "w_down", "b_down", "w_up", "b_up", "omega", "row_scale", "residual", "omega_bank"):
-        yield name, getattr(call, name)
+def _in_fp32(call: Composition) -> Composition:
+    """``call`` with its floating-point tensors in fp32."""
+    names = ("z", "w_down", "b_down", "w_up", "b_up", "omega", "row_scale", "residual", "omega_bank")
+    return call._replace(**{n: None if (t := getattr(call, n)) is None else t.float() for n in names})
 
 
 def backward(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients) -> Gradients:
@@ -110,7 +115,7 @@ def backward(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients)
     if grad_out.dtype == torch.float16 and algebra.fp16_fold_overflows(
         call.w_up, call.omega, call.source_index
     ):
-        return _backward_in_fp32(call, pre, grad_out, needs)
+        return backward_in_fp32(call, pre, grad_out, needs)
     g = grad_out
     omega, row_scale, source_index = call.omega, call.row_scale, call.source_index
     n = call.num_sources

@@ -65,7 +65,9 @@ def forward(call: Composition) -> tuple[Tensor, Tensor]:
     """``(out [T, d], pre [T, R] or empty)``; see ``torch_backend.forward``."""
     z = call.z
     vector_bank = call.omega_bank is not None and not bank.is_uniform(call.omega_bank)
-    if runs_on_torch(z.dtype) or vector_bank or _fp16_overflow(call):
+    if _fp16_overflow(call):  # checked once here: torch_backend.forward would check again
+        return torch_backend.forward_in_fp32(call)
+    if runs_on_torch(z.dtype) or vector_bank:
         return torch_backend.forward(call)
     if call.omega_bank is not None:
         return bank.forward(forward, call)
@@ -109,7 +111,9 @@ def backward(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients)
     """
     z = call.z
     vector_bank = call.omega_bank is not None and not bank.is_uniform(call.omega_bank)
-    if runs_on_torch(z.dtype) or vector_bank or _fp16_overflow(call):
+    if _fp16_overflow(call):
+        return torch_backend.backward_in_fp32(call, pre, grad_out, needs)
+    if runs_on_torch(z.dtype) or vector_bank:
         return torch_backend.backward(call, pre, grad_out, needs)
     if call.omega_bank is not None:
         return bank.backward(backward, call, pre, grad_out, needs)
