@@ -92,8 +92,6 @@ FIELD_TYPES: dict[str, str] = {name: _SCHEMA_TYPES[_annotation(name)] for name i
 TENSOR_FIELDS: tuple[str, ...] = tuple(n for n, t in FIELD_TYPES.items() if t.startswith("Tensor"))
 """The tensor fields, in field order."""
 
-OPTIONAL_TENSOR_FIELDS = frozenset(n for n, t in FIELD_TYPES.items() if t == "Tensor?")
-
 
 class Gradients(NamedTuple):
     """One entry per differentiable field of ``Composition`` (the residual's gradient is the output
@@ -110,7 +108,6 @@ class Gradients(NamedTuple):
 
 
 GRAD_FIELDS: tuple[str, ...] = Gradients._fields
-NO_GRADIENTS = Gradients(*(False,) * len(GRAD_FIELDS))
 
 
 class Backend(Protocol):
@@ -125,6 +122,6 @@ class Backend(Protocol):
         ...
 
 
-def op_schema(name_prefix: str = "") -> str:
+def op_schema() -> str:
     """The argument list of the custom op: ``Composition``'s fields in order (one source of truth)."""
-    return ", ".join(f"{kind} {name_prefix}{name}" for name, kind in FIELD_TYPES.items())
+    return ", ".join(f"{kind} {name}" for name, kind in FIELD_TYPES.items())
