@@ -2,7 +2,9 @@
 
 ``scaled_adapter_sum`` holds the forward kernels, ``scaled_adapter_sum_backward`` the backward
 ones, ``common`` what both share (jit tile helpers, autotune configs, launcher utilities).
-Each launcher has a plain-PyTorch ``*_ref`` twin used by the tests.
+Each of their launchers has a plain-PyTorch ``*_ref`` twin used by the tests. ``lora_mixture``
+holds the expand half of a LoRA mixture, forward and backward (its torch twin is
+``scalearn_fast/ops/lora_mixture_torch.py``).
 
 The names below load on first use (PEP 562), so importing this package needs no Triton.
 That matters beyond tidiness: run from a source tree, this folder is the top-level module
@@ -27,6 +29,8 @@ _SOURCE_MODULE = {
     "fused_forward_ref": "scaled_adapter_sum",
     "up_projection": "scaled_adapter_sum",
     "up_projection_ref": "scaled_adapter_sum",
+    "lora_mixture_expand": "lora_mixture",
+    "lora_mixture_expand_backward": "lora_mixture",
     "grad_pre": "scaled_adapter_sum_backward",
     "grad_pre_ref": "scaled_adapter_sum_backward",
     "tn_gemm": "scaled_adapter_sum_backward",
