@@ -241,9 +241,9 @@ def _expand_grad_kernel(
         b = tl.load(b_ptr + jj[:, None].to(tl.int64) * stride_b_d + off_c[None, :], mask=mask_b, other=0.0)
         acc = mma(a, b, acc)
     n, k, _ = _columns(c, N, R, R_PAD)
+    # masked to exactly 0 outside: a grad_out row of ±inf meets B's zero padding as inf·0 = NaN there
     mask = (offs_t[:, None] < T) & valid[None, :]
-    # padding columns are exactly 0 (a grad_out row of ±inf meets B's zero padding as inf·0 = NaN)
-    g = tl.where(mask, acc * scaling, 0.0)
+    g = acc * scaling
     if HAS_DGATES:  # s · Σ_k G_n ⊙ P_n, one sum per expert of the tile
         pv = load_tile(p_ptr, offs_t, _p_columns(n, k, R, SHARED), stride_p_t, stride_p_r, mask)
         gp = tl.where(mask, g * pv.to(tl.float32), 0.0)
