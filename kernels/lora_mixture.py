@@ -86,10 +86,10 @@ SMEM_BUDGET = 200 * 1024  # bytes of staged operand tiles a config may use (an H
 
 _EXPAND_CONFIGS = configs(
     [
-        ({"BLOCK_T": 128, "BLOCK_D": 128, "BLOCK_K": 32}, 8, 3),
-        ({"BLOCK_T": 128, "BLOCK_D": 64, "BLOCK_K": 64}, 4, 3),
-        ({"BLOCK_T": 64, "BLOCK_D": 128, "BLOCK_K": 64}, 4, 4),
-        ({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 32}, 4, 4),
+        ({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64}, 4, 2),
+        ({"BLOCK_T": 64, "BLOCK_D": 128, "BLOCK_K": 64}, 8, 2),
+        ({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 32}, 4, 2),
+        ({"BLOCK_T": 128, "BLOCK_D": 128, "BLOCK_K": 32}, 8, 2),
     ],
     {"BLOCK_T": 16, "BLOCK_D": 32, "BLOCK_K": 16},
 )
@@ -109,6 +109,7 @@ _DB_CONFIGS = configs(
         ({"BLOCK_D": 128, "BLOCK_C": 64, "BLOCK_T": 64}, 8, 3),
         ({"BLOCK_D": 64, "BLOCK_C": 32, "BLOCK_T": 128}, 4, 3),
         ({"BLOCK_D": 128, "BLOCK_C": 128, "BLOCK_T": 32}, 8, 3),
+        ({"BLOCK_D": 32, "BLOCK_C": 32, "BLOCK_T": 32}, 4, 2),
     ],
     {"BLOCK_D": 32, "BLOCK_C": 16, "BLOCK_T": 16},
 )
@@ -134,11 +135,17 @@ def _prune_grad(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _columns(c, N, R, R_PAD: tl.constexpr):
-    """Expert n, unit k and validity of each column c = n·R_PAD + k."""
+def _columns(c, N, R, R_PAD: tl.constexpr, EXACT_R: tl.constexpr):
+    """Expert n, unit k and validity of each column c = n·R_PAD + k. With ``EXACT_R`` (r is a power
+    of two) no column is padding, and the mask, constant over each expert's R_PAD columns, lets
+    loads along k vectorise."""
     n = c // R_PAD
     k = c % R_PAD
-    return n, k, (n < N) & (k < R)
+    if EXACT_R:
+        valid = n < N
+    else:
+        valid = (n < N) & (k < R)
+    return n, k, valid
 
 
 @triton.jit
@@ -155,10 +162,10 @@ def _p_columns(n, k, R, SHARED: tl.constexpr):
 def _s_tile(
     p_ptr, gates_ptr, offs_t, c, T, N, R,
     stride_p_t, stride_p_r, stride_gates_t, stride_gates_n,
-    SHARED: tl.constexpr, R_PAD: tl.constexpr,
+    SHARED: tl.constexpr, R_PAD: tl.constexpr, EXACT_R: tl.constexpr,
 ):  # fmt: skip
     """S[t, c] = g[t, n]·P_n[t, k] as an fp32 [len(offs_t), len(c)] tile, exactly 0 outside."""
-    n, k, valid = _columns(c, N, R, R_PAD)
+    n, k, valid = _columns(c, N, R, R_PAD, EXACT_R)
     mask = (offs_t[:, None] < T) & valid[None, :]
     pv = load_tile(p_ptr, offs_t, _p_columns(n, k, R, SHARED), stride_p_t, stride_p_r, mask)
     gv = load_tile(gates_ptr, offs_t, n, stride_gates_t, stride_gates_n, mask)
@@ -166,10 +173,21 @@ def _s_tile(
 
 
 @triton.jit
-def _b_offsets(c, N, R, stride_n, stride_r, R_PAD: tl.constexpr):
+def _b_offsets(c, N, R, stride_n, stride_r, R_PAD: tl.constexpr, EXACT_R: tl.constexpr):
     """Offset of column c's (n, k) in a [N, d_out, r] tensor (d_out's stride apart), and its validity."""
-    n, k, valid = _columns(c, N, R, R_PAD)
+    n, k, valid = _columns(c, N, R, R_PAD, EXACT_R)
     return n.to(tl.int64) * stride_n + k.to(tl.int64) * stride_r, valid
+
+
+@triton.jit
+def _d_offsets(offs_j, stride_d, R_PAD: tl.constexpr, D_ALIGNED: tl.constexpr):
+    """offs_j·stride_d in int64, declared a multiple of R_PAD when ``D_ALIGNED`` (the launcher
+    checked stride_d % R_PAD == 0): with the k offsets contiguous, loads and stores along k
+    vectorise."""
+    offs = offs_j.to(tl.int64) * stride_d
+    if D_ALIGNED:
+        offs = tl.multiple_of(offs, R_PAD)
+    return offs
 
 
 # --------------------------------------------------------------------------- kernels
@@ -185,22 +203,22 @@ def _expand_kernel(
     # strides (stride_<tensor>_<axis>)
     stride_p_t, stride_p_r, stride_gates_t, stride_gates_n, stride_b_n, stride_b_d, stride_b_r,
     stride_out_t, stride_out_d,
-    # one shared down matrix (P is [T, r]); next_pow2(r)
-    SHARED: tl.constexpr, R_PAD: tl.constexpr,
+    # one shared down matrix (P is [T, r]); next_pow2(r), r == R_PAD, stride_b_d % R_PAD == 0
+    SHARED: tl.constexpr, R_PAD: tl.constexpr, EXACT_R: tl.constexpr, D_ALIGNED: tl.constexpr,
     # tiles (autotuned)
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_j = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_j = offs_j.to(tl.int64) * stride_b_d
+    col_j = _d_offsets(offs_j, stride_b_d, R_PAD, D_ALIGNED)
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for c0 in range(0, N * R_PAD, BLOCK_K):
         c = c0 + tl.arange(0, BLOCK_K)
         s = _s_tile(
             p_ptr, gates_ptr, offs_t, c, T, N, R,
-            stride_p_t, stride_p_r, stride_gates_t, stride_gates_n, SHARED, R_PAD,
+            stride_p_t, stride_p_r, stride_gates_t, stride_gates_n, SHARED, R_PAD, EXACT_R,
         ).to(p_ptr.dtype.element_ty)  # fmt: skip
-        off_c, valid = _b_offsets(c, N, R, stride_b_n, stride_b_r, R_PAD)
+        off_c, valid = _b_offsets(c, N, R, stride_b_n, stride_b_r, R_PAD, EXACT_R)
         mask = valid[:, None] & (offs_j < D)[None, :]
         bt = tl.load(b_ptr + off_c[:, None] + col_j[None, :], mask=mask, other=0.0)  # B_catᵀ tile
         acc = mma(s, bt, acc)
@@ -223,24 +241,27 @@ def _expand_grad_kernel(
     stride_dgates_t, stride_dgates_n,
     # outputs not wanted (common.KernelOperands)
     HAS_DP: tl.constexpr, HAS_DGATES: tl.constexpr,
-    # one shared down matrix; next_pow2(r); columns a program (a multiple of R_PAD)
-    SHARED: tl.constexpr, R_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
+    # one shared down matrix; next_pow2(r), r == R_PAD, stride_b_d % R_PAD == 0; columns a program
+    # (a multiple of R_PAD)
+    SHARED: tl.constexpr, R_PAD: tl.constexpr, EXACT_R: tl.constexpr, D_ALIGNED: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     # tiles (autotuned)
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_c = tl.program_id(1)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    off_c, valid = _b_offsets(c, N, R, stride_b_n, stride_b_r, R_PAD)
+    off_c, valid = _b_offsets(c, N, R, stride_b_n, stride_b_r, R_PAD, EXACT_R)
     # G = grad_out·B_cat, K-loop over d_out
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     for j0 in range(0, D, BLOCK_K):
         jj = j0 + tl.arange(0, BLOCK_K)
         a = load_tile(go_ptr, offs_t, jj, stride_go_t, stride_go_d, tile_mask(offs_t, jj, T, D))
         mask_b = (jj < D)[:, None] & valid[None, :]
-        b = tl.load(b_ptr + jj[:, None].to(tl.int64) * stride_b_d + off_c[None, :], mask=mask_b, other=0.0)
+        row_j = _d_offsets(jj, stride_b_d, R_PAD, D_ALIGNED)
+        b = tl.load(b_ptr + row_j[:, None] + off_c[None, :], mask=mask_b, other=0.0)
         acc = mma(a, b, acc)
-    n, k, _ = _columns(c, N, R, R_PAD)
+    n, k, _ = _columns(c, N, R, R_PAD, EXACT_R)
     # masked to exactly 0 outside: a grad_out row of ±inf meets B's zero padding as inf·0 = NaN there
     mask = (offs_t[:, None] < T) & valid[None, :]
     g = acc * scaling
@@ -273,8 +294,8 @@ def _expand_db_kernel(
     # strides (stride_<tensor>_<axis>)
     stride_go_t, stride_go_d, stride_p_t, stride_p_r, stride_gates_t, stride_gates_n,
     stride_part_s, stride_part_n, stride_part_d, stride_part_r,
-    # one shared down matrix; next_pow2(r)
-    SHARED: tl.constexpr, R_PAD: tl.constexpr,
+    # one shared down matrix; next_pow2(r), r == R_PAD (then stride_part_d % R_PAD == 0 too)
+    SHARED: tl.constexpr, R_PAD: tl.constexpr, EXACT_R: tl.constexpr,
     # tiles (autotuned)
     BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
@@ -290,12 +311,12 @@ def _expand_db_kernel(
         a = load_tile(go_ptr, offs_j, tt, stride_go_d, stride_go_t, mask_a)  # grad_outᵀ tile
         s = _s_tile(
             p_ptr, gates_ptr, tt, c, t_end, N, R,
-            stride_p_t, stride_p_r, stride_gates_t, stride_gates_n, SHARED, R_PAD,
+            stride_p_t, stride_p_r, stride_gates_t, stride_gates_n, SHARED, R_PAD, EXACT_R,
         )  # fmt: skip
         acc = mma(a, s.to(a.dtype), acc)
-    off_c, valid = _b_offsets(c, N, R, stride_part_n, stride_part_r, R_PAD)
+    off_c, valid = _b_offsets(c, N, R, stride_part_n, stride_part_r, R_PAD, EXACT_R)
     part = part_ptr + pid_s.to(tl.int64) * stride_part_s
-    offs = offs_j[:, None].to(tl.int64) * stride_part_d + off_c[None, :]
+    offs = _d_offsets(offs_j, stride_part_d, R_PAD, EXACT_R)[:, None] + off_c[None, :]
     mask = (offs_j < D)[:, None] & valid[None, :]
     tl.store(part + offs, (acc * scaling).to(part_ptr.dtype.element_ty), mask=mask)
 
@@ -311,6 +332,15 @@ _DB_OPERANDS = KernelOperands("go:td p:tr gates:tn part:sndr")
 
 def _rank_pad(r: int) -> int:
     return triton.next_power_of_2(max(r, 1))
+
+
+def _rank_flags(r: int, shared: bool, b_up: torch.Tensor | None = None) -> dict[str, object]:
+    """The column layout's constexprs; ``D_ALIGNED`` only where b_up's d_out stride is a multiple of R_PAD."""
+    r_pad = _rank_pad(r)
+    flags = {"SHARED": bool(shared), "R_PAD": r_pad, "EXACT_R": r == r_pad}
+    if b_up is not None:
+        flags["D_ALIGNED"] = b_up.stride(1) % r_pad == 0
+    return flags
 
 
 def _check(
@@ -374,7 +404,7 @@ def lora_mixture_expand(
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), triton.cdiv(d_out, meta["BLOCK_D"]))  # noqa: E731
     _expand_kernel[grid](
         **_EXPAND_OPERANDS(p=p, gates=gates, b=b_up, out=out),
-        T=t, D=d_out, N=n, R=r, scaling=float(scaling), SHARED=bool(shared), R_PAD=_rank_pad(r),
+        T=t, D=d_out, N=n, R=r, scaling=float(scaling), **_rank_flags(r, shared, b_up),
     )  # fmt: skip
     return out
 
@@ -403,7 +433,7 @@ def _grad_p_gates(p, gates, b_up, grad_out, scaling, shared, need_dp, need_dgate
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), tiles)  # noqa: E731
     _expand_grad_kernel[grid](
         **_GRAD_OPERANDS(go=grad_out, p=p, gates=gates, b=b_up, dp=dp, dgates=dgates),
-        T=t, D=d_out, N=n, R=r, scaling=float(scaling), SHARED=bool(shared), R_PAD=r_pad, BLOCK_C=block_c,
+        T=t, D=d_out, N=n, R=r, scaling=float(scaling), BLOCK_C=block_c, **_rank_flags(r, shared, b_up),
     )  # fmt: skip
     if need_dp and dp_out is None:
         dp_out = dp.sum(0).to(p.dtype)
@@ -424,7 +454,7 @@ def _grad_b_up(p, gates, b_up, grad_out, scaling, shared):
     grid = lambda meta: (triton.cdiv(d_out, meta["BLOCK_D"]), triton.cdiv(n * r_pad, meta["BLOCK_C"]), splits)  # noqa: E731
     _expand_db_kernel[grid](
         **_DB_OPERANDS(go=grad_out, p=p, gates=gates, part=part),
-        T=t, D=d_out, N=n, R=r, chunk=chunk, scaling=float(scaling), SHARED=bool(shared), R_PAD=r_pad,
+        T=t, D=d_out, N=n, R=r, chunk=chunk, scaling=float(scaling), **_rank_flags(r, shared),
     )  # fmt: skip
     return db if splits == 1 else part.sum(0).to(b_up.dtype)
 
