@@ -50,8 +50,22 @@ registers a thread at 4 warps), each K step stages grad_out [BLOCK_T, BLOCK_K] a
 [BLOCK_K, 64] in shared memory: (64·64 + 64·64)·2 B = 16 KB a stage in bf16, 48 KB over
 3 stages, far inside an H100/H200 block's 227 KB; the epilogue's reshapes are register
 permutations of that block. db_up is 64 x 64 tiles of a [4096, 64] product, 64 tiles, so
-the token split (up to ~4 ways) is what fills the device. Configs whose staged operand
-tiles would pass ``SMEM_BUDGET`` (fp32 operands at BLOCK_C = 256) are pruned.
+the token split (up to 5 ways for ``TARGET_PROGRAMS`` = 264) is what fills the device.
+Configs whose staged operand tiles would pass ``SMEM_BUDGET`` (fp32 operands at BLOCK_C = 256)
+are pruned.
+
+Vector loads. B tiles are gathers (column c reads b_up[n, j, k]); they load as vectors along
+k only when the compiler can prove it: with r a power of two (``EXACT_R``) the k < r mask is
+dropped, and with b_up's d_out stride a multiple of R_PAD (``D_ALIGNED``, checked by the
+launcher) the row offsets are declared multiples of R_PAD. Compiled offline for sm_90a
+(triton 3.9 + ptxas -v, no GPU; resource counts, not timings) at T = d_out = 4096, N = r = 8,
+bf16, the listed configs use: forward 125-203 registers and 12-40 KB shared memory, grad
+56-116 and 6-72 KB, db 102-188 and 32-56 KB; none spills, and all but the 32-row grad
+config use Hopper wgmma. Without
+those two facts the forward's B loads were scalar and three of its configs spilled; an
+awkward r (5) still takes that path (224-255 registers, no spills). fp32 db tiles spill
+(1.7-2.3 KB) in all but the smallest config (32 x 32 x 32, 242 registers), which is why
+that one is listed.
 
 Operands: p, b_up and grad_out share one dtype (float32, float16, bfloat16; float32 or
 float16 under ``TRITON_INTERPRET=1``, ``common.check_operands``); gates may have its own.
