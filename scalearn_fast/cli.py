@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import convert
+
 
 @dataclass
 class Command:
@@ -259,6 +261,7 @@ register_command(
 register_command("params", "transfer parameters per variant vs AdapterFusion", _params_args, _params_run)
 register_command("summarize", "training runs' results.json as one table", _summarize_args, _summarize_run)
 register_command("predict", "many ScaLearn tasks' predictions from one model", *_predict_command())
+register_command("convert", "official ScaLearn folder -> our format", convert.add_arguments, convert.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
