@@ -1,6 +1,7 @@
 """Hugging Face models: the FFN-site registry, per-instance patching, ScaLearn, AdapterFusion,
 router and task-bank attach/detach, ScaLearn and router checkpoints."""
 
+from .accelerate import accelerate, accelerated, deaccelerate
 from .checkpoint import load_scalearn, save_scalearn
 from .fusion import attach_fusion, detach_fusion
 from .params import model_transfer_parameters, source_adapter_parameters, transfer_parameters
@@ -32,6 +33,9 @@ from .task_bank import (
 __all__ = [
     "REGISTRY",
     "FFNSite",
+    "accelerate",
+    "accelerated",
+    "deaccelerate",
     "add_task",
     "attach_task_bank",
     "detach_task_bank",
