@@ -303,7 +303,11 @@ register_command(
 register_command(
     "train-scalearn", "stage 2: ω + a fresh head over frozen sources", _scalearn_args, _scalearn_run
 )
-register_command("train-fusion", "AdapterFusion + a fresh head", *fusion_command.COMMAND)
+register_command(
+    "train-fusion",
+    "AdapterFusion + a fresh head over frozen sources",
+    *fusion_command.command(_common_training_args, include_target_arg, _train_kwargs, _print_result),
+)
 register_command("params", "transfer parameters per variant vs AdapterFusion", _params_args, _params_run)
 register_command("summarize", "training runs' results.json as one table", _summarize_args, _summarize_run)
 register_command("predict", "many ScaLearn tasks' predictions from one model", *_predict_command())
