@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import convert, fusion_command
+
 
 @dataclass
 class Command:
@@ -68,6 +70,8 @@ def positive_float(text: str) -> float:
 
 
 def _common_training_args(p: argparse.ArgumentParser, lr: float) -> None:
+    from .train.protocol import RECIPES, Explicit
+
     p.add_argument(
         "--task", required=True, help="GLUE task: rte mrpc sts-b cola sst-2 qnli mnli qqp wnli (required)"
     )
@@ -97,21 +101,38 @@ def _common_training_args(p: argparse.ArgumentParser, lr: float) -> None:
         default="glue",
         help="'glue': TSV files from --glue-dir; 'hub': GLUE read with the `datasets` package",
     )
-    p.add_argument("--lr", type=finite_float, default=lr, help="peak learning rate (AdamW)")
-    p.add_argument("--epochs", type=finite_float, default=1.0, help="passes over the training set (> 0)")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are cut)")
+    p.add_argument("--lr", action=Explicit, type=finite_float, default=lr, help="peak learning rate (AdamW)")
+    p.add_argument(
+        "--epochs", action=Explicit, type=finite_float, default=1.0, help="passes over the training set (> 0)"
+    )
+    p.add_argument("--batch-size", action=Explicit, type=int, default=32, help="examples per optimizer step")
+    p.add_argument(
+        "--max-length",
+        action=Explicit,
+        type=int,
+        default=128,
+        help="tokens per example (longer ones are cut)",
+    )
     p.add_argument(
         "--max-steps", type=int, default=None, help="stop after this many optimizer steps (caps --epochs)"
     )
     p.add_argument(
-        "--patience", type=int, default=3, help="dev evaluations without improvement before stopping; 0: off"
+        "--patience",
+        action=Explicit,
+        type=int,
+        default=3,
+        help="dev evaluations without improvement before stopping; 0: off",
     )
     p.add_argument(
-        "--eval-every", type=int, default=None, help="steps between dev evaluations (default: once per epoch)"
+        "--eval-every",
+        action=Explicit,
+        type=int,
+        default=None,
+        help="steps between dev evaluations (default: once per epoch)",
     )
     p.add_argument(
         "--warmup-ratio",
+        action=Explicit,
         type=finite_float,
         default=0.0,
         help="fraction of steps with linear lr warmup, [0, 1)",
@@ -128,6 +149,14 @@ def _common_training_args(p: argparse.ArgumentParser, lr: float) -> None:
     p.add_argument("--seed", type=int, default=42, help="seed of the initialization, shuffling and subsets")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=None,
+        help="the official runs' settings (paper: 30 epochs, batch 32, seq 128, evaluation and early "
+        "stopping per epoch, the method's lr and patience, fp16 on a GPU); options given explicitly win",
+    )
+    p.add_argument("--fp16", action="store_true", help="mixed-precision training (CUDA)")
 
 
 def _train_kwargs(a: argparse.Namespace) -> dict:
@@ -149,6 +178,7 @@ def _train_kwargs(a: argparse.Namespace) -> dict:
         "progress": not a.no_progress,
         "device": a.device,
         "overwrite": a.overwrite,
+        "fp16": a.fp16,
     }
 
 
@@ -170,8 +200,10 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
 
 
 def _adapter_run(a: argparse.Namespace) -> int:
+    from .train.protocol import apply_recipe
     from .train.stages import train_adapter
 
+    apply_recipe(a, "train-adapter")
     _print_result(train_adapter(a.task, a.output, reduction_factor=a.reduction_factor, **_train_kwargs(a)))
     return 0
 
@@ -200,14 +232,29 @@ def _scalearn_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="how the fused layer computes (auto: the fastest measured on the device)",
     )
+    include_target_arg(p)
+
+
+def include_target_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--include-target",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="FOLDER",
+        help="the target task's own adapter among the sources, last (as the official GLUE runs): FOLDER is "
+        "appended; without FOLDER the source named like --task is moved last",
+    )
 
 
 def _scalearn_run(a: argparse.Namespace) -> int:
+    from .train.protocol import apply_recipe, with_target
     from .train.stages import train_scalearn
 
+    apply_recipe(a, "train-scalearn")
     summary = train_scalearn(
         a.task,
-        a.sources,
+        with_target(a.task, a.sources, a.include_target),
         a.output,
         variant=a.variant,
         backend=a.backend,
@@ -256,9 +303,15 @@ register_command(
 register_command(
     "train-scalearn", "stage 2: ω + a fresh head over frozen sources", _scalearn_args, _scalearn_run
 )
+register_command(
+    "train-fusion",
+    "AdapterFusion + a fresh head over frozen sources",
+    *fusion_command.command(_common_training_args, include_target_arg, _train_kwargs, _print_result),
+)
 register_command("params", "transfer parameters per variant vs AdapterFusion", _params_args, _params_run)
 register_command("summarize", "training runs' results.json as one table", _summarize_args, _summarize_run)
 register_command("predict", "many ScaLearn tasks' predictions from one model", *_predict_command())
+register_command("convert", "official ScaLearn folder -> our format", convert.add_arguments, convert.run)
 
 
 def build_parser() -> argparse.ArgumentParser:

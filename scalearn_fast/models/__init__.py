@@ -1,8 +1,10 @@
 """Hugging Face models: the FFN-site registry, per-instance patching, ScaLearn, AdapterFusion,
 router and task-bank attach/detach, ScaLearn and router checkpoints."""
 
+from .accelerate import accelerate, accelerated, deaccelerate
 from .checkpoint import load_scalearn, save_scalearn
 from .fusion import attach_fusion, detach_fusion
+from .fusion_save import save_fusion
 from .params import model_transfer_parameters, source_adapter_parameters, transfer_parameters
 from .patching import is_patched, original_forward, patch_forward, patch_site, unpatch, unpatch_site
 from .registry import REGISTRY, FFNSite, ffn_output_modules, ffn_sites, site_key
@@ -32,6 +34,10 @@ from .task_bank import (
 __all__ = [
     "REGISTRY",
     "FFNSite",
+    "accelerate",
+    "accelerated",
+    "deaccelerate",
+    "save_fusion",
     "add_task",
     "attach_task_bank",
     "detach_task_bank",

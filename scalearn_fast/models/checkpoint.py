@@ -12,7 +12,10 @@ import torch.nn as nn
 
 from ..formats.adapterhub import SourceSpec
 from ..formats.keys import site_tag
-from ..formats.scalearn import read_scalearn_checkpoint, write_scalearn_checkpoint
+from ..formats.official import is_official_folder, read_official_checkpoint
+from ..formats.scalearn import SCALEARN_WEIGHTS, read_scalearn_checkpoint, write_scalearn_checkpoint
+from ..formats.unit import UnitCheckpoint
+from .registry import ffn_sites
 from .scalearn import attach_scalearn, attach_state, detach_scalearn, scalearn_layers, shared_omega
 from .unit_checkpoint import check_fit, fill, save_parts
 
@@ -57,6 +60,7 @@ def load_scalearn(
     *,
     backend: str = "auto",
     load_head: bool = True,
+    omega: torch.Tensor | None = None,
 ) -> nn.Module:
     """Attach ScaLearn to ``model`` from a ``save_scalearn`` folder and load ω (and the head).
 
@@ -64,8 +68,19 @@ def load_scalearn(
     checkpoint that does not fit (wrong number of sources, hidden size, source names, layers,
     head, a corrupt file or a half-written folder) raises ``ValueError`` saying which, and
     leaves the model as it was.
+
+    A folder written by the official ScaLearn code (``scalearn_config.json`` +
+    ``pytorch_model_scalearn.bin``) loads too; it records neither source folders nor a head, so
+    pass ``sources`` (``{name: AdapterHub folder}`` or a list in its order). Its ``++`` folders
+    hold no ω (the official saver misses the shared one): they are refused unless ``omega`` (the
+    trained shared ω, ``[N, d]`` or ``[N, 1]``) is passed; ``omega`` is for those folders only.
     """
-    ckpt = read_scalearn_checkpoint(directory)
+    ckpt = read_checkpoint(directory, model, omega=omega)
+    if ckpt.weights_name != SCALEARN_WEIGHTS and sources is None:
+        raise ValueError(
+            f"{directory}: a folder of the official ScaLearn code records no source folders; pass "
+            f"sources= ({{name: AdapterHub folder}} for {ckpt.source_names}, in that order)"
+        )
     srcs, head = check_fit(model, ckpt, sources, load_head)
     config = ckpt.config
     attach_scalearn(model, srcs, config["variant"], backend, omega_dropout=config.get("omega_dropout"))
@@ -80,3 +95,19 @@ def load_scalearn(
 
     fill(ckpt, targets, head, lambda: detach_scalearn(model))
     return model
+
+
+def read_checkpoint(
+    directory: str | os.PathLike[str], model: nn.Module | None = None, *, omega: torch.Tensor | None = None
+) -> UnitCheckpoint:
+    """A ``save_scalearn`` folder, or one of the official ScaLearn code (read as the same
+    ``UnitCheckpoint``; ``model`` gives a ``++`` folder its sites)."""
+    if is_official_folder(directory) and not (Path(directory) / SCALEARN_WEIGHTS).is_file():
+        sites = None if model is None else [s.key for s in ffn_sites(model)]
+        return read_official_checkpoint(directory, omega=omega, sites=sites)
+    if omega is not None:
+        raise ValueError(
+            f"{directory}: omega= is only for ++ folders of the official ScaLearn code, which hold no ω; "
+            "a save_scalearn folder has its own"
+        )
+    return read_scalearn_checkpoint(directory)

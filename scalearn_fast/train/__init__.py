@@ -3,9 +3,18 @@
 
 from .data import TASKS, Example, read_glue, task_spec
 from .metrics import compute_metrics
-from .stages import STAGE1_LR, STAGE2_LR, default_model_dir, train_adapter, train_scalearn
+from .stages import (
+    FUSION_LR,
+    STAGE1_LR,
+    STAGE2_LR,
+    default_model_dir,
+    train_adapter,
+    train_fusion,
+    train_scalearn,
+)
 
 __all__ = [
+    "FUSION_LR",
     "STAGE1_LR",
     "STAGE2_LR",
     "TASKS",
@@ -15,5 +24,6 @@ __all__ = [
     "read_glue",
     "task_spec",
     "train_adapter",
+    "train_fusion",
     "train_scalearn",
 ]

@@ -37,6 +37,7 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 0
     progress: bool = True
+    fp16: bool = False  # mixed precision (CUDA autocast to float16 with a gradient scaler)
 
     def __post_init__(self) -> None:
         if not self.lr >= 0:
@@ -128,8 +129,10 @@ def fit(
     tokenizer,
     cfg: TrainConfig,
     log: Callable[[str], None] = log_line,
+    extra_loss: Callable[[], torch.Tensor | None] | None = None,
 ) -> TrainResult:
-    """Train ``params`` of ``model``; returns the best dev metrics (the best weights are kept)."""
+    """Train ``params`` of ``model``; returns the best dev metrics (the best weights are kept).
+    ``extra_loss()`` (e.g. AdapterFusion's value regularisation) is added to every step's loss."""
     spec = task_spec(cfg.task)
     set_seed(cfg.seed)
     params = [p for p in params if p.requires_grad]
@@ -143,6 +146,9 @@ def fit(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = linear_schedule(optimizer, total, int(cfg.warmup_ratio * total))
     device = next(model.parameters()).device
+    if cfg.fp16 and device.type != "cuda":
+        raise ValueError(f"fp16 training needs a CUDA device; the model is on {device}")
+    scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
     result = TrainResult(best={"main": -math.inf})
     best_state = [p.detach().clone() for p in params]
     bad_evals = 0
@@ -167,9 +173,19 @@ def fit(
             seed=cfg.seed + epoch,
             regression=spec.is_regression,
         ):
-            out = model(**{k: v.to(device) for k, v in batch.items()})
-            out.loss.backward()
-            optimizer.step()
+            with torch.autocast(device.type, dtype=torch.float16, enabled=cfg.fp16):
+                out = model(**{k: v.to(device) for k, v in batch.items()})
+                loss = out.loss
+                extra = extra_loss() if extra_loss is not None else None
+                if extra is not None:
+                    loss = loss + extra
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -36,6 +36,7 @@ from .output import RESULTS_FILE, check_output, staged_output
 
 STAGE1_LR = 3e-4
 STAGE2_LR = 6e-3
+FUSION_LR = 5e-5  # AdapterFusion, as the official ScaLearn code's src/scripts/fusion/run_fusion_glue.sh
 HEAD_FILE = "task_head.safetensors"
 
 
@@ -209,16 +210,82 @@ def train_adapter(
 
 def train_scalearn(
     task: str,
-    sources: Sequence[str] | dict[str, str],
+    sources: Sequence[Any] | dict[str, str],
     output_dir: str | os.PathLike[str],
     *,
     variant: str = "scalearn",
     backend: str = "auto",
+    lr: float = STAGE2_LR,
+    omega_dropout: float | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Stage 2: ω + a fresh head over frozen ``sources`` (AdapterHub folders); writes a
+    ``save_scalearn`` folder plus ``results.json`` and returns the results.
+
+    ``output_dir`` must be new or empty (``overwrite=True`` replaces a previous run's folder);
+    it is written only when the run succeeds. ``options``: as ``train_adapter``'s (data, model,
+    device, ``TrainConfig`` fields).
+    """
+    from ..models.scalearn import attach_scalearn, omega_parameters
+
+    def setup(model, srcs, generator):
+        attach_scalearn(model, srcs, variant, backend, omega_dropout=omega_dropout, generator=generator)
+        omega = omega_parameters(model)
+        return omega, f"{variant} over {[s.name for s in srcs]}, omega params {sum(p.numel() for p in omega)}"
+
+    def save(model, srcs, out):
+        save_scalearn(model, out, source_paths=[s.path for s in srcs])
+
+    return _train_over_sources(task, sources, output_dir, variant, backend, lr, setup, save, None, **options)
+
+
+def train_fusion(
+    task: str,
+    sources: Sequence[Any] | dict[str, str],
+    output_dir: str | os.PathLike[str],
+    *,
+    backend: str = "auto",
+    fusion_config: str = "dynamic",
+    lr: float = FUSION_LR,
+    **options: Any,
+) -> dict[str, Any]:
+    """AdapterFusion over frozen ``sources``: the fusion (fresh, initialised as the `adapters`
+    library does) + a fresh head train, with the library's value regularisation added to the
+    loss. Writes the fusion as the library's ``save_adapter_fusion`` folder (``attach_fusion``
+    reads it), the head as ``task_head.safetensors`` and ``results.json``."""
+    from ..models.fusion import attach_fusion, fusion_layers, fusion_regularization_loss
+    from ..models.fusion_save import save_fusion
+
+    def setup(model, srcs, generator):
+        attach_fusion(model, srcs, backend=backend, fusion_config=fusion_config)  # seeded by set_seed
+        params = [p for layer in fusion_layers(model) for p in layer.fusion_parameters()]
+        names, count = [s.name for s in srcs], sum(p.numel() for p in params)
+        return params, f"AdapterFusion ({fusion_config}) over {names}, fusion params {count}"
+
+    def save(model, srcs, out):
+        save_fusion(model, out)
+        atomic_write_tensors(out / HEAD_FILE, {name: p for name, p in head_parameters(model)})
+
+    return _train_over_sources(
+        task, sources, output_dir, "adapter_fusion", backend, lr, setup, save,
+        lambda model: (lambda: fusion_regularization_loss(model)), **options,
+    )  # fmt: skip
+
+
+def _train_over_sources(
+    task: str,
+    sources: Sequence[Any] | dict[str, str],
+    output_dir: str | os.PathLike[str],
+    method: str,
+    backend: str,
+    lr: float,
+    setup: Callable[..., tuple[list[torch.nn.Parameter], str]],
+    save: Callable[..., None],
+    extra_loss: Callable[..., Callable[[], torch.Tensor | None]] | None,
+    *,
     model_dir: str | None = None,
     glue_dir: str | None = None,
     data: str = "glue",
-    lr: float = STAGE2_LR,
-    omega_dropout: float | None = None,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     log: Callable[[str], None] = log_line,
@@ -226,14 +293,9 @@ def train_scalearn(
     overwrite: bool = False,
     **train_kwargs: Any,
 ) -> dict[str, Any]:
-    """Stage 2: ω + a fresh head over frozen ``sources`` (AdapterHub folders); writes a
-    ``save_scalearn`` folder plus ``results.json`` and returns the results.
-
-    ``output_dir`` must be new or empty (``overwrite=True`` replaces a previous run's folder);
-    it is written only when the run succeeds.
-    """
-    from ..models.scalearn import attach_scalearn, omega_parameters
-
+    """What both methods over frozen sources share: checks, data, model, ``setup(model, sources,
+    generator)`` (attach; returns the trainable transfer parameters and a log line), ``fit``,
+    ``save(model, sources, folder)`` and the results."""
     task = canonical_task(task)
     cfg = TrainConfig(task=task, lr=lr, **train_kwargs)
     device = check_run_options(device, model_dir, output_dir, max_train_samples, max_eval_samples, overwrite)
@@ -246,16 +308,14 @@ def train_scalearn(
         model, tokenizer = load_model(model_dir, task)
         model.to(device)
         generator = torch.Generator().manual_seed(cfg.seed)
-        attach_scalearn(model, srcs, variant, backend, omega_dropout=omega_dropout, generator=generator)
-        params = omega_parameters(model) + [p for _, p in head_parameters(model)]
+        transfer, what = setup(model, srcs, generator)
+        params = transfer + [p for _, p in head_parameters(model)]
         log(f"[{task}] data: {describe_data(glue_dir, data)}")
-        log(
-            f"[{task}] stage 2 {variant} over {[s.name for s in srcs]}: {len(train)} train / {len(dev)} dev, "
-            f"omega params {sum(p.numel() for p in omega_parameters(model))}"
-        )
-        result = fit(model, params, train, dev, tokenizer, cfg, log=log)
-        save_scalearn(model, out, source_paths=[s.path for s in srcs])
-        summary = _summary(variant, task, model_dir, train, dev, cfg, result, device)
+        log(f"[{task}] stage 2 {what}: {len(train)} train / {len(dev)} dev")
+        extra = extra_loss(model) if extra_loss is not None else None
+        result = fit(model, params, train, dev, tokenizer, cfg, log=log, extra_loss=extra)
+        save(model, srcs, out)
+        summary = _summary(method, task, model_dir, train, dev, cfg, result, device)
         summary["sources"] = [s.name for s in srcs]
         summary["backend"] = backend
         summary["data"] = describe_data(glue_dir, data)
