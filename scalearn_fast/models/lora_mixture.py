@@ -220,7 +220,7 @@ def attach_lora_mixture(
                 linear.in_features, linear.out_features, num_experts=num_experts, rank=rank, alpha=alpha,
                 shared_down=shared_down, device=w.device, dtype=w.dtype, **options,
             )  # fmt: skip
-        layers[name] = layer
+        layers[name] = layer.train(linear.training)  # an eval-mode model stays in eval mode
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
