@@ -147,3 +147,27 @@ def test_custom_op_passes_opcheck():
     torch.library.opcheck(op, (x, a, g, b, 1.5, True, True, "torch"))
     x, a, b, g = (v.detach().requires_grad_(True) for v in _inputs(5, 3, 2, 4, 6, False, torch.float32))
     torch.library.opcheck(op, (x, a, g, b, 1.5, False, False, "torch"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_close_to_float64(dtype):
+    x, a, b, g = _inputs(8, 4, 3, 16, 12, True, dtype)
+    out = lora_mixture(x, a, b, g, 2.0)
+    ref = lora_mixture_reference(*(v.detach().double() for v in (x, a, b, g)), 2.0)
+    assert out.dtype == dtype
+    assert (out.double() - ref).abs().max().item() <= 3e-2 * (ref.abs().max().item() + 1.0)
+    out.float().sum().backward()
+    assert all(v.grad is not None and v.grad.dtype == dtype for v in (x, a, b, g))
+
+
+def test_layer_backends_agree():
+    from scalearn_fast.layers_lora_mixture import LoRAMixture
+
+    torch.manual_seed(0)
+    fused = LoRAMixture(6, 5, num_experts=3, rank=2, alpha=4, dtype=torch.float64).eval()
+    with torch.no_grad():
+        fused.b_up.normal_()
+    loop = LoRAMixture(6, 5, num_experts=3, rank=2, alpha=4, dtype=torch.float64, backend="reference").eval()
+    loop.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), loop(x), rtol=1e-12, atol=1e-12)
