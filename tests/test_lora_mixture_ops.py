@@ -171,3 +171,20 @@ def test_layer_backends_agree():
     loop.load_state_dict(fused.state_dict())
     x = torch.randn(2, 4, 6, dtype=torch.float64)
     torch.testing.assert_close(fused(x), loop(x), rtol=1e-12, atol=1e-12)
+
+
+def test_per_sequence_gates_by_expanding():
+    """One gate vector per sequence, ``[B, N]`` expanded over the tokens: values and the gates'
+    gradient (summed over each sequence's tokens) as the loop gives them."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 6, generator=gen, dtype=torch.float64)
+    a = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    b = torch.randn(4, 7, 3, generator=gen, dtype=torch.float64)
+    seq_gates = torch.rand(2, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    per_token = seq_gates[:, None, :].expand(2, 5, 4)
+    out = lora_mixture(x, a, b, per_token, 0.5)
+    ref = lora_mixture_reference(x, a, b, per_token, 0.5)
+    torch.testing.assert_close(out, ref)
+    (got,) = torch.autograd.grad(out.square().sum(), seq_gates)
+    (want,) = torch.autograd.grad(ref.square().sum(), seq_gates)
+    torch.testing.assert_close(got, want)
