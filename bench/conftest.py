@@ -22,6 +22,7 @@ import torch
 
 from scalearn_fast.bench.device import DeviceRecord, current_slug, device_record
 from scalearn_fast.bench.harness import MODES
+from scalearn_fast.bench.lora_mixture import mixture_cases
 from scalearn_fast.bench.matrix import (
     case_rank,
     fusion_cases,
@@ -39,8 +40,13 @@ if _FORCED not in ("", "cuda", "cpu"):
     raise ValueError(f"SCALEARN_BENCH_MATRIX must be 'cuda' or 'cpu'; got {_FORCED!r}")
 CUDA = torch.cuda.is_available()
 MATRIX_CUDA = CUDA if not _FORCED else _FORCED == "cuda"
-KIND_ORDER = {"layer_case": 0, "fusion_case": 1, "model_case": 2}
-KIND = {"layer_case": "scalearn", "fusion_case": "fusion", "model_case": "model"}
+KIND_ORDER = {"layer_case": 0, "fusion_case": 1, "mixture_case": 2, "model_case": 3}
+KIND = {
+    "layer_case": "scalearn",
+    "fusion_case": "fusion",
+    "mixture_case": "lora_mixture",
+    "model_case": "model",
+}
 cpu_memory_setup()
 
 
@@ -85,6 +91,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "fusion_case" in names:
         cases = fusion_cases(MATRIX_CUDA, quick)
         metafunc.parametrize("fusion_case", cases, ids=[c.id for c in cases])
+    if "mixture_case" in names:
+        cases = mixture_cases(MATRIX_CUDA, quick)
+        metafunc.parametrize("mixture_case", cases, ids=[c.id for c in cases])
     if "model_case" in names:
         cases = model_cases(MATRIX_CUDA, quick)
         metafunc.parametrize("model_case", cases, ids=[c.id for c in cases])

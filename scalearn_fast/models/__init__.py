@@ -5,6 +5,14 @@ from .accelerate import accelerate, accelerated, deaccelerate
 from .checkpoint import load_scalearn, save_scalearn
 from .fusion import attach_fusion, detach_fusion
 from .fusion_save import save_fusion
+from .lora_mixture import (
+    attach_lora_mixture,
+    detach_lora_mixture,
+    lora_mixture_layers,
+    lora_mixture_loss,
+    lora_mixture_parameters,
+    set_lora_mixture_gates,
+)
 from .params import model_transfer_parameters, source_adapter_parameters, transfer_parameters
 from .patching import is_patched, original_forward, patch_forward, patch_site, unpatch, unpatch_site
 from .registry import REGISTRY, FFNSite, ffn_output_modules, ffn_sites, site_key
@@ -48,10 +56,12 @@ __all__ = [
     "task_ids",
     "task_names",
     "attach_fusion",
+    "attach_lora_mixture",
     "attach_router",
     "attach_scalearn",
     "attach_state",
     "detach_fusion",
+    "detach_lora_mixture",
     "detach_router",
     "detach_scalearn",
     "ffn_output_modules",
@@ -61,6 +71,9 @@ __all__ = [
     "is_patched",
     "load_router",
     "load_scalearn",
+    "lora_mixture_layers",
+    "lora_mixture_loss",
+    "lora_mixture_parameters",
     "model_transfer_parameters",
     "omega_parameters",
     "original_forward",
@@ -71,6 +84,7 @@ __all__ = [
     "save_router",
     "save_scalearn",
     "scalearn_layers",
+    "set_lora_mixture_gates",
     "site_key",
     "source_adapter_parameters",
     "transfer_parameters",
