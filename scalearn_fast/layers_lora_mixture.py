@@ -65,7 +65,8 @@ class LoRAMixture(nn.Module):
         top_k: experts kept per token (1 <= top_k <= N).
         dropconnect: DropConnect probability on the down matrix in training mode.
         balance_loss: the weight of this layer's balance loss in ``lora_mixture_loss``.
-        backend: ``torch`` (the fused op) or ``reference`` (the float64 loop).
+        backend: ``torch`` (the fused op), ``triton``, ``auto`` (ops/lora_mixture.py) or
+            ``reference`` (the float64 loop).
     """
 
     def __init__(

@@ -29,13 +29,14 @@ from collections.abc import Callable
 
 import torch
 
+from .backends import resolve_backend, triton_available
 from .lora_mixture_reference import lora_mixture_reference
 
 Tensor = torch.Tensor
 ExpandFn = Callable[..., Tensor]
 ExpandBackwardFn = Callable[..., tuple[Tensor | None, Tensor | None, Tensor | None]]
 
-LORA_MIXTURE_BACKENDS = ("torch", "reference")
+LORA_MIXTURE_BACKENDS = ("auto", "torch", "triton", "reference")
 
 
 def expand_functions(backend: str, dtype: torch.dtype) -> tuple[ExpandFn, ExpandBackwardFn]:
@@ -45,7 +46,21 @@ def expand_functions(backend: str, dtype: torch.dtype) -> tuple[ExpandFn, Expand
         from .lora_mixture_torch import lora_mixture_expand, lora_mixture_expand_backward
 
         return lora_mixture_expand, lora_mixture_expand_backward
+    if backend == "triton":
+        from .lora_mixture_triton import lora_mixture_expand, lora_mixture_expand_backward
+
+        return lora_mixture_expand, lora_mixture_expand_backward
     raise ValueError(f"backend must be one of {LORA_MIXTURE_BACKENDS}; got {backend!r}")
+
+
+def _resolve(backend: str, device: torch.device) -> str:
+    """``auto``: the Triton kernels on CUDA when Triton is installed, else torch. ``triton``: a
+    ValueError where it cannot run (no Triton; CPU tensors outside ``TRITON_INTERPRET=1``)."""
+    if backend not in LORA_MIXTURE_BACKENDS:
+        raise ValueError(f"backend must be one of {LORA_MIXTURE_BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    return resolve_backend(backend, device)
 
 
 def check_lora_mixture(x: Tensor, a_down: Tensor, b_up: Tensor, gates: Tensor, scaling: float) -> bool:
@@ -159,12 +174,14 @@ def lora_mixture(
         b_up: the experts' up matrices ``[N, d_out, r]``.
         gates: per-token expert weights ``[..., N]``, dense (zeros outside the top-k).
         scaling: ``alpha / r``.
-        backend: ``torch`` (the fused op; float64 too) or ``reference`` (the float64 loop).
+        backend: ``torch`` (the fused op; float64 too), ``triton`` (the expand half in Triton
+            kernels, ``ops/lora_mixture_triton.py``), ``auto`` (triton on CUDA when installed,
+            else torch) or ``reference`` (the float64 loop).
     """
     shared = check_lora_mixture(x, a_down, b_up, gates, scaling)
     if backend == "reference":
         return lora_mixture_reference(x, a_down, b_up, gates, float(scaling))
-    expand_functions(backend, x.dtype)  # a ValueError for an unknown backend, before any work
+    backend = _resolve(backend, x.device)
     n, d_out, _ = b_up.shape
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, a_down, b_up, gates))
