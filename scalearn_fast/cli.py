@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .deploy import command as export_cmd
+
 
 @dataclass
 class Command:
@@ -259,6 +261,7 @@ register_command(
 register_command("params", "transfer parameters per variant vs AdapterFusion", _params_args, _params_run)
 register_command("summarize", "training runs' results.json as one table", _summarize_args, _summarize_run)
 register_command("predict", "many ScaLearn tasks' predictions from one model", *_predict_command())
+register_command("export", "a .pt2 package for scalearn-run (C++)", export_cmd.add_arguments, export_cmd.run)
 
 
 def build_parser() -> argparse.ArgumentParser:

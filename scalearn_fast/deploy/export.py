@@ -3,9 +3,11 @@ process without Python runs (``scalearn-run``, or ``torch::inductor::AOTIModelPa
 
 Route: the model's composition sub-layers are swapped for their export forms (ω folded into U,
 AdapterFusion's weights folded; ``deploy.frozen``), the model is traced by ``torch.export`` with a
-dynamic batch and sequence length, any composition custom op left in the graph is decomposed to
-ATen (``deploy.decompositions``), and ``torch._inductor.aoti_compile_and_package`` compiles the
-program for the model's device. Every refusal happens here, before anything is compiled.
+dynamic batch and sequence length, and ``torch._inductor.aoti_compile_and_package`` compiles the
+program for the model's device. Under ``torch.export`` the composition custom op is never
+emitted: ``ops.dispatch`` computes it with the torch backend's ATen operations (the maths the CPU
+default runs), so a router, or a model calling the functional ops, exports too. Every refusal
+happens here, before anything is compiled.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import torch.nn as nn
 
 from ..layers import ScaLearnLayer, is_shared
 from ..layers_bank import TaskBankLayer
-from .decompositions import composition_decompositions, custom_ops_in
 from .frozen import frozen_compositions
 
 ExampleInputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
@@ -56,6 +57,12 @@ def output_tensors(out: Any) -> list[tuple[str, torch.Tensor]]:
     if isinstance(out, tuple | list):
         return [(f"output_{i}", v) for i, v in enumerate(out) if isinstance(v, torch.Tensor)]
     return []
+
+
+def custom_ops_in(program: torch.export.ExportedProgram) -> list[str]:
+    """The ``scalearn_fast`` operators in an exported program's graph, by name (none expected)."""
+    targets = {str(n.target) for n in program.graph_module.graph.nodes if n.op == "call_function"}
+    return sorted(t for t in targets if t.startswith("scalearn_fast."))
 
 
 def check_exportable(model: nn.Module) -> list[str]:
@@ -106,7 +113,8 @@ def named_inputs(model: nn.Module, example_inputs: ExampleInputs) -> tuple[list[
         pairs = list(zip(params, example_inputs, strict=False))
     else:
         raise ValueError(
-            f"example_inputs must be a tensor, a sequence or a mapping of tensors; got {type(example_inputs).__name__}"
+            "example_inputs must be a tensor, a sequence or a mapping of tensors; "
+            f"got {type(example_inputs).__name__}"
         )
     if not pairs:
         raise ValueError("example_inputs is empty: give at least the input ids")
@@ -114,7 +122,9 @@ def named_inputs(model: nn.Module, example_inputs: ExampleInputs) -> tuple[list[
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"example_inputs[{name!r}] must be a tensor; got {type(t).__name__}")
         if t.dim() < 2:
-            raise ValueError(f"example_inputs[{name!r}] has shape {list(t.shape)}: expected [batch, seq, ...]")
+            raise ValueError(
+                f"example_inputs[{name!r}] has shape {list(t.shape)}: expected [batch, seq, ...]"
+            )
     lead = {tuple(t.shape[:2]) for _, t in pairs}
     if len(lead) != 1:
         shapes = {name: list(t.shape) for name, t in pairs}
@@ -159,8 +169,6 @@ def export_program(
             tuple(tensors),
             dynamic_shapes=_dynamic_shapes(model, tensors, dynamic_batch, dynamic_seq),
         )
-    if custom_ops_in(program):
-        program = program.run_decompositions(composition_decompositions())
     left = custom_ops_in(program)
     if left:
         raise ValueError(f"the exported program still calls {left}, which a package cannot run")

@@ -26,7 +26,10 @@ from ..ops.composition import Composition
 from ..ops.dispatch import infer
 from ..ops.fusion_infer import FusionFold, adapter_fusion_folded
 
-_SCALEARN_FIELDS = ("w_down", "b_down", "w_up", "b_up", "source_index", None, "scaled_up", "scaled_bias", None)
+# Composition's fields from w_down through row_scale (None: not given on the inference path)
+_SCALEARN_FIELDS = (
+    "w_down", "b_down", "w_up", "b_up", "source_index", None, "scaled_up", "scaled_bias", None,
+)  # fmt: skip
 _FOLD_TENSORS = ("weight", "bias", "score_weight", "score_bias", "value", "residual_value")
 
 
@@ -99,7 +102,9 @@ class ExportFusion(nn.Module):
 
 def _fold_settings(fold: FusionFold) -> tuple:
     """The fold's non-tensor fields, in ``FusionFold``'s order after its tensors."""
-    return (fold.hidden_size, fold.num_sources, fold.block, fold.merged, fold.residual_before, fold.activation)
+    return (
+        fold.hidden_size, fold.num_sources, fold.block, fold.merged, fold.residual_before, fold.activation,
+    )  # fmt: skip
 
 
 def export_form(layer: nn.Module, like: torch.Tensor) -> nn.Module | None:
