@@ -34,12 +34,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _num_labels(scalearn_dir: str) -> int | None:
-    """The label count of a save_scalearn folder's task head (its classifier's output rows)."""
+    """The label count of a save_scalearn folder's task head: the output rows of its last layer
+    (``classifier.weight`` for BERT, ``classifier.out_proj.weight`` for RoBERTa)."""
     from ..formats import read_scalearn_checkpoint
 
     tensors = read_scalearn_checkpoint(scalearn_dir).tensors
-    heads = [k for k in tensors if k.startswith("head.") and k.endswith("weight") and tensors[k].dim() == 2]
-    return int(tensors[heads[-1]].shape[0]) if heads else None
+    for last in ("classifier.out_proj.weight", "classifier.weight"):
+        found = [t for k, t in tensors.items() if k.startswith("head.") and k.endswith(last) and t.dim() == 2]
+        if found:
+            return int(found[0].shape[0])
+    return None
 
 
 def build_model(a: argparse.Namespace):
