@@ -5,6 +5,7 @@ the CMake build take minutes): a tiny BERT with ScaLearn attached (exported thro
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -16,7 +17,10 @@ import torch
 import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILD = ROOT / "build" / "native-tests"  # build/ is ignored; kept between runs (incremental)
+# build/ is ignored; one folder per torch install (a CMake cache remembers its libtorch), kept
+# between runs so that a rebuild is incremental
+_TORCH_TAG = hashlib.sha1(torch.utils.cmake_prefix_path.encode()).hexdigest()[:8]
+BUILD = ROOT / "build" / f"native-tests-{torch.__version__.replace('+', '-')}-{_TORCH_TAG}"
 SHAPES = ((1, 5), (3, 17))  # (batch, seq): two of each, neither the traced example's (2, 9)
 
 _made: dict[str, object] = {}

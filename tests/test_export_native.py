@@ -1,5 +1,5 @@
 """The native part: CMakeLists.txt builds ``scalearn-run`` and its ctest against this torch's
-libtorch (once per test process, into build/native-tests), and ``scalearn-run`` reproduces the
+libtorch (once per test process, into build/native-tests-<torch>), and ``scalearn-run`` reproduces the
 eager model's outputs from the packages of tests/export_cases.py, at two batch sizes and two
 sequence lengths."""
 

@@ -1,6 +1,7 @@
 #include "scalearn_fast/npy.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
 #include <cstring>

@@ -1,6 +1,8 @@
 #include "scalearn_fast/runner.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include <sstream>

@@ -2,7 +2,9 @@
 #include "scalearn_fast/npy.h"
 #include "scalearn_fast/runner.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/equal.h>
 
 #include <filesystem>
 #include <fstream>

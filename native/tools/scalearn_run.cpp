@@ -7,7 +7,7 @@
 #include "scalearn_fast/npy.h"
 #include "scalearn_fast/runner.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <filesystem>
 #include <iostream>

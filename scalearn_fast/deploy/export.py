@@ -30,6 +30,7 @@ METADATA_PREFIX = "scalearn_fast."
 """Package metadata keys: ``inputs`` and ``outputs`` (comma-separated names, in call order),
 ``compositions`` and ``version``."""
 
+_KIND_NAMES = {"AdapterFusionLayer": "adapter_fusion", "RouterLayer": "router"}  # and ScaLearn's variants
 _NO_EXPORT_PATH = {
     TaskBankLayer: "a task bank reads each sequence's task from Python state set per call",
 }
@@ -82,8 +83,8 @@ def check_exportable(model: nn.Module) -> list[str]:
                 raise ValueError(f"{name} is a {kind.__name__}, which has no export path: {why}")
         if isinstance(module, ScaLearnLayer):
             kinds.append(module.variant)
-        elif type(module).__name__ in ("AdapterFusionLayer", "RouterLayer"):
-            kinds.append(type(module).__name__)
+        elif type(module).__name__ in _KIND_NAMES:
+            kinds.append(_KIND_NAMES[type(module).__name__])
     _check_shared_omega(model)
     return sorted(set(kinds))
 

@@ -1,7 +1,7 @@
 // Reading and writing NumPy .npy files (format versions 1-3, C order, little-endian) as tensors.
 #pragma once
 
-#include <ATen/Tensor.h>
+#include <ATen/core/Tensor.h>
 
 #include <string>
 

@@ -1,7 +1,7 @@
 // Running a scalearn_fast package (a .pt2 written by scalearn_fast.export) on token ids.
 #pragma once
 
-#include <ATen/Tensor.h>
+#include <ATen/core/Tensor.h>
 
 #include <memory>
 #include <optional>
