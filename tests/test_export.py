@@ -48,7 +48,7 @@ def test_package_holds_folded_weights_and_names_its_io(loaded):
     assert not [name for name in scalearn if name.endswith(("omega", "scalearn.w_up"))]
     fusion = loaded["fusion"].get_constant_fqns()
     assert any(name.endswith("adapter_fusion.value") for name in fusion)
-    assert not [name for name in fusion if ".query." in name or ".key." in name]
+    assert not [name for name in fusion if "adapter_fusion.query" in name or "adapter_fusion.key" in name]
     meta = loaded["fusion"].get_metadata()
     assert meta[METADATA_PREFIX + "inputs"] == "input_ids,attention_mask"
     assert meta[METADATA_PREFIX + "outputs"] == "logits"
@@ -66,14 +66,23 @@ def _program_matches_eager(model) -> None:
         torch.testing.assert_close(got, cases.eager_logits(model, ids, mask), rtol=1e-5, atol=1e-5)
 
 
-def test_shared_omega_variant_and_router_export():
-    from scalearn_fast import attach_router
+def test_more_compositions_export():
+    """A ++ variant, a sequence top-k router and AdapterFusion with residual_before and a query
+    before the LayerNorm (a separate score GEMM), at the torch.export level."""
+    from scalearn_fast import attach_fusion, attach_router
     from scalearn_fast.layers_router import RouterLayer
+    from scalearn_fast.models.fusion import fusion_layers
 
     _program_matches_eager(cases.scalearn_model("scalearn_uniform++"))
     model = cases.tiny_bert()
     attach_router(model, cases.random_sources(model), gate="topk", k=2, granularity="sequence")
     cases.randomize([m.router.weight for m in model.modules() if isinstance(m, RouterLayer)], 1.0)
+    _program_matches_eager(model.eval())
+    model = cases.tiny_bert()
+    attach_fusion(
+        model, cases.random_sources(model), fusion_config={"residual_before": True, "query_before_ln": True}
+    )
+    cases.randomize([p for layer in fusion_layers(model) for p in layer.fusion_parameters()], 0.3)
     _program_matches_eager(model.eval())
 
 

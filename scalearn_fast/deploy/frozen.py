@@ -24,7 +24,7 @@ from ..layers import ScaLearnLayer
 from ..layers_fusion import AdapterFusionLayer
 from ..ops.composition import Composition
 from ..ops.dispatch import infer
-from ..ops.fusion_infer import FusionFold, adapter_fusion_folded
+from ..ops.fusion_infer import FusionFold, adapter_fusion_folded, fold_fusion
 
 # Composition's fields from w_down through row_scale (None: not given on the inference path)
 _SCALEARN_FIELDS = (
@@ -70,13 +70,10 @@ class ExportFusion(nn.Module):
 
     def __init__(self, layer: AdapterFusionLayer, like: torch.Tensor, *, merged: bool) -> None:
         super().__init__()
-        with torch.no_grad():
-            fold = layer._eval_fold(like, None, None if merged else like)
-        if fold is None:  # the layer's own conditions for folding (backend, mode, gradients)
-            raise ValueError(
-                f"AdapterFusionLayer (backend={layer.backend!r}) has no inference fold to export; "
-                "set its backend to 'auto' or 'torch' and call model.eval()"
-            )
+        with torch.no_grad():  # the fold of the layer's eval path, whatever its backend
+            fusion = layer.fusion_weights(like)
+            packed = layer.packed().to(like.dtype)
+            fold = fold_fusion(packed, fusion, merged=merged, dtype=like.dtype, activation=layer.activation)
         self.settings = _fold_settings(fold)
         for name in _FOLD_TENSORS:
             value = getattr(fold, name)
