@@ -132,6 +132,19 @@ def test_task_bank_has_no_export_path(tmp_path):
         export(model, torch.zeros(2, 3, 32), tmp_path / "m.pt2")
 
 
+def test_documented_export_commands_parse():
+    import re
+    import shlex
+
+    from scalearn_fast.cli import build_parser
+
+    text = "".join((cases.ROOT / doc).read_text() for doc in ("README.md", "docs/deploy.md"))
+    lines = re.findall(r"^scalearn-fast (export .*)$", text.replace("\\\n", " "), flags=re.M)  # joined
+    assert len(lines) >= 3
+    for line in lines:
+        build_parser().parse_args(shlex.split(line))
+
+
 def test_cli_errors(tmp_path, capsys):
     out = str(tmp_path / "m.pt2")
     assert main(["export", "--model", str(tmp_path / "nope"), "--scalearn", "x", "--output", out]) == 2
