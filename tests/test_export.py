@@ -104,6 +104,8 @@ def test_refusals_at_export_time(tmp_path):
         export(model, example, tmp_path / "model.onnx")
     with pytest.raises(ValueError, match="share their \\[batch, seq\\]"):
         export(model, {"input_ids": ids, "attention_mask": mask[:1]}, tmp_path / "m.pt2")
+    with pytest.raises(ValueError, match="dynamic_batch=True needs example_inputs of size >= 2"):
+        export(model, {"input_ids": ids[:1], "attention_mask": mask[:1]}, tmp_path / "m.pt2")
     with pytest.raises(ValueError, match="expected \\[batch, seq"):
         export(model, ids[0], tmp_path / "m.pt2")
     with pytest.raises(ValueError, match="eval mode.*model.eval"):

@@ -160,6 +160,11 @@ def export_program(
     the package metadata (``METADATA_PREFIX`` keys)."""
     kinds = check_exportable(model)
     names, tensors = named_inputs(model, example_inputs)
+    for dim, (name, dynamic) in enumerate((("dynamic_batch", dynamic_batch), ("dynamic_seq", dynamic_seq))):
+        if dynamic and tensors[0].shape[dim] < 2:  # torch.export specializes a size of 1
+            raise ValueError(
+                f"{name}=True needs example_inputs of size >= 2 in dim {dim}; got {list(tensors[0].shape)}"
+            )
     with torch.no_grad():
         outputs = output_tensors(model(**dict(zip(names, tensors, strict=True))))
     if not outputs:
