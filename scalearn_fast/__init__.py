@@ -4,6 +4,7 @@ ScaLearn's composition of N frozen bottleneck adapters as two GEMMs (torch) or
 fused Triton kernels, behind autograd-aware ``torch.library`` custom ops.
 """
 
+from .deploy import export
 from .formats import load_adapterhub_sources
 from .layers import VARIANTS, ScaLearnLayer, init_omega
 from .layers_fusion import AdapterFusionLayer
@@ -60,6 +61,7 @@ __all__ = [
     "detach_router",
     "detach_scalearn",
     "detach_task_bank",
+    "export",
     "init_omega",
     "load_adapterhub_sources",
     "load_router",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import convert, fusion_command
+from .deploy import command as export_cmd
 
 
 @dataclass
@@ -312,6 +313,7 @@ register_command("params", "transfer parameters per variant vs AdapterFusion", _
 register_command("summarize", "training runs' results.json as one table", _summarize_args, _summarize_run)
 register_command("predict", "many ScaLearn tasks' predictions from one model", *_predict_command())
 register_command("convert", "official ScaLearn folder -> our format", convert.add_arguments, convert.run)
+register_command("export", "a .pt2 package for scalearn-run (C++)", export_cmd.add_arguments, export_cmd.run)
 
 
 def build_parser() -> argparse.ArgumentParser:

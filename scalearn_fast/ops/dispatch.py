@@ -25,6 +25,7 @@ import torch
 
 from .backends import backend_module
 from .composition import GRAD_FIELDS, TENSOR_FIELDS, Composition, Gradients, op_schema
+from .torch_backend import forward as _torch_forward
 from .torch_backend import output as _torch_output
 
 Tensor = torch.Tensor
@@ -157,7 +158,10 @@ class _EagerComposition(torch.autograd.Function):
 def run(call: Composition, backend: str) -> tuple[Tensor, Tensor]:
     """``(out, pre)`` of ``call`` on a resolved fused backend: traced as the custom op under
     ``torch.compile``; in eager mode the autograd.Function when something needs a gradient
-    (``call.save_for_backward``), else the backend itself."""
+    (``call.save_for_backward``), else the backend itself. Under ``torch.export`` the torch
+    backend's ATen operations, whatever the backend: a package cannot call back into Python."""
+    if torch.compiler.is_exporting():
+        return _torch_forward(call)
     if torch.compiler.is_compiling():
         return torch.ops.scalearn_fast.scaled_adapter_sum(*call, backend)
     if not call.save_for_backward:
@@ -170,7 +174,7 @@ def infer(call: Composition, backend: str) -> Tensor:
     """The inference entry point: ``call``'s output, nothing saved. The caller guarantees that
     nothing needs a gradient (grad mode off, or no input requiring grad). ``call.z`` may be
     [..., d]: the torch backend takes it as is, the others get rows."""
-    if backend == "torch":
+    if backend == "torch" or torch.compiler.is_exporting():  # export: ATen only, as in ``run``
         return _torch_output(call)[0]
     z = call.z
     if z.dim() != 2:
