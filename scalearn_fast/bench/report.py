@@ -173,6 +173,15 @@ def _add_relative(rows: list[dict[str, Any]]) -> None:
             mine = r.get("device_s")
             r["device_overhead_pct"] = 100.0 * (mine / plain_busy - 1.0) if mine and plain_busy else None
             continue
+        if r["kind"] == "task_bank":  # throughput relative to one target alone and to one call per task
+            for peer, key in (("single", "vs_single"), ("per_task", "vs_per_task")):
+                other = peers.get(peer)
+                ratio, interval, _ = (
+                    relative(other, r) if other and r["median_s"] > 0 else (None, None, False)
+                )
+                r[key] = ratio
+                r[key + "_interval"] = list(interval) if interval else None
+            continue
         naive = peers.get("naive")
         ratio, interval, paired = relative(naive, r) if naive and r["median_s"] > 0 else (None, None, False)
         r["speedup_vs_naive"] = ratio
