@@ -250,6 +250,12 @@ def _predict_command() -> tuple:
     return predict.add_arguments, predict.run
 
 
+def _train_task_bank_command() -> tuple:
+    from . import train_task_bank
+
+    return train_task_bank.HELP, train_task_bank.add_arguments, train_task_bank.run
+
+
 register_command(
     "train-adapter", "stage 1: one bottleneck adapter + head per task", _adapter_args, _adapter_run
 )
@@ -259,6 +265,7 @@ register_command(
 register_command("params", "transfer parameters per variant vs AdapterFusion", _params_args, _params_run)
 register_command("summarize", "training runs' results.json as one table", _summarize_args, _summarize_run)
 register_command("predict", "many ScaLearn tasks' predictions from one model", *_predict_command())
+register_command("train-task-bank", *_train_task_bank_command())
 
 
 def build_parser() -> argparse.ArgumentParser:

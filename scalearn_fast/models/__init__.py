@@ -27,6 +27,7 @@ from .task_bank import (
     task_bank_parameters,
     task_ids,
     task_names,
+    task_state,
 )
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "task_bank_parameters",
     "task_ids",
     "task_names",
+    "task_state",
     "attach_fusion",
     "attach_router",
     "attach_scalearn",

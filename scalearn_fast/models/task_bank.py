@@ -105,6 +105,18 @@ def num_labels(model: nn.Module, task: str) -> int:
     return _task_head(model, task)[_key(record.output_module, "weight")].shape[0]
 
 
+def task_state(model: nn.Module, task: str) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Task ``task``'s current (possibly trained) ω, one tensor per layer (one for the ``++``
+    variants), and its head tensors by the model's parameter names: detached copies, e.g. to
+    write a single-task ``save_scalearn`` checkpoint after a multi-target run."""
+    record = _record(model)
+    _check_known(record, task)
+    _snapshot(model, record)
+    head = _task_head(model, task)
+    tensors = {name: head[name.replace(".", "__")].detach().clone() for name in record.head_shapes}
+    return [o.clone() for o in record.omegas[task]], tensors
+
+
 # ------------------------------------------------------------------ the head
 
 

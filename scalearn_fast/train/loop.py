@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,6 +71,17 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 
 @dataclass
+class FitHooks:
+    """What ``fit`` runs instead of its single-task defaults (several targets in one run): the
+    training batches of an epoch, a batch's loss, and the dev metrics (with a ``main`` entry,
+    the one early stopping watches)."""
+
+    batches: Callable[[int], Iterable[dict[str, torch.Tensor]]]
+    loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    evaluate: Callable[[], dict[str, float]]
+
+
+@dataclass
 class TrainResult:
     best: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
@@ -128,9 +139,25 @@ def fit(
     tokenizer,
     cfg: TrainConfig,
     log: Callable[[str], None] = log_line,
+    hooks: FitHooks | None = None,
 ) -> TrainResult:
-    """Train ``params`` of ``model``; returns the best dev metrics (the best weights are kept)."""
-    spec = task_spec(cfg.task)
+    """Train ``params`` of ``model``; returns the best dev metrics (the best weights are kept).
+    ``hooks`` replace the batches, loss and dev metrics of the single task ``cfg.task``."""
+    device = next(model.parameters()).device
+    if hooks is None:
+        spec = task_spec(cfg.task)
+
+        def default_batches(epoch: int) -> Iterable[dict[str, torch.Tensor]]:
+            return batches(
+                train, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, shuffle=True,
+                seed=cfg.seed + epoch, regression=spec.is_regression,
+            )  # fmt: skip
+
+        hooks = FitHooks(
+            default_batches,
+            lambda m, batch: m(**{k: v.to(device) for k, v in batch.items()}).loss,
+            lambda: evaluate(model, dev, tokenizer, cfg.task, max_length=cfg.max_length),
+        )
     set_seed(cfg.seed)
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -142,7 +169,6 @@ def fit(
     eval_every = cfg.eval_every or steps_per_epoch
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = linear_schedule(optimizer, total, int(cfg.warmup_ratio * total))
-    device = next(model.parameters()).device
     result = TrainResult(best={"main": -math.inf})
     best_state = [p.detach().clone() for p in params]
     bad_evals = 0
@@ -158,28 +184,19 @@ def fit(
     model.train()
     step, epoch = 0, 0
     while step < total:
-        for batch in batches(
-            train,
-            tokenizer,
-            batch_size=cfg.batch_size,
-            max_length=cfg.max_length,
-            shuffle=True,
-            seed=cfg.seed + epoch,
-            regression=spec.is_regression,
-        ):
-            out = model(**{k: v.to(device) for k, v in batch.items()})
-            out.loss.backward()
+        for batch in hooks.batches(epoch):
+            loss = hooks.loss(model, batch)
+            loss.backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{out.loss.item():.4f}", refresh=False)
+                progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             if step % eval_every == 0 or step == total:
-                metrics = evaluate(model, dev, tokenizer, cfg.task, max_length=cfg.max_length)
-                loss = out.loss.item()
-                log(f"[{cfg.task}] step {step}/{total} loss {loss:.4f} dev {format_metrics(metrics)}")
+                metrics = hooks.evaluate()
+                log(f"[{cfg.task}] step {step}/{total} loss {loss.item():.4f} dev {format_metrics(metrics)}")
                 metrics["step"] = step
                 result.history.append(metrics)
                 if metrics["main"] > result.best["main"]:
