@@ -119,7 +119,7 @@ def _recompute_cost(row: dict[str, Any], rec: dict[str, Any]) -> None:
 
 
 def _row_key(r: dict[str, Any]) -> tuple:
-    shape = tuple(r.get(k) or 0 for k in ("layers", "d", "n", "tokens"))
+    shape = tuple(r.get(k) or 0 for k in ("layers", "d", "n", "tokens", "k"))  # k: task-bank rows
     return (r["kind"], r["mode"], shape, r["case"], order(r["kind"], r["provider"]))
 
 
