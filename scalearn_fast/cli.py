@@ -253,7 +253,15 @@ def _predict_command() -> tuple:
 def _train_task_bank_command() -> tuple:
     from . import train_task_bank
 
-    return train_task_bank.HELP, train_task_bank.add_arguments, train_task_bank.run
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        _scalearn_args(p)
+        train_task_bank.several_targets(p)
+
+    def run(a: argparse.Namespace) -> int:
+        _print_result(train_task_bank.run(a, _train_kwargs(a)))
+        return 0
+
+    return train_task_bank.HELP, add_arguments, run
 
 
 register_command(

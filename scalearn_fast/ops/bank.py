@@ -134,7 +134,10 @@ def _per_task_output(call: Composition, hidden: Tensor) -> Tensor | None:
     """``Σ_i Ω[k(t), i] ⊙ Y_i`` by task: rows sorted by task, then per task present one GEMM
     S_k·U_kᵀ with its own folded U_k (one at a time: never K copies) and its scaled bias. One
     full-width GEMM per task instead of N rank-r GEMMs and N [T, d] gathers of Ω; used when the
-    tasks present average ``MIN_SEGMENT_ROWS`` rows or more (a host sync counts them), else None."""
+    tasks present average ``MIN_SEGMENT_ROWS`` rows or more (a host sync counts them), else None.
+    Not for fp16 rows: a folded fp16 U may leave fp16's range where the loop's products do not."""
+    if hidden.dtype == torch.float16:
+        return None
     tasks = call.task_index
     t = tasks.shape[0]
     order = torch.sort(tasks, stable=True)
