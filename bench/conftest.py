@@ -33,6 +33,7 @@ from scalearn_fast.bench.matrix import (
 )
 from scalearn_fast.bench.progress import Progress, group_weight
 from scalearn_fast.bench.results import ResultWriter
+from scalearn_fast.bench.task_bank import task_bank_cases
 from scalearn_fast.bench.timing import cpu_memory_setup
 
 _FORCED = os.environ.get("SCALEARN_BENCH_MATRIX", "")
@@ -40,12 +41,13 @@ if _FORCED not in ("", "cuda", "cpu"):
     raise ValueError(f"SCALEARN_BENCH_MATRIX must be 'cuda' or 'cpu'; got {_FORCED!r}")
 CUDA = torch.cuda.is_available()
 MATRIX_CUDA = CUDA if not _FORCED else _FORCED == "cuda"
-KIND_ORDER = {"layer_case": 0, "fusion_case": 1, "mixture_case": 2, "model_case": 3}
+KIND_ORDER = {"layer_case": 0, "fusion_case": 1, "mixture_case": 2, "model_case": 3, "task_bank_case": 4}
 KIND = {
     "layer_case": "scalearn",
     "fusion_case": "fusion",
     "mixture_case": "lora_mixture",
     "model_case": "model",
+    "task_bank_case": "task_bank",
 }
 cpu_memory_setup()
 
@@ -98,6 +100,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         cases = model_cases(MATRIX_CUDA, quick)
         metafunc.parametrize("model_case", cases, ids=[c.id for c in cases])
         metafunc.parametrize("model_mode", model_modes(MATRIX_CUDA))
+    if "task_bank_case" in names:
+        cases = task_bank_cases(MATRIX_CUDA, quick)
+        metafunc.parametrize("task_bank_case", cases, ids=[c.id for c in cases])
     if "mode" in names:
         metafunc.parametrize("mode", list(MODES))
 
@@ -163,7 +168,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if budget > 0 and progress.elapsed() >= budget:
         fixture, case = _case_of(item)
         spec = item.callspec.params
-        mode = spec.get("mode", spec.get("model_mode"))
+        mode = spec.get("mode", spec.get("model_mode", "infer"))
         kind = KIND[fixture]
         reason = f"time budget of {budget:g} s spent before this group"
         _writer(item.config).skip(reason, kind=kind, mode=mode, case=case.id, provider="*")

@@ -1,8 +1,9 @@
 """Triton kernels + thin launchers; installed as ``scalearn_fast.kernels``.
 
 ``scaled_adapter_sum`` holds the forward kernels, ``scaled_adapter_sum_backward`` the backward
-ones, ``common`` what both share (jit tile helpers, autotune configs, launcher utilities).
-Each of their launchers has a plain-PyTorch ``*_ref`` twin used by the tests. ``lora_mixture``
+ones, ``task_bank`` those of a vector task bank (one ω row per token), ``common`` what all
+share (jit tile helpers, autotune configs, launcher utilities).
+Each of those launchers has a plain-PyTorch ``*_ref`` twin used by the tests. ``lora_mixture``
 holds the expand half of a LoRA mixture, forward and backward (its torch twin is
 ``scalearn_fast/ops/lora_mixture_torch.py``).
 
@@ -35,6 +36,13 @@ _SOURCE_MODULE = {
     "grad_pre_ref": "scaled_adapter_sum_backward",
     "tn_gemm": "scaled_adapter_sum_backward",
     "tn_gemm_ref": "scaled_adapter_sum_backward",
+    "bank_up_projection": "task_bank",
+    "bank_up_projection_ref": "task_bank",
+    "bank_grad_pre": "task_bank",
+    "bank_grad_pre_ref": "task_bank",
+    "bank_omega_grad": "task_bank",
+    "bank_omega_grad_ref": "task_bank",
+    "task_segments": "task_bank",
 }
 
 _SUBMODULES = frozenset(_SOURCE_MODULE.values())

@@ -298,6 +298,20 @@ def _predict_command() -> tuple:
     return predict.add_arguments, predict.run
 
 
+def _train_task_bank_command() -> tuple:
+    from . import train_task_bank
+
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        _scalearn_args(p)
+        train_task_bank.several_targets(p)
+
+    def run(a: argparse.Namespace) -> int:
+        _print_result(train_task_bank.run(a, _train_kwargs(a)))
+        return 0
+
+    return train_task_bank.HELP, add_arguments, run
+
+
 register_command(
     "train-adapter", "stage 1: one bottleneck adapter + head per task", _adapter_args, _adapter_run
 )
@@ -314,6 +328,7 @@ register_command("summarize", "training runs' results.json as one table", _summa
 register_command("predict", "many ScaLearn tasks' predictions from one model", *_predict_command())
 register_command("convert", "official ScaLearn folder -> our format", convert.add_arguments, convert.run)
 register_command("export", "a .pt2 package for scalearn-run (C++)", export_cmd.add_arguments, export_cmd.run)
+register_command("train-task-bank", *_train_task_bank_command())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -116,6 +116,7 @@ class TaskBankLayer(FrozenSources):
         key = (z.dtype, z.device, weights_key(groups))
         return self._cached(key, lambda: self.bank().detach().to(z.dtype))
 
+    @torch.compiler.disable  # the bank's K and its rows change with add_task: kept out of graphs
     def compose(self, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``Σ_i Ω[k(b), i] ⊙ A_i(z[b]) + residual`` for ``z [B, ..., d]``, the rows of the
         model's current batch."""

@@ -114,6 +114,13 @@ def row_cost(row: Mapping[str, Any]) -> OpCost | None:
         if kind in ("scalearn", "fusion"):
             cost = scalearn_cost if kind == "scalearn" else fusion_cost
             return cost(tokens, d, int(row["r"]), n, elem_bytes=elem, backward=train)
+        if kind == "task_bank":  # every variant charged the single-target ScaLearn cost of its level
+            r = d // 16
+            adapter = scalearn_cost(tokens, d, r, n, elem_bytes=elem, backward=train)
+            if row.get("level") == "layer":
+                return adapter
+            ffn, layers, seq = int(row.get("ffn") or 4 * d), int(row["layers"]), int(row["seq"])
+            return model_cost(tokens, seq, d, ffn, layers, elem_bytes=elem, backward=train, adapter=adapter)
         if kind == "model":
             provider, r = str(row["provider"]), d // 16
             adapter = None

@@ -66,6 +66,8 @@ def case_rank(case: LayerCase | ModelCase) -> int:
     """0 default shape (and model cases), 1 N sweep, 2 T sweep, 3 anything else."""
     if isinstance(case, ModelCase):
         return 0
+    if not isinstance(case, LayerCase):  # task-bank cases run after the rest
+        return 3
     d, n = case.d == DEFAULT_SHAPE["d"], case.n == DEFAULT_SHAPE["n"]
     t = case.tokens == DEFAULT_SHAPE["tokens"]
     if d and n and t:

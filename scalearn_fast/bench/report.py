@@ -119,7 +119,7 @@ def _recompute_cost(row: dict[str, Any], rec: dict[str, Any]) -> None:
 
 
 def _row_key(r: dict[str, Any]) -> tuple:
-    shape = tuple(r.get(k) or 0 for k in ("layers", "d", "n", "tokens"))
+    shape = tuple(r.get(k) or 0 for k in ("layers", "d", "n", "tokens", "k"))  # k: task-bank rows
     return (r["kind"], r["mode"], shape, r["case"], order(r["kind"], r["provider"]))
 
 
@@ -172,6 +172,15 @@ def _add_relative(rows: list[dict[str, Any]]) -> None:
             plain_busy = plain.get("device_s") if plain else None
             mine = r.get("device_s")
             r["device_overhead_pct"] = 100.0 * (mine / plain_busy - 1.0) if mine and plain_busy else None
+            continue
+        if r["kind"] == "task_bank":  # throughput relative to one target alone and to one call per task
+            for peer, key in (("single", "vs_single"), ("per_task", "vs_per_task")):
+                other = peers.get(peer)
+                ratio, interval, _ = (
+                    relative(other, r) if other and r["median_s"] > 0 else (None, None, False)
+                )
+                r[key] = ratio
+                r[key + "_interval"] = list(interval) if interval else None
             continue
         naive = peers.get("naive")
         ratio, interval, paired = relative(naive, r) if naive and r["median_s"] > 0 else (None, None, False)

@@ -118,6 +118,27 @@ def model_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def task_bank_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Throughput of each variant, and the bank's relative to one target alone and to one call per
+    task (x = throughput ratio, > 1 faster), with memory per added task."""
+    lines = [
+        "| level | K | variant | median ms | IQR ms (spread) | tokens/s | x vs single | x vs per-task (a) "
+        "| ω bytes / task | head bytes / task |",
+        "|" + "---|" * 10,
+    ]
+    for r in rows:
+        if r["kind"] != "task_bank":
+            continue
+        lines.append(
+            f"| {r.get('level')} | {r.get('k')} | {r['provider']} | {r['median_s'] * 1e3:.2f} | "
+            f"{_spread(r)} | "
+            f"{_fmt(r.get('tokens_per_s'))} | {_fmt(r.get('vs_single'), '.2f')} | "
+            f"{_fmt(r.get('vs_per_task'), '.2f')} | {_fmt(r.get('omega_bytes_per_task'), '.0f')} | "
+            f"{_fmt(r.get('head_bytes_per_task'), '.0f')} |"
+        )
+    return lines
+
+
 def headline_dtype(rows: list[dict[str, Any]]) -> str | None:
     """The dtype the headline shows: the first of bf16, fp16, fp32 among the default-shape rows."""
     present = {r.get("dtype") for r in rows if r["kind"] == "scalearn" and _is_default(r)}
@@ -239,6 +260,8 @@ def markdown(device: dict[str, Any], rows: list[dict[str, Any]], plots: list[str
             out += [f"## {title}", ""] + layer_table(rows, kind) + [""]
     if any(r["kind"] == "model" for r in rows):
         out += ["## Model level", ""] + model_table(rows) + [""]
+    if any(r["kind"] == "task_bank" for r in rows):
+        out += ["## Task banks (K targets in one batch)", ""] + task_bank_table(rows) + [""]
     choices = choices_table(rows)
     if choices:
         out += ["## Measured path choices", ""] + choices + [""]

@@ -37,6 +37,7 @@ from .task_bank import (
     task_bank_parameters,
     task_ids,
     task_names,
+    task_state,
 )
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "task_bank_parameters",
     "task_ids",
     "task_names",
+    "task_state",
     "attach_fusion",
     "attach_lora_mixture",
     "attach_router",

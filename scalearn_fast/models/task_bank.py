@@ -105,6 +105,18 @@ def num_labels(model: nn.Module, task: str) -> int:
     return _task_head(model, task)[_key(record.output_module, "weight")].shape[0]
 
 
+def task_state(model: nn.Module, task: str) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Task ``task``'s current (possibly trained) ω, one tensor per layer (one for the ``++``
+    variants), and its head tensors by the model's parameter names: detached copies, e.g. to
+    write a single-task ``save_scalearn`` checkpoint after a multi-target run."""
+    record = _record(model)
+    _check_known(record, task)
+    _snapshot(model, record)
+    head = _task_head(model, task)
+    tensors = {name: head[name.replace(".", "__")].detach().clone() for name in record.head_shapes}
+    return [o.clone() for o in record.omegas[task]], tensors
+
+
 # ------------------------------------------------------------------ the head
 
 
@@ -146,6 +158,7 @@ class TaskHeadForward:
         self.model = model
         self.name = name
 
+    @torch.compiler.disable  # per-task dispatch: nothing a compiled graph would specialise on
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         record = _record(self.model)
         ids = record.task_ids
@@ -175,6 +188,15 @@ class TaskBankForward:
         self.model = model
 
     def __call__(self, *args: Any, task: Any = None, **kwargs: Any) -> Any:
+        self._start(task, args, kwargs)
+        try:
+            return original_forward(self.model)(*args, **kwargs)
+        finally:
+            self._finish()
+
+    @torch.compiler.disable  # task names and ids stay out of compiled graphs: no guard on them
+    def _start(self, task: Any, args: tuple, kwargs: dict) -> None:
+        """Check ``task`` and set the batch's task ids and bank rows for the layers and heads."""
         model = self.model
         record = _record(model)
         if task is None:
@@ -191,11 +213,12 @@ class TaskBankForward:
         device = next(model.parameters()).device
         record.task_ids = ids.to(device)
         record.rows.rows = record.row_of.to(device).index_select(0, record.task_ids)
-        try:
-            return original_forward(model)(*args, **kwargs)
-        finally:
-            record.task_ids = None
-            record.rows.rows = None
+
+    @torch.compiler.disable
+    def _finish(self) -> None:
+        record = _record(self.model)
+        record.task_ids = None
+        record.rows.rows = None
 
 
 def _check_known(record: TaskBankRecord, task: str) -> None:

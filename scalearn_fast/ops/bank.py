@@ -10,11 +10,14 @@ Two cases, by the bank's last dim:
   ``as_row_scale`` rewrites the call to ``row_scale = w ⊙ Ω[k(t), :, 0]`` with ω = 1, which every
   backend (and every Triton kernel) already runs; ``bank_gradients`` maps that call's row_scale
   gradient back to dΩ (scattered to the rows of the bank present) and dw.
-- **vector** [K, N, d]: ``vector_forward`` / ``vector_backward`` loop over the N sources (not the
-  K tasks): source i's up projection S_i·W_iᵀ [T, d] is computed once for the whole batch and
-  scaled per row by Ω[k(t), i, :] (a [T, d] gather), accumulated into the output. In memory at
-  once: one [T, d] product and one [T, d] gather, never K scaled copies of W nor an [N, T, d]
-  tensor. dΩ is an ``index_add`` over rows into the bank's shape.
+- **vector** [K, N, d]: ``vector_forward`` runs per task present when the tasks average at least
+  ``MIN_SEGMENT_ROWS`` rows (rows sorted by task; one full-width GEMM S_k·U_kᵀ per task with its
+  own U_k = W ⊙ Ω[k][s]ᵀ, folded one task at a time), else loops over the N sources (not the K
+  tasks): source i's up projection S_i·W_iᵀ [T, d] is computed once for the whole batch and
+  scaled per row by Ω[k(t), i, :] (a [T, d] gather), accumulated into the output.
+  ``vector_backward`` always loops over the sources. In memory at once: one folded U, or one
+  [T, d] product and one [T, d] gather; never K scaled copies of W nor an [N, T, d] tensor.
+  dΩ is an ``index_add`` over rows into the bank's shape.
 
 Every operation is differentiable by autograd (a backward with ``create_graph=True`` goes through
 these formulas).
@@ -113,14 +116,75 @@ def _source_output(call: Composition, hidden: Tensor, cols: slice | Tensor, i: i
     return F.linear(hidden[:, cols], w_up) + call.row_scale[:, i : i + 1] * call.b_up[i]
 
 
+MIN_SEGMENT_ROWS = 16
+"""The per-task route runs when the tasks present average at least this many rows each."""
+
+
+def _fold(w_up: Tensor, omega: Tensor, columns: list[slice | Tensor], source_index: Tensor) -> Tensor:
+    """U = W ⊙ ω[s]ᵀ [d, R] for one task's ω [N, d]: a broadcast over [d, N, r] when every
+    source has the same rank, else one [d, R] gather of ωᵀ (contiguous either way)."""
+    d, n = w_up.shape[0], omega.shape[0]
+    ranks = {c.stop - c.start for c in columns} if all(isinstance(c, slice) for c in columns) else set()
+    if len(ranks) == 1:
+        return (w_up.view(d, n, -1) * omega.T.unsqueeze(-1)).view(d, -1)
+    return w_up * omega.T.index_select(1, source_index)
+
+
+def _per_task_output(call: Composition, hidden: Tensor) -> Tensor | None:
+    """``Σ_i Ω[k(t), i] ⊙ Y_i`` by task: rows sorted by task, then per task present one GEMM
+    S_k·U_kᵀ with its own folded U_k (one at a time: never K copies) and its scaled bias. One
+    full-width GEMM per task instead of N rank-r GEMMs and N [T, d] gathers of Ω; used when the
+    tasks present average ``MIN_SEGMENT_ROWS`` rows or more (a host sync counts them), else None.
+    Not for fp16 rows: a folded fp16 U may leave fp16's range where the loop's products do not."""
+    if hidden.dtype == torch.float16:
+        return None
+    tasks = call.task_index
+    t = tasks.shape[0]
+    order = torch.sort(tasks, stable=True)
+    present, counts = torch.unique_consecutive(order.values, return_counts=True)
+    if present.shape[0] * MIN_SEGMENT_ROWS > t:
+        return None
+    columns = source_columns(call.source_index, call.num_sources)
+    in_order = bool((order.indices[1:] > order.indices[:-1]).all()) if t > 1 else True
+    rows = hidden if in_order else hidden.index_select(0, order.indices)
+    w_rows = (
+        call.row_scale
+        if call.row_scale is None or in_order
+        else call.row_scale.index_select(0, order.indices)
+    )
+    dtype = torch.promote_types(hidden.dtype, call.omega_bank.dtype)
+    pieces, start = [], 0
+    for k, n in zip(present.tolist(), counts.tolist(), strict=True):
+        omega = call.omega_bank[k].to(dtype)
+        u = _fold(call.w_up.to(dtype), omega, columns, call.source_index)
+        scaled = omega * call.b_up.to(dtype)  # [N, d]
+        seg = rows[start : start + n]
+        if w_rows is None:
+            pieces.append(torch.addmm(scaled.sum(0), seg, u.T))
+        else:
+            pieces.append(torch.addmm(w_rows[start : start + n] @ scaled, seg, u.T))
+        start += n
+    out = torch.cat(pieces)
+    if not in_order:
+        out = torch.empty_like(out).index_copy(0, order.indices, out)
+    return out
+
+
 def vector_forward(call: Composition) -> tuple[Tensor, Tensor | None]:
-    """``(out [T, d], pre or None)`` for a call with a vector bank, rows only."""
+    """``(out [T, d], pre or None)`` for a call with a vector bank, rows only: per task present
+    (``_per_task_output``) when the tasks average enough rows, else a loop over the N sources."""
     z = call.z
     pre = algebra.down_projection(z, call.w_down, call.b_down)
     keep_pre = call.save_for_backward or torch.is_grad_enabled() and pre.requires_grad
     hidden = algebra.hidden_units(
         pre, call.activation, call.source_index, call.row_scale, overwrite=not keep_pre
     )
+    out = _per_task_output(call, hidden) if z.shape[0] else None
+    if out is not None:
+        out = out.to(z.dtype)
+        return (out if call.residual is None else out + call.residual), (
+            pre if call.save_for_backward else None
+        )
     out = torch.zeros_like(z) if call.residual is None else call.residual
     for i, cols in enumerate(source_columns(call.source_index, call.num_sources)):
         y = _source_output(call, hidden, cols, i)

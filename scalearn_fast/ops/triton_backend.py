@@ -16,8 +16,8 @@ leaves fp16's range (computed in fp32 there).
 
 Task banks (``omega_bank``, ``task_index``; ``ops/bank.py``): a uniform bank [K, N, 1] runs on
 these kernels as a per-row ``row_scale`` (Ω[k(t), :, 0]); a vector bank [K, N, d] runs
-``torch_backend`` (the per-source loop there, on cuBLAS): the kernels here read one ω for all
-rows and have no per-row-task variant.
+``ops/triton_bank.py`` (the kernels of kernels/task_bank.py, Ω applied per token in the up GEMM's
+accumulator).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 
 from scalearn_fast._kernels import load_kernels
 
-from . import algebra, bank, path_choice, torch_backend
+from . import algebra, bank, path_choice, torch_backend, triton_bank
 from .composition import Composition, Gradients
 
 Tensor = torch.Tensor
@@ -67,8 +67,10 @@ def forward(call: Composition) -> tuple[Tensor, Tensor]:
     vector_bank = call.omega_bank is not None and not bank.is_uniform(call.omega_bank)
     if _fp16_overflow(call):  # checked once here: torch_backend.forward would check again
         return torch_backend.forward_in_fp32(call)
-    if runs_on_torch(z.dtype) or vector_bank:
+    if runs_on_torch(z.dtype):
         return torch_backend.forward(call)
+    if vector_bank:
+        return triton_bank.forward(call)
     if call.omega_bank is not None:
         return bank.forward(forward, call)
     k = load_kernels()
@@ -113,8 +115,10 @@ def backward(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients)
     vector_bank = call.omega_bank is not None and not bank.is_uniform(call.omega_bank)
     if _fp16_overflow(call):
         return torch_backend.backward_in_fp32(call, pre, grad_out, needs)
-    if runs_on_torch(z.dtype) or vector_bank:
+    if runs_on_torch(z.dtype):
         return torch_backend.backward(call, pre, grad_out, needs)
+    if vector_bank:
+        return triton_bank.backward(call, pre, grad_out, needs)
     if call.omega_bank is not None:
         return bank.backward(backward, call, pre, grad_out, needs)
     k = load_kernels()

