@@ -30,9 +30,10 @@ def _inputs(t: int, n: int, r: int, d: int, *, uniform: bool = False, row_scale:
 
 
 def _run(backend: str, dtype: torch.dtype, inputs, *, grad_sources: bool):
-    z, sources, omega, residual, scale = (
-        None if x is None else [s.to(dtype) for s in x] if isinstance(x, list) else x.to(dtype) for x in inputs
-    )
+    def cast(x):
+        return None if x is None else [s.to(dtype) for s in x] if isinstance(x, list) else x.to(dtype)
+
+    z, sources, omega, residual, scale = (cast(x) for x in inputs)
     leaves = [z, omega, residual] + ([scale] if scale is not None else []) + (sources if grad_sources else [])
     for leaf in leaves:
         leaf.requires_grad_(True)
