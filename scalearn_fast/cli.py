@@ -69,7 +69,10 @@ def positive_float(text: str) -> float:
 
 def _common_training_args(p: argparse.ArgumentParser, lr: float) -> None:
     p.add_argument(
-        "--task", required=True, help="GLUE task: rte mrpc sts-b cola sst-2 qnli mnli qqp wnli (required)"
+        "--task",
+        required=True,
+        help="GLUE task: rte mrpc sts-b cola sst-2 qnli mnli qqp wnli; or 'translation' (with --data-dir and "
+        "an encoder-decoder --model) (required)",
     )
     p.add_argument(
         "--output",
@@ -96,6 +99,12 @@ def _common_training_args(p: argparse.ArgumentParser, lr: float) -> None:
         choices=("glue", "hub"),
         default="glue",
         help="'glue': TSV files from --glue-dir; 'hub': GLUE read with the `datasets` package",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="--task translation: folder with train.tsv and dev.tsv, one 'source<TAB>target' pair per line; "
+        "dev scores are BLEU (main) and chrF from sacrebleu",
     )
     p.add_argument("--lr", type=finite_float, default=lr, help="peak learning rate (AdamW)")
     p.add_argument("--epochs", type=finite_float, default=1.0, help="passes over the training set (> 0)")
@@ -135,6 +144,7 @@ def _train_kwargs(a: argparse.Namespace) -> dict:
         "model_dir": a.model,
         "glue_dir": a.glue_dir,
         "data": a.data,
+        "data_dir": a.data_dir,
         "lr": a.lr,
         "max_train_samples": a.max_train_samples,
         "max_eval_samples": a.max_eval_samples,
@@ -221,6 +231,20 @@ def _scalearn_run(a: argparse.Namespace) -> int:
 def _params_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF model folder (default: the MiniLM)")
     p.add_argument("--num-sources", "-n", type=int, default=8, help="number of source adapters N")
+    p.add_argument(
+        "--reduction-factor",
+        type=positive_float,
+        nargs="+",
+        default=[16.0],
+        help="adapter reduction factors to report as a share of the model's parameters",
+    )
+    p.add_argument(
+        "--budget",
+        type=positive_float,
+        nargs="+",
+        default=[10.0, 1.0, 0.1],
+        help="adapter budgets, in percent of the model's parameters: the reduction factor meeting each",
+    )
 
 
 def _params_run(a: argparse.Namespace) -> int:
@@ -229,7 +253,8 @@ def _params_run(a: argparse.Namespace) -> int:
 
     if a.model is not None and not Path(a.model).is_dir():
         raise FileNotFoundError(f"--model {a.model}: no such folder (a local Hugging Face model folder)")
-    print(format_table(model_on_meta(a.model or default_model_dir()), a.num_sources))
+    model = model_on_meta(a.model or default_model_dir())
+    print(format_table(model, a.num_sources, a.reduction_factor, a.budget))
     return 0
 
 
@@ -256,7 +281,9 @@ register_command(
 register_command(
     "train-scalearn", "stage 2: ω + a fresh head over frozen sources", _scalearn_args, _scalearn_run
 )
-register_command("params", "transfer parameters per variant vs AdapterFusion", _params_args, _params_run)
+register_command(
+    "params", "transfer parameters per variant vs AdapterFusion; adapter budgets", _params_args, _params_run
+)
 register_command("summarize", "training runs' results.json as one table", _summarize_args, _summarize_run)
 register_command("predict", "many ScaLearn tasks' predictions from one model", *_predict_command())
 

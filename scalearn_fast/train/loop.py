@@ -1,5 +1,6 @@
 """The training loop both stages share: AdamW, linear schedule, eval per epoch (or every
-``eval_every`` steps), early stopping on the task's main dev metric, best weights restored."""
+``eval_every`` steps), early stopping on the task's main dev metric, best weights restored.
+The task (a GLUE task or ``translation``) supplies its batches and dev metrics (``task_io``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.nn as nn
 
 from .data import Example, batches, task_spec
 from .metrics import compute_metrics
+from .translation import TaskIO, TranslationIO, is_translation
 
 
 def set_seed(seed: int) -> None:
@@ -109,6 +111,28 @@ def evaluate(
     return compute_metrics(task, np.concatenate(preds), np.concatenate(labels))
 
 
+class GlueIO:
+    """GLUE tasks: tokenised (text_a, text_b) batches with labels, the task's GLUE metrics."""
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+        self.regression = task_spec(task).is_regression
+
+    def batches(self, examples, tokenizer, *, batch_size, max_length, shuffle, seed):
+        return batches(
+            examples, tokenizer, batch_size=batch_size, max_length=max_length, shuffle=shuffle, seed=seed,
+            regression=self.regression,
+        )  # fmt: skip
+
+    def evaluate(self, model, examples, tokenizer, *, max_length):
+        return evaluate(model, examples, tokenizer, self.task, max_length=max_length)
+
+
+def task_io(task: str) -> TaskIO:
+    """The batches and dev metrics of ``task``: ``translation`` or a GLUE task."""
+    return TranslationIO() if is_translation(task) else GlueIO(task)
+
+
 def linear_schedule(
     optimizer: torch.optim.Optimizer, total: int, warmup: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -130,7 +154,7 @@ def fit(
     log: Callable[[str], None] = log_line,
 ) -> TrainResult:
     """Train ``params`` of ``model``; returns the best dev metrics (the best weights are kept)."""
-    spec = task_spec(cfg.task)
+    io = task_io(cfg.task)
     set_seed(cfg.seed)
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -158,14 +182,13 @@ def fit(
     model.train()
     step, epoch = 0, 0
     while step < total:
-        for batch in batches(
+        for batch in io.batches(
             train,
             tokenizer,
             batch_size=cfg.batch_size,
             max_length=cfg.max_length,
             shuffle=True,
             seed=cfg.seed + epoch,
-            regression=spec.is_regression,
         ):
             out = model(**{k: v.to(device) for k, v in batch.items()})
             out.loss.backward()
@@ -177,7 +200,7 @@ def fit(
                 progress.update(1)
                 progress.set_postfix(loss=f"{out.loss.item():.4f}", refresh=False)
             if step % eval_every == 0 or step == total:
-                metrics = evaluate(model, dev, tokenizer, cfg.task, max_length=cfg.max_length)
+                metrics = io.evaluate(model, dev, tokenizer, max_length=cfg.max_length)
                 loss = out.loss.item()
                 log(f"[{cfg.task}] step {step}/{total} loss {loss:.4f} dev {format_metrics(metrics)}")
                 metrics["step"] = step
