@@ -235,26 +235,28 @@ def _params_args(p: argparse.ArgumentParser) -> None:
         "--reduction-factor",
         type=positive_float,
         nargs="+",
-        default=[16.0],
-        help="adapter reduction factors to report as a share of the model's parameters",
+        default=None,
+        help="also report the bottleneck adapter at these reduction factors (share of the model)",
     )
     p.add_argument(
         "--budget",
         type=positive_float,
-        nargs="+",
-        default=[10.0, 1.0, 0.1],
-        help="adapter budgets, in percent of the model's parameters: the reduction factor meeting each",
+        nargs="*",
+        default=None,
+        help="also report the reduction factor meeting each adapter budget, in percent of the model's "
+        "parameters (no value: 10 1 0.1)",
     )
 
 
 def _params_run(a: argparse.Namespace) -> int:
-    from .train.params import format_table, model_on_meta
+    from .train.params import DEFAULT_BUDGETS, format_table, model_on_meta
     from .train.stages import default_model_dir
 
     if a.model is not None and not Path(a.model).is_dir():
         raise FileNotFoundError(f"--model {a.model}: no such folder (a local Hugging Face model folder)")
     model = model_on_meta(a.model or default_model_dir())
-    print(format_table(model, a.num_sources, a.reduction_factor, a.budget))
+    budgets = a.budget if a.budget else DEFAULT_BUDGETS if a.budget is not None else ()
+    print(format_table(model, a.num_sources, a.reduction_factor or (), budgets))
     return 0
 
 

@@ -26,9 +26,11 @@ DEFAULT_BUDGETS = (10.0, 1.0, 0.1)  # percent of the model's parameters
 def format_table(
     model,
     num_sources: int,
-    reduction_factors: Sequence[float] = (16,),
-    budgets: Sequence[float] = DEFAULT_BUDGETS,
+    reduction_factors: Sequence[float] = (),
+    budgets: Sequence[float] = (),
 ) -> str:
+    """The transfer-parameter table; with ``reduction_factors`` or ``budgets`` (percent) also the
+    bottleneck adapter's budget lines (``format_budget``)."""
     from ..models.params import model_transfer_parameters
     from ..models.registry import ffn_sites, hidden_size
 
@@ -41,7 +43,8 @@ def format_table(
     ]
     for name, count in counts.items():
         lines.append(f"{name:<20}{count:>16,}{count / fusion:>17.4%}")
-    lines += ["", *format_budget(model, reduction_factors, budgets)]
+    if reduction_factors or budgets:
+        lines += ["", *format_budget(model, reduction_factors, budgets)]
     return "\n".join(lines)
 
 
@@ -62,7 +65,8 @@ def format_budget(model, reduction_factors: Sequence[float], budgets: Sequence[f
         r = bottleneck_size(d, factor)
         count = source_adapter_parameters(sites, d, r)
         lines.append(f"{factor:<20g}{r:>14}{count:>16,}{adapter_budget(sites, d, r, total):>12.3%}")
-    lines.append(f"{'budget':<20}{'bottleneck r':>14}{'reduction factor':>18}")
+    if budgets:
+        lines.append(f"{'budget':<20}{'bottleneck r':>14}{'reduction factor':>18}")
     for pct in budgets:
         if not pct > 0:
             raise ValueError(f"budget must be a percentage > 0; got {pct}")

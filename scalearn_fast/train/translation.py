@@ -146,7 +146,7 @@ def load_seq2seq_model(model_dir: str, *, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, local_files_only=True, torch_dtype=dtype)
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
     return model, tokenizer
 
 
