@@ -18,7 +18,6 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("sacrebleu")
 
 from scalearn_fast import cli  # noqa: E402
 from scalearn_fast.models.params import adapter_budget, bottleneck_for_budget  # noqa: E402
@@ -101,7 +100,7 @@ def test_read_pairs_and_bad_files(tmp_path):
 
 
 def test_metrics_are_sacrebleu_corpus_scores():
-    import sacrebleu
+    sacrebleu = pytest.importorskip("sacrebleu")
 
     hyps, refs = ["the cat sat on the mat", "a b c d"], ["the cat sat on a mat", "a b c d"]
     m = translation_metrics(hyps, refs)
@@ -156,6 +155,7 @@ def test_train_adapter_learns_the_synthetic_task(tiny_mt, tmp_path):
     """Stage 1 on a frozen random Marian: dev BLEU and chrF after training beat the untrained
     model's by margins an untrained (or wrongly trained) adapter does not reach; then stage 2
     (ω over that adapter) runs on the same task."""
+    pytest.importorskip("sacrebleu")
     from scalearn_fast.train.stages import load_model, train_adapter, train_scalearn
 
     model_dir, data = tiny_mt
