@@ -74,7 +74,10 @@ def _common_training_args(p: argparse.ArgumentParser, lr: float) -> None:
     from .train.protocol import RECIPES, Explicit
 
     p.add_argument(
-        "--task", required=True, help="GLUE task: rte mrpc sts-b cola sst-2 qnli mnli qqp wnli (required)"
+        "--task",
+        required=True,
+        help="GLUE task: rte mrpc sts-b cola sst-2 qnli mnli qqp wnli; or 'translation' (with --data-dir and "
+        "an encoder-decoder --model) (required)",
     )
     p.add_argument(
         "--output",
@@ -101,6 +104,12 @@ def _common_training_args(p: argparse.ArgumentParser, lr: float) -> None:
         choices=("glue", "hub"),
         default="glue",
         help="'glue': TSV files from --glue-dir; 'hub': GLUE read with the `datasets` package",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="--task translation: folder with train.tsv and dev.tsv, one 'source<TAB>target' pair per line; "
+        "dev scores are BLEU (main) and chrF from sacrebleu",
     )
     p.add_argument("--lr", action=Explicit, type=finite_float, default=lr, help="peak learning rate (AdamW)")
     p.add_argument(
@@ -165,6 +174,7 @@ def _train_kwargs(a: argparse.Namespace) -> dict:
         "model_dir": a.model,
         "glue_dir": a.glue_dir,
         "data": a.data,
+        "data_dir": a.data_dir,
         "lr": a.lr,
         "max_train_samples": a.max_train_samples,
         "max_eval_samples": a.max_eval_samples,
@@ -269,15 +279,32 @@ def _scalearn_run(a: argparse.Namespace) -> int:
 def _params_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF model folder (default: the MiniLM)")
     p.add_argument("--num-sources", "-n", type=int, default=8, help="number of source adapters N")
+    p.add_argument(
+        "--reduction-factor",
+        type=positive_float,
+        nargs="+",
+        default=None,
+        help="also report the bottleneck adapter at these reduction factors (share of the model)",
+    )
+    p.add_argument(
+        "--budget",
+        type=positive_float,
+        nargs="*",
+        default=None,
+        help="also report the reduction factor meeting each adapter budget, in percent of the model's "
+        "parameters (no value: 10 1 0.1)",
+    )
 
 
 def _params_run(a: argparse.Namespace) -> int:
-    from .train.params import format_table, model_on_meta
+    from .train.params import DEFAULT_BUDGETS, format_table, model_on_meta
     from .train.stages import default_model_dir
 
     if a.model is not None and not Path(a.model).is_dir():
         raise FileNotFoundError(f"--model {a.model}: no such folder (a local Hugging Face model folder)")
-    print(format_table(model_on_meta(a.model or default_model_dir()), a.num_sources))
+    model = model_on_meta(a.model or default_model_dir())
+    budgets = a.budget if a.budget else DEFAULT_BUDGETS if a.budget is not None else ()
+    print(format_table(model, a.num_sources, a.reduction_factor or (), budgets))
     return 0
 
 
@@ -323,7 +350,9 @@ register_command(
     "AdapterFusion + a fresh head over frozen sources",
     *fusion_command.command(_common_training_args, include_target_arg, _train_kwargs, _print_result),
 )
-register_command("params", "transfer parameters per variant vs AdapterFusion", _params_args, _params_run)
+register_command(
+    "params", "transfer parameters per variant vs AdapterFusion; adapter budgets", _params_args, _params_run
+)
 register_command("summarize", "training runs' results.json as one table", _summarize_args, _summarize_run)
 register_command("predict", "many ScaLearn tasks' predictions from one model", *_predict_command())
 register_command("convert", "official ScaLearn folder -> our format", convert.add_arguments, convert.run)

@@ -221,23 +221,33 @@ class ScaLearnLayer(FrozenSources):
         With ``pre_ln``: ``forward_pre_ln``."""
         if self.pre_ln:
             return self.forward_pre_ln(hidden_states, input_tensor)
-        layer_norm = check_sublayer_inputs("ScaLearnLayer", self.layer_norm, hidden_states, input_tensor)
-        pre_ln = hidden_states + input_tensor
-        z = apply_layer_norm(layer_norm, pre_ln)
-        if z.is_floating_point() and self._eval_fast(z):
-            out = self._folded_compose(z, pre_ln, residual_checked=True)
-        else:
-            out = self.compose(z, residual=pre_ln)
-        return apply_layer_norm(layer_norm, out)
+        check_sublayer_inputs("ScaLearnLayer", self.layer_norm, hidden_states, input_tensor)
+        return self.forward_summed(hidden_states + input_tensor)
 
     def forward_pre_ln(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         """The pre-LN sub-layer ``Σ ω_i ⊙ A_i(h + x) + h + x`` (no LayerNorm): ``compose(s, s)``
         with ``s = h + x``."""
         check_residual_pair(hidden_states, input_tensor)
-        s = hidden_states + input_tensor
-        if s.is_floating_point() and self._eval_fast(s):
-            return self._folded_compose(s, s, residual_checked=True)
-        return self.compose(s, residual=s)
+        return self.forward_summed(hidden_states + input_tensor)
+
+    def forward_summed(self, summed: torch.Tensor) -> torch.Tensor:
+        """The sub-layer given the FFN's residual sum ``s = h + x`` only (sites that see h + x
+        and not h apart: mBART's layer, BART's and Marian's final LayerNorm): ``forward`` or
+        ``forward_pre_ln`` without the addition, so a decoding step spends no op on adding zeros."""
+        s = summed
+        if self.pre_ln:
+            if s.is_floating_point() and self._eval_fast(s):
+                return self._folded_compose(s, s, residual_checked=True)
+            return self.compose(s, residual=s)
+        layer_norm = self.layer_norm
+        if layer_norm is None:
+            check_sublayer_inputs("ScaLearnLayer", layer_norm, s, s)  # raises: names what is missing
+        z = apply_layer_norm(layer_norm, s)
+        if z.is_floating_point() and self._eval_fast(z):  # z: the LayerNorm's weights may train
+            out = self._folded_compose(z, s, residual_checked=True)
+        else:
+            out = self.compose(z, residual=s)
+        return apply_layer_norm(layer_norm, out)
 
     def extra_repr(self) -> str:
         return (

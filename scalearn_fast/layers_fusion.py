@@ -283,9 +283,7 @@ class AdapterFusionLayer(FrozenSources):
         if self.query_before_ln:
             z = apply_layer_norm(layer_norm, pre_ln)
             return apply_layer_norm(layer_norm, self._compose(z, pre_ln, hidden_states))
-        flat = pre_ln.reshape(-1, pre_ln.shape[-1])  # [T, d] throughout: one view in, one out
-        z = apply_layer_norm(layer_norm, flat)
-        return apply_layer_norm(layer_norm, self._compose(z, flat, None)).view_as(pre_ln)
+        return self.forward_summed(pre_ln)
 
     def forward_pre_ln(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         """The pre-LN sub-layer ``fusion(h + x, residual=h) + x`` (no LayerNorm)."""
@@ -295,6 +293,25 @@ class AdapterFusionLayer(FrozenSources):
         if self.residual_before:  # h joins the keys and values; x comes after
             return self.compose(z, residual=hidden_states, query_input=query_input) + input_tensor
         return self.compose(z, residual=z, query_input=query_input)
+
+    def forward_summed(self, summed: torch.Tensor) -> torch.Tensor:
+        """The sub-layer given the FFN's residual sum ``s = h + x`` only (sites that see h + x
+        and not h apart): ``forward`` or ``forward_pre_ln`` without the addition. Refused for
+        ``residual_before`` and ``query_before_ln``, which need h apart."""
+        if self.residual_before or self.query_before_ln:
+            raise ValueError(
+                "AdapterFusionLayer.forward_summed: residual_before and query_before_ln need the FFN "
+                "output h apart from its residual; call forward(h, x)"
+            )
+        s = summed
+        if self.pre_ln:
+            return self._compose(s, s, None)
+        layer_norm = self.layer_norm
+        if layer_norm is None:
+            check_sublayer_inputs("AdapterFusionLayer", layer_norm, s, s)  # raises: names what is missing
+        flat = s.reshape(-1, s.shape[-1])  # [T, d] throughout: one view in, one out
+        z = apply_layer_norm(layer_norm, flat)
+        return apply_layer_norm(layer_norm, self._compose(z, flat, None)).view_as(s)
 
     def extra_repr(self) -> str:
         parts = [name for name in ("query", "key", "value") if getattr(self, name) is not None]

@@ -402,3 +402,73 @@ def test_bart_fusion_needing_h_apart_is_refused():
     with pytest.raises(ValueError, match="query_before_ln=True needs the FFN output apart"):
         attach_fusion(model, sources, fusion_config={"query_before_ln": True})
     assert not any(is_patched(s.module) for s in ffn_sites(model))
+
+
+# --- decoding: generate() with cached key/values -----------------------------------------------
+
+GREEDY = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, num_beams=1, decoder_start_token_id=2)
+
+
+@pytest.mark.parametrize("kind", ["mbart", "t5", "marian"])
+@pytest.mark.parametrize("method", ["scalearn", "fusion"])
+def test_generate_with_cache_equals_without(kind, method):
+    """Each cached decoder step runs the sub-layers at T = batch; the tokens must be those of the
+    uncached run (the whole prefix recomputed every step), and differ from the plain model's."""
+    model = tiny(kind).eval()
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        plain = model.generate(ids, **GREEDY)
+    sources = random_sources(model)
+    (attach_scalearn if method == "scalearn" else attach_fusion)(model, sources)
+    with torch.no_grad():
+        cached = model.generate(ids, use_cache=True, **GREEDY)
+        uncached = model.generate(ids, use_cache=False, **GREEDY)
+    assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, plain)
+
+
+@pytest.mark.parametrize("kind", ["mbart", "t5"])
+def test_greedy_generate_with_fusion_same_tokens_as_library(kind, tmp_path):
+    """Same tokens, and step scores that match the library's and differ from the plain model's
+    (the tiny models' greedy tokens alone may not move)."""
+    lib, folders = library_model(kind, tmp_path, fusion=True)
+    lib.float().set_active_adapters(Fuse(*NAMES))
+    ours = attach_fusion(plain_copy(kind, lib).float(), folders, tmp_path / "fusion")
+    ids = batch()["input_ids"]
+    kw = dict(GREEDY, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = lib.generate(ids, **kw)
+        out = ours.generate(ids, **kw)
+        plain = detach_fusion(ours).generate(ids, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), rtol=1e-4, atol=1e-4)
+    steps = min(len(plain.scores), len(ref.scores))
+    a, b = torch.stack(plain.scores[:steps]), torch.stack(ref.scores[:steps])
+    finite = torch.isfinite(a) & torch.isfinite(b)  # logits processors set some scores to -inf
+    assert (a - b)[finite].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["mbart", "marian"])
+def test_summed_sites_with_a_hook_give_the_same_output(kind):
+    """Sites that see only h + x call the sub-layer's forward_summed directly; with a forward hook
+    on it they go through ``sublayer(h + x, zeros)`` instead, and the hook sees the call."""
+    model = tiny(kind).eval()
+    attach_scalearn(model, random_sources(model))
+    inputs = batch()
+    direct = outputs(model, inputs)
+    seen = []
+    layer = scalearn_layers(model)[0]
+    handle = layer.register_forward_hook(lambda mod, args, out: seen.append(len(args)))
+    hooked = outputs(model, inputs)
+    handle.remove()
+    assert seen and all(n == 2 for n in seen)
+    assert_outputs_close(hooked, direct, tol=0.0)
+
+
+def test_fusion_forward_summed_refuses_what_needs_h_apart():
+    from scalearn_fast.layers_fusion import AdapterFusionLayer
+
+    ws = (torch.randn(2, 3, D), torch.randn(2, 3), torch.randn(2, D, 3), torch.randn(2, D))
+    layer = AdapterFusionLayer(*ws, residual_before=True, pre_ln=True)
+    with pytest.raises(ValueError, match="need the FFN output h apart"):
+        layer.forward_summed(torch.randn(2, D))

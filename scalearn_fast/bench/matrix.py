@@ -62,6 +62,12 @@ class ModelCase(_BatchedCase):
 DEFAULT_SHAPE = {"d": 768, "n": 8, "tokens": 4096}
 
 
+def large_bottleneck_case(dtype: torch.dtype, tokens: int = 4096) -> LayerCase:
+    """Translation-sized adapters (mBART-large width, r = 1024 per source): R = N·r = 8192, far
+    past d, where the backward recomputes P instead of keeping it (ops/saved_state.py)."""
+    return LayerCase(1024, 1024, 8, tokens // SEQ, SEQ, dtype)
+
+
 def case_rank(case: LayerCase | ModelCase) -> int:
     """0 default shape (and model cases), 1 N sweep, 2 T sweep, 3 anything else."""
     if isinstance(case, ModelCase):
@@ -107,11 +113,13 @@ def scalearn_cases(cuda: bool, quick: bool) -> list[LayerCase]:
         cases += [_case(768, n, 4096, dt) for n in (2, 4, 8, 16, 32)]
         cases += [_case(768, 8, t, dt) for t in (128, 512, 2048, 4096, 16384, 65536)]
         cases += [_case(d, 8, t, dt) for d in (768, 1024, 4096) for t in (4096, 16384)]
+        cases.append(large_bottleneck_case(dt))
         return _dedup(cases)
     dt = torch.float32
     cases = [_case(768, 8, 4096, dt)]
     cases += [_case(768, n, 4096, dt) for n in (2, 4, 16)]
     cases += [_case(768, 8, t, dt) for t in (512, 1024, 2048)]
+    cases.append(large_bottleneck_case(dt))
     return _dedup(cases)
 
 

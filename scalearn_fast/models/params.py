@@ -8,6 +8,11 @@ hidden size d and N sources (docs/design.md):
     adapter_fusion      L·(3·d² + 2·d)   (query, key with bias; value without)
 
 Task heads are left out (every method trains one).
+
+A bottleneck adapter at every site (stage 1, or one source) holds L·(2·d·r + r + d) parameters;
+``adapter_budget`` gives that as a fraction of the model's, ``bottleneck_for_budget`` the
+largest r that stays within a budget (translation adapters are sized this way: about 10% of
+the model matches full fine-tuning, and quality degrades as the budget shrinks).
 """
 
 from __future__ import annotations
@@ -41,3 +46,21 @@ def model_transfer_parameters(model: nn.Module, num_sources: int) -> dict[str, i
 def source_adapter_parameters(num_layers: int, hidden: int, bottleneck: int) -> int:
     """Parameters of one frozen Pfeiffer source adapter: L·(2·d·r + r + d)."""
     return num_layers * (2 * hidden * bottleneck + bottleneck + hidden)
+
+
+def adapter_budget(num_layers: int, hidden: int, bottleneck: int, model_parameters: int) -> float:
+    """One bottleneck adapter per site as a fraction of ``model_parameters``."""
+    if model_parameters < 1:
+        raise ValueError(f"model_parameters must be >= 1; got {model_parameters}")
+    return source_adapter_parameters(num_layers, hidden, bottleneck) / model_parameters
+
+
+def bottleneck_for_budget(num_layers: int, hidden: int, model_parameters: int, budget: float) -> int:
+    """The largest bottleneck r whose adapter (one per site) holds at most ``budget`` (a fraction,
+    e.g. 0.01) of ``model_parameters``; 0 when not even r = 1 fits."""
+    if not 0.0 < budget:
+        raise ValueError(f"budget must be a fraction > 0; got {budget}")
+    if num_layers < 1 or hidden < 1:
+        raise ValueError(f"need positive sizes; got L={num_layers}, d={hidden}")
+    allowed = budget * model_parameters / num_layers - hidden  # 2·d·r + r <= allowed
+    return max(0, int(allowed // (2 * hidden + 1)))

@@ -71,12 +71,10 @@ class LayerNormRef:
         return type(self.module).forward(self.module, x)
 
 
-def _call_sublayer(module: nn.Module, h: Any, x: Any) -> Any:
-    """``sublayer(h, x)`` for the sub-layer registered on ``module``. Without hooks on it (or
-    global ones) its ``forward`` runs directly: ``nn.Module.__call__``'s bookkeeping costs more
-    host time than the rest of an eval-mode sub-layer call at small shapes."""
-    sublayer = module._modules[module.__dict__[_SITE_ATTR]]
-    if (
+def _direct_call_allowed(sublayer: nn.Module) -> bool:
+    """Whether nothing (hooks on ``sublayer``, global hooks, ``torch.compile``) needs the call to
+    go through ``nn.Module.__call__``."""
+    return not (
         sublayer._forward_hooks
         or sublayer._forward_pre_hooks
         or sublayer._backward_hooks
@@ -86,9 +84,28 @@ def _call_sublayer(module: nn.Module, h: Any, x: Any) -> Any:
         or _nn_module._global_backward_hooks
         or _nn_module._global_backward_pre_hooks
         or torch.compiler.is_compiling()
-    ):
-        return sublayer(h, x)
-    return sublayer.forward(h, x)
+    )
+
+
+def _call_sublayer(module: nn.Module, h: Any, x: Any) -> Any:
+    """``sublayer(h, x)`` for the sub-layer registered on ``module``. Without hooks on it (or
+    global ones) its ``forward`` runs directly: ``nn.Module.__call__``'s bookkeeping costs more
+    host time than the rest of an eval-mode sub-layer call at small shapes."""
+    sublayer = module._modules[module.__dict__[_SITE_ATTR]]
+    if _direct_call_allowed(sublayer):
+        return sublayer.forward(h, x)
+    return sublayer(h, x)
+
+
+def _call_summed(module: nn.Module, summed: Any) -> Any:
+    """The sub-layer at a site that sees only ``s = h + x``: its ``forward_summed(s)`` when it has
+    one and may be called directly (no zeros made, none added: a decoding step runs this once
+    per layer), else ``sublayer(s, zeros)``."""
+    sublayer = module._modules[module.__dict__[_SITE_ATTR]]
+    summed_forward = getattr(type(sublayer), "forward_summed", None)
+    if summed_forward is not None and _direct_call_allowed(sublayer):
+        return summed_forward(sublayer, summed)
+    return _call_sublayer(module, summed, summed.new_zeros(()).expand_as(summed))
 
 
 def _output_forward(self: nn.Module, hidden_states: Any, input_tensor: Any, *args: Any, **kwargs: Any) -> Any:
@@ -99,8 +116,7 @@ def _output_forward(self: nn.Module, hidden_states: Any, input_tensor: Any, *arg
 
 def _post_ln_forward(self: nn.Module, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
     """Patched ``forward`` of a post-FFN LayerNorm: its input is already ``h + x``."""
-    zeros = hidden_states.new_zeros(()).expand_as(hidden_states)
-    return _call_sublayer(self, hidden_states, zeros)
+    return _call_summed(self, hidden_states)
 
 
 def _pre_ln_ff_forward(self: nn.Module, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
@@ -114,10 +130,9 @@ def _pre_ln_layer_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     before; its first output, ``h + x`` after the FFN, goes through the sub-layer."""
     out = original_forward(self)(*args, **kwargs)
     if isinstance(out, torch.Tensor):
-        return _call_sublayer(self, out, out.new_zeros(()).expand_as(out))
+        return _call_summed(self, out)
     if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
-        s = out[0]
-        return (_call_sublayer(self, s, s.new_zeros(()).expand_as(s)), *out[1:])
+        return (_call_summed(self, out[0]), *out[1:])
     raise TypeError(
         f"{type(self).__name__}.forward returned {type(out).__name__}; expected the hidden states "
         "(a tensor, or a tuple starting with one)"

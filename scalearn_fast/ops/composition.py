@@ -71,6 +71,9 @@ class Composition(NamedTuple):
     # a task bank (instead of omega): row t is scaled by omega_bank[task_index[t]]
     omega_bank: Tensor | None = None  # Ω [K, N, d] or [K, N, 1]
     task_index: Tensor | None = None  # k [T] int64: the task of each row
+    # with save_for_backward: keep nothing of size T·R, the backward recomputes P from z
+    # (ops/saved_state.py decides; backends see a call that saves nothing)
+    recompute_pre: bool = False
 
     @property
     def num_sources(self) -> int:

@@ -14,6 +14,11 @@ Why two routes: the custom-op dispatch (argument binding, alias checks, the auto
 a second op for the backward) costs more host time per call than the small GEMMs of a typical
 layer take on a GPU, and a layer at the default shape is host-bound.
 
+What a call keeps for its backward: its inputs and P [T, R], or, where ``ops/saved_state.py``
+says P costs more memory than its recomputation is worth (R > d by default), its inputs only:
+the forward then runs as an inference call and the backward recomputes P (one GEMM) before the
+backend's backward. The rule applies to every backend in this one place.
+
 Double backward (a gradient penalty, ``create_graph=True``) differentiates through the torch
 backend's formulas (every one of them is a differentiable torch op), with the pre-activation
 recomputed from the saved inputs, on every backend.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from . import algebra, saved_state
 from .backends import backend_module
 from .composition import GRAD_FIELDS, TENSOR_FIELDS, Composition, Gradients, op_schema
 from .torch_backend import forward as _torch_forward
@@ -46,13 +52,14 @@ _SAVED = frozenset(TENSOR_FIELDS) - {"residual", "scaled_up", "scaled_bias"}  # 
 )
 def _forward_op(*args):
     *fields, backend = args
-    return backend_module(backend).forward(Composition(*fields))
+    return backend_module(backend).forward(_as_computed(Composition(*fields)))
 
 
 @_forward_op.register_fake
 def _(*args):
     call = Composition(*args[:-1])
-    pre_shape = (call.z.shape[0], call.w_down.shape[0]) if call.save_for_backward else (0,)
+    keeps_pre = call.save_for_backward and not call.recompute_pre
+    pre_shape = (call.z.shape[0], call.w_down.shape[0]) if keeps_pre else (0,)
     return call.z.new_empty(call.z.shape), call.z.new_empty(pre_shape)
 
 
@@ -80,6 +87,17 @@ def _(grad_out, pre, *args):
 # ------------------------------------------------------------------ the autograd formula, shared
 
 
+def _as_computed(call: Composition) -> Composition:
+    """The call a backend's forward gets: one that recomputes P in its backward saves nothing."""
+    return call._replace(save_for_backward=False) if call.recompute_pre else call
+
+
+def _recomputed_pre(call: Composition) -> Tensor:
+    """P = z·Dᵀ + b_D [T, R] in z's dtype, as the forward computed it (ops/saved_state.py)."""
+    z = call.z
+    return algebra.down_projection(z, call.w_down.to(z.dtype), call.b_down.to(z.dtype))
+
+
 def _setup_context(ctx, inputs, output) -> None:
     """Save what the backward needs: the call's tensors and the pre-activation."""
     *fields, backend = inputs
@@ -88,6 +106,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*(getattr(call, name) if name in _SAVED else None for name in TENSOR_FIELDS), pre)
     ctx.activation = call.activation
     ctx.saved_pre = call.save_for_backward
+    ctx.recompute_pre = call.recompute_pre
     ctx.backend = backend
     ctx.eager = False
     ctx.mark_non_differentiable(pre)  # saved for backward only
@@ -102,6 +121,7 @@ def _backward(ctx, grad_out, _grad_pre):
         **dict(zip(TENSOR_FIELDS, tensors, strict=True)),
         activation=ctx.activation,
         save_for_backward=ctx.saved_pre,
+        recompute_pre=ctx.recompute_pre,
     )
     needs = Gradients(*(ctx.needs_input_grad[_FIELD_POSITION[name]] for name in GRAD_FIELDS))
     if torch.is_grad_enabled():  # create_graph=True: differentiable formulas, P recomputed
@@ -111,13 +131,10 @@ def _backward(ctx, grad_out, _grad_pre):
             "scaled_adapter_sum ran without saving its activations (no input required grad "
             "when it was called); call it with grad enabled to differentiate it"
         )
-    elif ctx.eager:
-        grads = backend_module(ctx.backend).backward(call, pre, grad_out.contiguous(), needs)
     else:
-        flat = torch.ops.scalearn_fast.scaled_adapter_sum_backward(
-            grad_out.contiguous(), pre, *call, ctx.backend, list(needs)
-        )
-        grads = Gradients(*(t if need else None for t, need in zip(flat, needs, strict=True)))
+        if ctx.recompute_pre:  # P was not kept (ops/saved_state.py): one GEMM brings it back
+            pre = _recomputed_pre(call)
+        grads = _backend_backward(ctx, call, pre, grad_out.contiguous(), needs)
     result: list[Tensor | None] = [None] * _NUM_INPUTS
     for name, grad in zip(GRAD_FIELDS, grads, strict=True):
         if getattr(needs, name):
@@ -127,11 +144,18 @@ def _backward(ctx, grad_out, _grad_pre):
     return tuple(result)
 
 
-def _differentiable_backward(call: Composition, grad_out: Tensor, needs: Gradients) -> Gradients:
-    from . import algebra, torch_backend
+def _backend_backward(ctx, call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients) -> Gradients:
+    """The backend's backward: directly in eager mode, through the backward custom op when traced."""
+    if ctx.eager:
+        return backend_module(ctx.backend).backward(call, pre, grad_out, needs)
+    flat = torch.ops.scalearn_fast.scaled_adapter_sum_backward(grad_out, pre, *call, ctx.backend, list(needs))
+    return Gradients(*(t if need else None for t, need in zip(flat, needs, strict=True)))
 
-    pre = algebra.down_projection(call.z, call.w_down, call.b_down)
-    return torch_backend.backward(call, pre, grad_out, needs)
+
+def _differentiable_backward(call: Composition, grad_out: Tensor, needs: Gradients) -> Gradients:
+    from . import torch_backend
+
+    return torch_backend.backward(call, _recomputed_pre(call), grad_out, needs)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -142,7 +166,7 @@ class _EagerComposition(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):  # the op's inputs: Composition's fields, then the backend name
-        output = backend_module(inputs[-1]).forward(Composition(*inputs[:-1]))
+        output = backend_module(inputs[-1]).forward(_as_computed(Composition(*inputs[:-1])))
         _setup_context(ctx, inputs, output)
         ctx.eager = True
         return output
@@ -158,10 +182,14 @@ class _EagerComposition(torch.autograd.Function):
 def run(call: Composition, backend: str) -> tuple[Tensor, Tensor]:
     """``(out, pre)`` of ``call`` on a resolved fused backend: traced as the custom op under
     ``torch.compile``; in eager mode the autograd.Function when something needs a gradient
-    (``call.save_for_backward``), else the backend itself. Under ``torch.export`` the torch
-    backend's ATen operations, whatever the backend: a package cannot call back into Python."""
+    (``call.save_for_backward``), else the backend itself. A call that saves for backward keeps
+    P or recomputes it, as ``saved_state.recompute_pre`` decides for its shape (``pre`` is then
+    empty). Under ``torch.export`` the torch backend's ATen operations, whatever the backend: a
+    package cannot call back into Python."""
     if torch.compiler.is_exporting():
         return _torch_forward(call)
+    if call.save_for_backward and saved_state.recompute_pre(call.w_down.shape[0], call.z.shape[-1]):
+        call = call._replace(recompute_pre=True)
     if torch.compiler.is_compiling():
         return torch.ops.scalearn_fast.scaled_adapter_sum(*call, backend)
     if not call.save_for_backward:

@@ -51,7 +51,10 @@ class AdapterSublayer(nn.Module):
         self._ln = None if layer_norm is None else LayerNormRef(layer_norm)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        s = h + x
+        return self.forward_summed(h + x)
+
+    def forward_summed(self, s: torch.Tensor) -> torch.Tensor:
+        """The sub-layer given ``s = h + x`` (sites that see only the sum; see ``models/patching``)."""
         if self._ln is None:
             return self.adapter(s) + s
         return self._ln(self.adapter(self._ln(s)) + s)

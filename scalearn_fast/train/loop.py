@@ -1,5 +1,6 @@
 """The training loop both stages share: AdamW, linear schedule, eval per epoch (or every
-``eval_every`` steps), early stopping on the task's main dev metric, best weights restored."""
+``eval_every`` steps), early stopping on the task's main dev metric, best weights restored.
+The task (a GLUE task or ``translation``) supplies its batches and dev metrics (``task_io``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.nn as nn
 
 from .data import Example, batches, task_spec
 from .metrics import compute_metrics
+from .translation import TaskIO, TranslationIO, is_translation
 
 
 def set_seed(seed: int) -> None:
@@ -121,6 +123,28 @@ def evaluate(
     return compute_metrics(task, np.concatenate(preds), np.concatenate(labels))
 
 
+class GlueIO:
+    """GLUE tasks: tokenised (text_a, text_b) batches with labels, the task's GLUE metrics."""
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+        self.regression = task_spec(task).is_regression
+
+    def batches(self, examples, tokenizer, *, batch_size, max_length, shuffle, seed):
+        return batches(
+            examples, tokenizer, batch_size=batch_size, max_length=max_length, shuffle=shuffle, seed=seed,
+            regression=self.regression,
+        )  # fmt: skip
+
+    def evaluate(self, model, examples, tokenizer, *, max_length):
+        return evaluate(model, examples, tokenizer, self.task, max_length=max_length)
+
+
+def task_io(task: str) -> TaskIO:
+    """The batches and dev metrics of ``task``: ``translation`` or a GLUE task."""
+    return TranslationIO() if is_translation(task) else GlueIO(task)
+
+
 def linear_schedule(
     optimizer: torch.optim.Optimizer, total: int, warmup: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -145,21 +169,22 @@ def fit(
 ) -> TrainResult:
     """Train ``params`` of ``model``; returns the best dev metrics (the best weights are kept).
     ``extra_loss()`` (e.g. AdapterFusion's value regularisation) is added to every step's loss;
-    ``hooks`` replace the batches, loss and dev metrics of the single task ``cfg.task``."""
+    ``hooks`` replace the batches, loss and dev metrics of the single task ``cfg.task`` (by
+    default those of ``task_io(cfg.task)``: a GLUE task or ``translation``)."""
     device = next(model.parameters()).device
     if hooks is None:
-        spec = task_spec(cfg.task)
+        io = task_io(cfg.task)
 
         def default_batches(epoch: int) -> Iterable[dict[str, torch.Tensor]]:
-            return batches(
+            return io.batches(
                 train, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, shuffle=True,
-                seed=cfg.seed + epoch, regression=spec.is_regression,
+                seed=cfg.seed + epoch,
             )  # fmt: skip
 
         hooks = FitHooks(
             default_batches,
             lambda m, batch: m(**{k: v.to(device) for k, v in batch.items()}).loss,
-            lambda: evaluate(model, dev, tokenizer, cfg.task, max_length=cfg.max_length),
+            lambda: io.evaluate(model, dev, tokenizer, max_length=cfg.max_length),
         )
     set_seed(cfg.seed)
     params = [p for p in params if p.requires_grad]

@@ -1,9 +1,14 @@
-"""The two ScaLearn stages on GLUE.
+"""The two ScaLearn stages on GLUE or on a translation task.
 
 Stage 1 (``train_adapter``): per task, one Pfeiffer adapter at every FFN output + a fresh head,
 the model frozen (lr 3e-4); the adapter is written in AdapterHub format.
 Stage 2 (``train_scalearn``): over chosen frozen sources, only ω + a fresh head train (lr 6e-3).
 Both use batch 32, seq 128, a linear schedule and early stopping on the dev metric.
+
+``task="translation"`` reads ``data_dir/{train,dev}.tsv`` (source<TAB>target) and trains an
+encoder-decoder (``AutoModelForSeq2SeqLM``): no fresh head (the LM head stays frozen), the
+adapters sit in the encoder and the decoder, dev BLEU (main) and chrF from greedy decoding
+(``train/translation.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from .data import (
 )
 from .loop import TrainConfig, fit, log_line, set_seed
 from .output import RESULTS_FILE, check_output, staged_output
+from .translation import TRANSLATION, is_translation, load_seq2seq_model, read_pairs
 
 STAGE1_LR = 3e-4
 STAGE2_LR = 6e-3
@@ -94,8 +100,15 @@ def load_config(model_dir: str | None):
     return config
 
 
-def describe_data(glue_dir: str | os.PathLike[str] | None, data: str) -> str:
+def task_name(task: str) -> str:
+    """``translation``, or the canonical name of a GLUE task."""
+    return TRANSLATION if is_translation(task) else canonical_task(task)
+
+
+def describe_data(glue_dir: str | os.PathLike[str] | None, data: str, data_dir: str | None = None) -> str:
     """Where the run's examples come from, for the log and results.json."""
+    if data_dir is not None:
+        return str(data_dir)
     if data == "hub":
         return "hub (datasets: glue)"
     folder = Path(glue_dir) if glue_dir else default_glue_dir()
@@ -122,13 +135,21 @@ def device_name(device: str) -> str:
 
 
 def load_model(model_dir: str | None, task: str, *, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for sequence classification from a local HF folder, offline."""
+    """(model, tokenizer) from a local HF folder, offline: sequence classification for a GLUE
+    task, an encoder-decoder LM for ``translation``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     path = model_dir or default_model_dir()
-    load_config(model_dir)  # an unsupported model type fails before the tokenizer loads
+    config = load_config(model_dir)  # an unsupported model type fails before the tokenizer loads
+    if is_translation(task):
+        if not getattr(config, "is_encoder_decoder", False):
+            raise ValueError(
+                f"--task translation needs an encoder-decoder model (mBART, T5, mT5, M2M100, Marian, "
+                f"BART); --model {path} is {config.model_type!r}"
+            )
+        return load_seq2seq_model(path, dtype=dtype)
     spec = task_spec(task)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized: classifier" is expected here
@@ -148,7 +169,14 @@ def head_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return heads(model)
 
 
-def _load_data(task: str, glue_dir, data: str, max_train: int | None, max_eval: int | None, seed: int):
+def _load_data(
+    task: str, glue_dir, data: str, max_train: int | None, max_eval: int | None, seed: int, data_dir=None
+):
+    if is_translation(task):
+        train = read_pairs(data_dir, "train", max_samples=max_train, seed=seed)
+        return train, read_pairs(data_dir, "dev", max_samples=max_eval, seed=seed)
+    if data_dir is not None:
+        raise ValueError("--data-dir is for --task translation; GLUE tasks read --glue-dir")
     if data not in ("glue", "hub"):
         raise ValueError(f"data must be 'glue' or 'hub'; got {data!r}")
     reader = read_hub if data == "hub" else read_glue
@@ -165,6 +193,7 @@ def train_adapter(
     model_dir: str | None = None,
     glue_dir: str | None = None,
     data: str = "glue",
+    data_dir: str | None = None,
     reduction_factor: float = 16,
     lr: float = STAGE1_LR,
     max_train_samples: int | None = None,
@@ -180,13 +209,13 @@ def train_adapter(
     ``output_dir`` must be new or empty (``overwrite=True`` replaces a previous run's folder);
     it is written only when the run succeeds.
     """
-    task = canonical_task(task)
+    task = task_name(task)
     cfg = TrainConfig(task=task, lr=lr, **train_kwargs)
     device = check_run_options(device, model_dir, output_dir, max_train_samples, max_eval_samples, overwrite)
     bottleneck_size(load_config(model_dir).hidden_size, reduction_factor)  # before any loading
     with staged_output(output_dir, overwrite) as out:
         set_seed(cfg.seed)
-        train, dev = _load_data(task, glue_dir, data, max_train_samples, max_eval_samples, cfg.seed)
+        train, dev = _load_data(task, glue_dir, data, max_train_samples, max_eval_samples, cfg.seed, data_dir)
         model, tokenizer = load_model(model_dir, task)
         model.to(device)
         for p in model.parameters():
@@ -196,14 +225,15 @@ def train_adapter(
         params = [p for a in adapters for p in a.parameters()] + [p for _, p in heads]
         for p in params:
             p.requires_grad_(True)
-        log(f"[{task}] data: {describe_data(glue_dir, data)}")
+        log(f"[{task}] data: {describe_data(glue_dir, data, data_dir)}")
         trainable = sum(p.numel() for p in params)
         log(f"[{task}] stage 1: {len(train)} train / {len(dev)} dev, {trainable} trainable")
         result = fit(model, params, train, dev, tokenizer, cfg, log=log)
         save_bottleneck_adapters(model, out, task, reduction_factor)
-        atomic_write_tensors(out / HEAD_FILE, {name: p for name, p in heads})
+        if heads:  # none for translation: the LM head stays frozen
+            atomic_write_tensors(out / HEAD_FILE, {name: p for name, p in heads})
         summary = _summary("adapter", task, model_dir, train, dev, cfg, result, device)
-        summary["data"] = describe_data(glue_dir, data)
+        summary["data"] = describe_data(glue_dir, data, data_dir)
         atomic_write_json(out / RESULTS_FILE, summary)
     return summary
 
@@ -286,6 +316,7 @@ def _train_over_sources(
     model_dir: str | None = None,
     glue_dir: str | None = None,
     data: str = "glue",
+    data_dir: str | None = None,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     log: Callable[[str], None] = log_line,
@@ -296,7 +327,7 @@ def _train_over_sources(
     """What both methods over frozen sources share: checks, data, model, ``setup(model, sources,
     generator)`` (attach; returns the trainable transfer parameters and a log line), ``fit``,
     ``save(model, sources, folder)`` and the results."""
-    task = canonical_task(task)
+    task = task_name(task)
     cfg = TrainConfig(task=task, lr=lr, **train_kwargs)
     device = check_run_options(device, model_dir, output_dir, max_train_samples, max_eval_samples, overwrite)
     resolve_backend(backend, torch.device(device))  # a bad name fails before any work
@@ -304,13 +335,13 @@ def _train_over_sources(
     load_config(model_dir)
     with staged_output(output_dir, overwrite) as out:
         set_seed(cfg.seed)
-        train, dev = _load_data(task, glue_dir, data, max_train_samples, max_eval_samples, cfg.seed)
+        train, dev = _load_data(task, glue_dir, data, max_train_samples, max_eval_samples, cfg.seed, data_dir)
         model, tokenizer = load_model(model_dir, task)
         model.to(device)
         generator = torch.Generator().manual_seed(cfg.seed)
         transfer, what = setup(model, srcs, generator)
         params = transfer + [p for _, p in head_parameters(model)]
-        log(f"[{task}] data: {describe_data(glue_dir, data)}")
+        log(f"[{task}] data: {describe_data(glue_dir, data, data_dir)}")
         log(f"[{task}] stage 2 {what}: {len(train)} train / {len(dev)} dev")
         extra = extra_loss(model) if extra_loss is not None else None
         result = fit(model, params, train, dev, tokenizer, cfg, log=log, extra_loss=extra)
@@ -318,7 +349,7 @@ def _train_over_sources(
         summary = _summary(method, task, model_dir, train, dev, cfg, result, device)
         summary["sources"] = [s.name for s in srcs]
         summary["backend"] = backend
-        summary["data"] = describe_data(glue_dir, data)
+        summary["data"] = describe_data(glue_dir, data, data_dir)
         atomic_write_json(out / RESULTS_FILE, summary)
     return summary
 
@@ -330,7 +361,9 @@ def _summary(method, task, model_dir, train, dev, cfg, result, device) -> dict[s
         "model": model_dir or default_model_dir(),
         "train_examples": len(train),
         "dev_examples": len(dev),
-        "dev_majority_baseline": majority_baseline(dev) if not task_spec(task).is_regression else None,
+        "dev_majority_baseline": (
+            None if is_translation(task) or task_spec(task).is_regression else majority_baseline(dev)
+        ),
         "best_dev": result.best,
         "history": result.history,
         "steps": result.steps,

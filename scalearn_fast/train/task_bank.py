@@ -186,6 +186,7 @@ def train_task_bank(
     model_dir: str | None = None,
     glue_dir: str | None = None,
     data: str = "glue",
+    data_dir: str | None = None,
     lr: float = STAGE2_LR,
     omega_dropout: float | None = None,
     max_train_samples: int | None = None,
@@ -199,6 +200,8 @@ def train_task_bank(
     batches (see the module docstring); ``max_*_samples`` apply per target. ``output_dir`` must be
     new or empty (``overwrite=True`` replaces a previous run's folder); it is written only when the
     run succeeds. Returns the results."""
+    if data_dir is not None:
+        raise ValueError("--data-dir is for --task translation; a task bank trains GLUE targets (--glue-dir)")
     from ..models import attach_task_bank, task_bank_parameters
 
     tasks = [canonical_task(t) for t in targets]
