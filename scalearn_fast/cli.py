@@ -259,6 +259,7 @@ register_command(
 register_command("params", "transfer parameters per variant vs AdapterFusion", _params_args, _params_run)
 register_command("summarize", "training runs' results.json as one table", _summarize_args, _summarize_run)
 register_command("predict", "many ScaLearn tasks' predictions from one model", *_predict_command())
+register_command("train-router", *__import__("scalearn_fast.train.router").train.router.command(_common_training_args, _train_kwargs))  # noqa: E501
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -128,8 +128,12 @@ def fit(
     tokenizer,
     cfg: TrainConfig,
     log: Callable[[str], None] = log_line,
+    evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> TrainResult:
-    """Train ``params`` of ``model``; returns the best dev metrics (the best weights are kept)."""
+    """Train ``params`` of ``model``; returns the best dev metrics (the best weights are kept).
+
+    ``evaluate_fn(model)``, when given, replaces the evaluation of ``dev`` with ``cfg.task``'s
+    metrics; it returns metrics with a ``main`` entry (higher is better)."""
     spec = task_spec(cfg.task)
     set_seed(cfg.seed)
     params = [p for p in params if p.requires_grad]
@@ -177,7 +181,10 @@ def fit(
                 progress.update(1)
                 progress.set_postfix(loss=f"{out.loss.item():.4f}", refresh=False)
             if step % eval_every == 0 or step == total:
-                metrics = evaluate(model, dev, tokenizer, cfg.task, max_length=cfg.max_length)
+                if evaluate_fn is None:
+                    metrics = evaluate(model, dev, tokenizer, cfg.task, max_length=cfg.max_length)
+                else:
+                    metrics = evaluate_fn(model)
                 loss = out.loss.item()
                 log(f"[{cfg.task}] step {step}/{total} loss {loss:.4f} dev {format_metrics(metrics)}")
                 metrics["step"] = step
