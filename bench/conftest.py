@@ -39,8 +39,8 @@ if _FORCED not in ("", "cuda", "cpu"):
     raise ValueError(f"SCALEARN_BENCH_MATRIX must be 'cuda' or 'cpu'; got {_FORCED!r}")
 CUDA = torch.cuda.is_available()
 MATRIX_CUDA = CUDA if not _FORCED else _FORCED == "cuda"
-KIND_ORDER = {"layer_case": 0, "fusion_case": 1, "model_case": 2}
-KIND = {"layer_case": "scalearn", "fusion_case": "fusion", "model_case": "model"}
+KIND_ORDER = {"layer_case": 0, "fusion_case": 1, "model_case": 2, "router_case": 3}
+KIND = {"layer_case": "scalearn", "fusion_case": "fusion", "model_case": "model", "router_case": "router"}
 cpu_memory_setup()
 
 

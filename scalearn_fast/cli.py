@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .train.router import command as train_router_command
+
 
 @dataclass
 class Command:
@@ -259,7 +261,7 @@ register_command(
 register_command("params", "transfer parameters per variant vs AdapterFusion", _params_args, _params_run)
 register_command("summarize", "training runs' results.json as one table", _summarize_args, _summarize_run)
 register_command("predict", "many ScaLearn tasks' predictions from one model", *_predict_command())
-register_command("train-router", *__import__("scalearn_fast.train.router").train.router.command(_common_training_args, _train_kwargs))  # noqa: E501
+register_command("train-router", *train_router_command(_common_training_args, _train_kwargs))
 
 
 def build_parser() -> argparse.ArgumentParser:

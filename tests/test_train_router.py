@@ -72,7 +72,9 @@ def test_writes_a_step_folder_per_task_and_results(run):
     out, summary = run
     steps = [out / "step1-sst-2", out / "step2-rte"]
     for step in steps:
-        assert {"router.safetensors", "router_config.json", "results.json"} <= {p.name for p in step.iterdir()}
+        assert {"router.safetensors", "router_config.json", "results.json"} <= {
+            p.name for p in step.iterdir()
+        }
     assert json.loads((out / "results.json").read_text()) == summary
     assert summary["method"] == "router-merge" and summary["tasks"] == TASKS
     assert [sorted(row) for row in summary["matrix"]] == [["sst-2"], ["rte", "sst-2"]]

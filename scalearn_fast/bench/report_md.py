@@ -230,7 +230,11 @@ def markdown(device: dict[str, Any], rows: list[dict[str, Any]], plots: list[str
             "",
         ]
         out += head + [""]
-    for kind, title in (("scalearn", "ScaLearn layer"), ("fusion", "AdapterFusion layer")):
+    for kind, title in (
+        ("scalearn", "ScaLearn layer"),
+        ("fusion", "AdapterFusion layer"),
+        ("router", "Routed composition (L2R)"),
+    ):
         if any(r["kind"] == kind for r in rows):
             out += [f"## {title}", ""] + layer_table(rows, kind) + [""]
     if any(r["kind"] == "model" for r in rows):

@@ -70,7 +70,9 @@ def check_sequence(
         raise ValueError(f"tasks (--tasks) {list(tasks)} name a task twice")
     for task in names:
         if task_spec(task).is_regression:
-            raise ValueError(f"tasks (--tasks): {task} is a regression task; train-router composes classifiers")
+            raise ValueError(
+                f"tasks (--tasks): {task} is a regression task; train-router composes classifiers"
+            )
     if len(adapters) != len(names):
         raise ValueError(
             f"adapters (--adapters) has {len(adapters)} folders for {len(names)} tasks {names}; "
@@ -105,7 +107,9 @@ def init_union_head(model, heads: Sequence[dict[str, Any]], tasks: Sequence[str]
             stored = []
             for task, head in zip(tasks, heads, strict=True):
                 if name not in head:
-                    raise ValueError(f"the stage-1 head of {task} has no {name}; was it trained on this model?")
+                    raise ValueError(
+                        f"the stage-1 head of {task} has no {name}; was it trained on this model?"
+                    )
                 stored.append(head[name].to(param.dtype))
             if all(t.shape == param.shape for t in stored):
                 param.copy_(torch.stack(stored).mean(0))
@@ -255,12 +259,10 @@ def train_router(
             else:
                 for p in router_parameters(model):
                     p.requires_grad_(False)
-            mem = [
-                Example(e.text_a, e.text_b, offsets[t] + int(e.label)) for t in seen for e in memories[t]
-            ]
+            mem = [Example(e.text_a, e.text_b, offsets[t] + int(e.label)) for t in seen for e in memories[t]]
             step_cfg = TrainConfig(**{**asdict(cfg), "task": task})
 
-            def memory_accuracy(m, mem=mem) -> dict[str, float]:
+            def memory_accuracy(m, mem=mem, tokenizer=tokenizer, step_cfg=step_cfg) -> dict[str, float]:
                 import numpy as np
 
                 preds = predict_union(m, mem, tokenizer, max_length=step_cfg.max_length)
@@ -299,8 +301,14 @@ def train_router(
                 "memory_fit": result.best,
                 "steps": result.steps,
                 "train_seconds": round(result.seconds, 1),
-                "options": {"composition": composition, "gate": gate, "k": step_k,
-                            "granularity": granularity, "mode": mode, "backend": backend},  # fmt: skip
+                "options": {
+                    "composition": composition,
+                    "gate": gate,
+                    "k": step_k,
+                    "granularity": granularity,
+                    "mode": mode,
+                    "backend": backend,
+                },  # fmt: skip
                 "config": asdict(step_cfg),
                 "model": model_dir or default_model_dir(),
                 "device": device_name(device),
@@ -343,7 +351,11 @@ def add_arguments(
     group = p._optionals  # where the common options live: --tasks (several) takes --task's place there
     group.conflict_handler = "resolve"
     group.add_argument(
-        "--tasks", "--task", nargs="+", required=True, help="the task sequence, in the order learnt (required)"
+        "--tasks",
+        "--task",
+        nargs="+",
+        required=True,
+        help="the task sequence, in order (required)",
     )
     group.conflict_handler = "error"
     p.add_argument(
@@ -352,7 +364,7 @@ def add_arguments(
         required=True,
         help="one train-adapter --output folder per task, in the order of --tasks (required)",
     )
-    p.add_argument("--memory", type=int, required=True, help="training examples kept per seen task (required)")
+    p.add_argument("--memory", type=int, required=True, help="examples kept per seen task (required)")
     p.add_argument(
         "--composition",
         choices=COMPOSITIONS,
