@@ -3,35 +3,37 @@
 #   bash scripts/l2r_study.sh                 # everything: adapters, then the four compositions
 #   STUDY_PHASE=adapters bash scripts/l2r_study.sh   # stage 1 only
 #   STUDY_PHASE=routers  bash scripts/l2r_study.sh   # the train-router runs only
-# Tasks in order: SST-2, QNLI, MNLI from $GLUE_DIR (default /work/shared/data/glue, the GLUE
-# layout). Stage 1: one adapter per task, 2000 seeded training examples, 2 epochs, seq 64,
-# lr 1e-3, dev subset of 500. Then train-router over the sequence with a memory of 100
-# examples per seen task, 4 epochs over the memory, for: router (output), router (merge),
-# the last adapter alone, a uniform average of the adapters' outputs. Finished runs (a
-# results.json in their folder) are skipped, so a stopped study resumes.
-# Output: $STUDY_OUT (default runs/l2r_study), then scripts/l2r_table.py prints the table.
+# Tasks in order: SST-2, CoLA, MRPC from $GLUE_DIR (default /work/shared/data/glue, the GLUE
+# layout). Stage 1: one adapter per task on 500 seeded training examples, 2 epochs, seq 64,
+# lr 1e-3, a seeded dev subset of 200. Then train-router over the sequence with a memory of 20
+# examples per seen task (drawn from the same 500), 5 epochs over the memory, no selection
+# (one evaluation at the end), for: router (output), router (merge), the last adapter alone,
+# a uniform average of the adapters' outputs. Sized for a 2-core machine shared with other
+# jobs (one torch thread: the cores are oversubscribed). Finished runs (a results.json in their folder) are skipped, so a stopped study resumes.
+# Output: $STUDY_OUT (default runs/l2r_study); the table: python scripts/l2r_table.py $STUDY_OUT
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python}"
 OUT="${STUDY_OUT:-runs/l2r_study}"
 GLUE="${GLUE_DIR:-/work/shared/data/glue}"
 PHASE="${STUDY_PHASE:-all}"
-TASKS=(sst-2 qnli mnli)
-COMMON=(--glue-dir "$GLUE" --max-length 64 --max-eval-samples 500 --batch-size 32 --seed 42
+TASKS=(sst-2 cola mrpc)
+COMMON=(--glue-dir "$GLUE" --max-length 64 --max-eval-samples 200 --batch-size 32 --seed 42
         --no-progress --device cpu)
 mkdir -p "$OUT"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 if [ "$PHASE" = all ] || [ "$PHASE" = adapters ]; then
   for t in "${TASKS[@]}"; do
     [ -f "$OUT/adapters/$t/results.json" ] && continue
     "$PY" -m scalearn_fast train-adapter --task "$t" --output "$OUT/adapters/$t" "${COMMON[@]}" \
-      --max-train-samples 2000 --epochs 2 --lr 1e-3 --patience 0
+      --max-train-samples 500 --epochs 2 --lr 1e-3 --patience 0
   done
 fi
 if [ "$PHASE" = all ] || [ "$PHASE" = routers ]; then
   ADAPTERS=()
   for t in "${TASKS[@]}"; do ADAPTERS+=("$OUT/adapters/$t"); done
-  ROUTER=(--tasks "${TASKS[@]}" --adapters "${ADAPTERS[@]}" --memory 100 --epochs 4 --lr 1e-3
-          --patience 0 "${COMMON[@]}")
+  ROUTER=(--tasks "${TASKS[@]}" --adapters "${ADAPTERS[@]}" --memory 20 --epochs 5 --lr 1e-3
+          --max-train-samples 500 --eval-every 1000 --patience 0 "${COMMON[@]}")
   for run in "router-output:--composition router --mode output --granularity sequence" \
              "router-merge:--composition router --mode merge --granularity sequence" \
              "last:--composition last" \

@@ -84,6 +84,10 @@ def test_writes_a_step_folder_per_task_and_results(run):
     for metrics in second["seen"].values():
         assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["task_id_accuracy"] <= 1.0
     assert second["dev_examples"] == 20
+    from scalearn_fast.train.summary import collect_results, format_results_table
+
+    table = format_results_table(collect_results([out])).splitlines()
+    assert len(table) == 2 + 3 and "SST-2+RTE" in table[2] and "router-merge" in table[3]
 
 
 def test_memory_is_m_per_seen_task(run):
