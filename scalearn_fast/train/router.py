@@ -21,6 +21,7 @@ alone, the head trains); the last two are the baselines of the study in docs/rou
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import time
@@ -28,6 +29,32 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..formats.adapterhub import load_adapterhub_sources
+from ..io import atomic_write_json
+from ..layers_router import check_router_options
+from ..models.router import attach_router, router_parameters
+from ..models.router_checkpoint import save_router
+from ..ops.backends import resolve_backend
+from .data import Example, batches, canonical_task, majority_baseline, task_spec
+from .loop import TrainConfig, fit, log_line, set_seed
+from .metrics import compute_metrics
+from .output import RESULTS_FILE, staged_output
+from .stages import (
+    HEAD_FILE,
+    _load_data,
+    check_run_options,
+    default_model_dir,
+    describe_data,
+    device_name,
+    head_parameters,
+    load_config,
+    load_model,
+)
 
 COMPOSITIONS = ("router", "uniform", "last")
 ROUTER_LR = 1e-3
@@ -47,8 +74,6 @@ def memory_sample(examples: Sequence[Any], task: str, memory: int, seed: int) ->
 
 def union_labels(tasks: Sequence[str]) -> tuple[list[str], dict[str, int]]:
     """The union label names ``task:label`` and each task's offset into them."""
-    from .data import task_spec
-
     names, offsets = [], {}
     for task in tasks:
         offsets[task] = len(names)
@@ -60,9 +85,6 @@ def check_sequence(
     tasks: Sequence[str], adapters: Sequence[str | os.PathLike[str]], memory: int, composition: str
 ) -> list[str]:
     """The canonical task names; a ValueError / FileNotFoundError for what is wrong with the input."""
-    from .data import canonical_task, task_spec
-    from .stages import HEAD_FILE
-
     if not tasks:
         raise ValueError("tasks (--tasks) is empty; name the tasks in the order they were learnt")
     names = [canonical_task(t) for t in tasks]
@@ -97,11 +119,6 @@ def init_union_head(model, heads: Sequence[dict[str, Any]], tasks: Sequence[str]
     """Fill the union head of ``model`` from the stage-1 heads of ``tasks`` (``{name: tensor}``
     each): the label rows of each task's output layer go to its slice; parameters of the same
     shape in every head (the pooler) become their mean."""
-    import torch
-
-    from .data import task_spec
-    from .stages import head_parameters
-
     with torch.no_grad():
         for name, param in head_parameters(model):
             stored = []
@@ -126,11 +143,6 @@ def init_union_head(model, heads: Sequence[dict[str, Any]], tasks: Sequence[str]
 
 def predict_union(model, examples, tokenizer, *, max_length: int, batch_size: int = 64):
     """Arg-max union label per example (numpy)."""
-    import numpy as np
-    import torch
-
-    from .data import batches
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -147,11 +159,6 @@ def task_metrics(task: str, union_preds, labels, offset: int) -> dict[str, float
     """``task``'s GLUE metrics of union predictions: a prediction outside the task's labels is
     counted as a wrong label of the task; ``task_id_accuracy`` is how often the prediction
     fell among the task's labels."""
-    import numpy as np
-
-    from .data import task_spec
-    from .metrics import compute_metrics
-
     n = task_spec(task).num_labels
     labels = np.asarray(labels)
     local = np.asarray(union_preds) - offset
@@ -160,6 +167,26 @@ def task_metrics(task: str, union_preds, labels, offset: int) -> dict[str, float
     out = compute_metrics(task, local, labels)
     out["task_id_accuracy"] = float(inside.mean()) if inside.size else float("nan")
     return out
+
+
+def step_parameters(model: nn.Module, *, train_routers: bool) -> list[nn.Parameter]:
+    """What a step trains: the head, and the routers when ``train_routers`` (else they are
+    frozen at zero: uniform softmax gates, or the one source of ``last``)."""
+    routers = router_parameters(model)
+    for p in routers:
+        p.requires_grad_(train_routers)
+    return [p for _, p in head_parameters(model)] + (routers if train_routers else [])
+
+
+def union_accuracy(examples, tokenizer, max_length: int) -> Callable[[nn.Module], dict[str, float]]:
+    """``evaluate_fn`` for ``fit``: the union-label accuracy on ``examples`` (the memory)."""
+    labels = np.array([e.label for e in examples])
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        acc = float((predict_union(model, examples, tokenizer, max_length=max_length) == labels).mean())
+        return {"memory_accuracy": acc, "main": acc}
+
+    return evaluate
 
 
 def method_name(composition: str, mode: str) -> str:
@@ -198,29 +225,7 @@ def train_router(
     ``max_train_samples`` subsets each training set before the memory is drawn (pass the value
     the adapters were trained with to draw the memory from what they saw); the rest is
     ``train_adapter``'s. ``output_dir`` is written only when the whole sequence succeeds."""
-    import torch
     from safetensors.torch import load_file
-
-    from ..formats.adapterhub import load_adapterhub_sources
-    from ..io import atomic_write_json
-    from ..layers_router import check_router_options
-    from ..models.router import attach_router, router_parameters
-    from ..models.router_checkpoint import save_router
-    from ..ops.backends import resolve_backend
-    from .data import Example, majority_baseline
-    from .loop import TrainConfig, fit, log_line, set_seed
-    from .output import RESULTS_FILE, staged_output
-    from .stages import (
-        HEAD_FILE,
-        _load_data,
-        check_run_options,
-        default_model_dir,
-        describe_data,
-        device_name,
-        head_parameters,
-        load_config,
-        load_model,
-    )
 
     log = log or log_line
     names = check_sequence(tasks, adapters, memory, composition)
@@ -253,21 +258,10 @@ def train_router(
             attach_router(
                 model, used, gate=gate, k=step_k, granularity=granularity, mode=mode, backend=backend
             )
-            params = [p for _, p in head_parameters(model)]
-            if composition == "router":
-                params += router_parameters(model)
-            else:
-                for p in router_parameters(model):
-                    p.requires_grad_(False)
+            params = step_parameters(model, train_routers=composition == "router")
             mem = [Example(e.text_a, e.text_b, offsets[t] + int(e.label)) for t in seen for e in memories[t]]
             step_cfg = TrainConfig(**{**asdict(cfg), "task": task})
-
-            def memory_accuracy(m, mem=mem, tokenizer=tokenizer, step_cfg=step_cfg) -> dict[str, float]:
-                import numpy as np
-
-                preds = predict_union(m, mem, tokenizer, max_length=step_cfg.max_length)
-                acc = float((preds == np.array([e.label for e in mem])).mean())
-                return {"memory_accuracy": acc, "main": acc}
+            memory_accuracy = union_accuracy(mem, tokenizer, step_cfg.max_length)
 
             log(
                 f"[l2r] step {index}/{len(names)} ({task}): {method} over {[s.name for s in used]}, "
@@ -389,8 +383,6 @@ def add_arguments(
 
 
 def run(a: argparse.Namespace, train_kwargs: dict[str, Any]) -> int:
-    import json
-
     summary = train_router(
         a.tasks,
         a.adapters,
