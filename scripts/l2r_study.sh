@@ -10,7 +10,7 @@
 # (one evaluation at the end), for: router (output), router (merge), the last adapter alone,
 # a uniform average of the adapters' outputs. Sized for a 2-core machine shared with other
 # jobs (one torch thread: the cores are oversubscribed). Finished runs (a results.json in their folder) are skipped, so a stopped study resumes.
-# Output: $STUDY_OUT (default runs/l2r_study); the table: python scripts/l2r_table.py $STUDY_OUT
+# Output: $STUDY_OUT (default runs/l2r_study), a log per run there; the table: python scripts/l2r_table.py $STUDY_OUT
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python}"
@@ -23,11 +23,13 @@ COMMON=(--glue-dir "$GLUE" --max-length 64 --max-eval-samples 200 --batch-size 3
 mkdir -p "$OUT"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 if [ "$PHASE" = all ] || [ "$PHASE" = adapters ]; then
-  for t in "${TASKS[@]}"; do
+  for t in "${TASKS[@]}"; do  # the adapters are independent: trained in parallel
     [ -f "$OUT/adapters/$t/results.json" ] && continue
     "$PY" -m scalearn_fast train-adapter --task "$t" --output "$OUT/adapters/$t" "${COMMON[@]}" \
-      --max-train-samples 500 --epochs 2 --lr 1e-3 --patience 0
+      --max-train-samples 500 --epochs 2 --lr 1e-3 --patience 0 > "$OUT/adapter-$t.log" 2>&1 &
   done
+  wait
+  for t in "${TASKS[@]}"; do [ -f "$OUT/adapters/$t/results.json" ] || { echo "adapter $t failed" >&2; exit 1; }; done
 fi
 if [ "$PHASE" = all ] || [ "$PHASE" = routers ]; then
   ADAPTERS=()
@@ -41,6 +43,7 @@ if [ "$PHASE" = all ] || [ "$PHASE" = routers ]; then
     name="${run%%:*}"; opts="${run#*:}"
     [ -f "$OUT/$name/results.json" ] && continue
     # shellcheck disable=SC2086
-    "$PY" -m scalearn_fast train-router --output "$OUT/$name" "${ROUTER[@]}" $opts
+    "$PY" -m scalearn_fast train-router --output "$OUT/$name" "${ROUTER[@]}" $opts > "$OUT/$name.log" 2>&1 &
   done
+  wait  # the four runs are independent: run in parallel
 fi
