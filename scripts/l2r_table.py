@@ -1,5 +1,6 @@
 """The L2R study's table (docs/routing.md) from the train-router runs of scripts/l2r_study.sh:
-dev accuracy (%) on every seen task after each step, one row per (step, composition).
+dev accuracy (%) on every seen task after each step, one row per (step, composition), and in
+brackets how often the prediction fell among that task's own labels (task-id accuracy, %).
 
     python scripts/l2r_table.py runs/l2r_study
 
@@ -35,7 +36,11 @@ def main(study: Path) -> None:
             if name not in runs:
                 continue
             row = runs[name]["accuracy_matrix"][step]
-            cells = [f"{100 * row[t]:.1f}" if t in row else "" for t in tasks]
+            seen = json.loads((study / name / f"step{step + 1}-{task}" / "results.json").read_text())["seen"]
+            cells = [
+                f"{100 * row[t]:.1f} ({100 * seen[t]['task_id_accuracy']:.0f})" if t in row else ""
+                for t in tasks
+            ]
             mean = sum(row.values()) / len(row)
             print(f"| {step + 1}: {task.upper()} | {label} | " + " | ".join(cells) + f" | {100 * mean:.1f} |")
     alone = []
