@@ -164,3 +164,19 @@ def test_cli_missing_adapter_folder_names_the_path(adapters, tiny_model_dir, tmp
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert missing in err and "rte" in err
+
+
+def test_batches_mix_single_sentences_and_pairs(tiny_model_dir):
+    """A memory of several tasks mixes single sentences and pairs in one batch: each row is
+    tokenised as it would be alone (then padded)."""
+    from transformers import AutoTokenizer
+
+    from scalearn_fast.train.data import Example, batches
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
+    mixed = [Example("a fine film", None, 1), Example("he left", "he went away", 0), Example("odd", None, 0)]
+    (batch,) = batches(mixed, tokenizer, batch_size=3, max_length=16)
+    for row, e in zip(batch["input_ids"], mixed, strict=True):
+        alone = tokenizer(e.text_a, e.text_b)["input_ids"]
+        assert row[: len(alone)].tolist() == alone and not row[len(alone) :].any()
+    assert batch["labels"].tolist() == [1, 0, 0]
