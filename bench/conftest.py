@@ -105,13 +105,15 @@ def _case_of(item: pytest.Item):
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Default shape first, then the N sweep, the T sweep, the rest; ScaLearn before fusion
-    before the model within each."""
+    before the model within each; the routed composition last."""
 
     def key(pair: tuple[int, pytest.Item]) -> tuple:
         pos, item = pair
         fixture, case = _case_of(item)
         if case is None:
             return (9, 9, pos)
+        if fixture == "router_case":  # routed composition after the ScaLearn / fusion / model groups
+            return (4, KIND_ORDER[fixture], pos)
         return (case_rank(case), KIND_ORDER[fixture], pos)
 
     items[:] = [item for _, item in sorted(enumerate(items), key=key)]
