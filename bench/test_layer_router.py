@@ -2,7 +2,7 @@
 adapter on its own, the outputs weighted by the router's gates) against ``RouterLayer`` in
 output and merge mode, sequence and token gates, timed in interleaved rounds
 (``scalearn_fast.bench.providers_router``). The rows carry the saved activation bytes of the
-forward+backward groups. Issue targets on CPU fp32: forward+backward >= 3x the loop, saved
+forward+backward groups. Targets on CPU fp32: forward+backward >= 3x the loop, saved
 activations <= 1/N of the loop's."""
 
 from __future__ import annotations
