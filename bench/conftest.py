@@ -41,13 +41,21 @@ if _FORCED not in ("", "cuda", "cpu"):
     raise ValueError(f"SCALEARN_BENCH_MATRIX must be 'cuda' or 'cpu'; got {_FORCED!r}")
 CUDA = torch.cuda.is_available()
 MATRIX_CUDA = CUDA if not _FORCED else _FORCED == "cuda"
-KIND_ORDER = {"layer_case": 0, "fusion_case": 1, "mixture_case": 2, "model_case": 3, "task_bank_case": 4}
+KIND_ORDER = {
+    "layer_case": 0,
+    "fusion_case": 1,
+    "mixture_case": 2,
+    "model_case": 3,
+    "task_bank_case": 4,
+    "router_case": 5,
+}
 KIND = {
     "layer_case": "scalearn",
     "fusion_case": "fusion",
     "mixture_case": "lora_mixture",
     "model_case": "model",
     "task_bank_case": "task_bank",
+    "router_case": "router",
 }
 cpu_memory_setup()
 
@@ -119,13 +127,15 @@ def _case_of(item: pytest.Item):
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Default shape first, then the N sweep, the T sweep, the rest; ScaLearn before fusion
-    before the model within each."""
+    before the model within each; the routed composition last."""
 
     def key(pair: tuple[int, pytest.Item]) -> tuple:
         pos, item = pair
         fixture, case = _case_of(item)
         if case is None:
             return (9, 9, pos)
+        if fixture == "router_case":  # routed composition after the ScaLearn / fusion / model groups
+            return (4, KIND_ORDER[fixture], pos)
         return (case_rank(case), KIND_ORDER[fixture], pos)
 
     items[:] = [item for _, item in sorted(enumerate(items), key=key)]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import convert, fusion_command
 from .deploy import command as export_cmd
+from .train.router import command as train_router_command
 
 
 @dataclass
@@ -358,6 +359,7 @@ register_command("predict", "many ScaLearn tasks' predictions from one model", *
 register_command("convert", "official ScaLearn folder -> our format", convert.add_arguments, convert.run)
 register_command("export", "a .pt2 package for scalearn-run (C++)", export_cmd.add_arguments, export_cmd.run)
 register_command("train-task-bank", *_train_task_bank_command())
+register_command("train-router", *train_router_command(_common_training_args, _train_kwargs))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -255,6 +255,7 @@ def markdown(device: dict[str, Any], rows: list[dict[str, Any]], plots: list[str
         ("scalearn", "ScaLearn layer"),
         ("fusion", "AdapterFusion layer"),
         ("lora_mixture", "LoRA mixture (MoSLD) layer"),
+        ("router", "Routed composition (L2R)"),
     ):
         if any(r["kind"] == kind for r in rows):
             out += [f"## {title}", ""] + layer_table(rows, kind) + [""]

@@ -1,8 +1,10 @@
 """Two-stage ScaLearn training on GLUE: stage 1 adapters (``train_adapter``), stage 2 ω + head
-(``train_scalearn``), GLUE readers and metrics. Needs ``transformers`` (the ``hf`` extra)."""
+(``train_scalearn``), L2R routers over a task sequence (``train_router``), GLUE readers and
+metrics. Needs ``transformers`` (the ``hf`` extra)."""
 
 from .data import TASKS, Example, read_glue, task_spec
 from .metrics import compute_metrics
+from .router import train_router
 from .stages import (
     FUSION_LR,
     STAGE1_LR,
@@ -25,5 +27,6 @@ __all__ = [
     "task_spec",
     "train_adapter",
     "train_fusion",
+    "train_router",
     "train_scalearn",
 ]

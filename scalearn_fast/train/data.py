@@ -178,9 +178,14 @@ def batches(
         rng.shuffle(starts)
     for start in starts:
         chunk = [examples[i] for i in order[start : start + batch_size]]
-        a = [e.text_a for e in chunk]
-        b = [e.text_b for e in chunk] if chunk[0].text_b is not None else None
-        enc = tokenizer(a, b, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        pairs = [e.text_b is not None for e in chunk]
+        if all(pairs) or not any(pairs):
+            a = [e.text_a for e in chunk]
+            b = [e.text_b for e in chunk] if pairs[0] else None
+            enc = tokenizer(a, b, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        else:  # a batch mixing single sentences and pairs (several tasks' examples): one input each
+            inputs = [(e.text_a, e.text_b) if e.text_b is not None else e.text_a for e in chunk]
+            enc = tokenizer(inputs, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         dtype = torch.float32 if regression else torch.long
         enc["labels"] = torch.tensor([e.label for e in chunk], dtype=dtype)
         yield dict(enc)

@@ -166,11 +166,14 @@ def fit(
     log: Callable[[str], None] = log_line,
     extra_loss: Callable[[], torch.Tensor | None] | None = None,
     hooks: FitHooks | None = None,
+    evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train ``params`` of ``model``; returns the best dev metrics (the best weights are kept).
     ``extra_loss()`` (e.g. AdapterFusion's value regularisation) is added to every step's loss;
     ``hooks`` replace the batches, loss and dev metrics of the single task ``cfg.task`` (by
-    default those of ``task_io(cfg.task)``: a GLUE task or ``translation``)."""
+    default those of ``task_io(cfg.task)``: a GLUE task or ``translation``).
+    ``evaluate_fn(model)``, when given, replaces only the evaluation of ``dev``; it returns
+    metrics with a ``main`` entry (higher is better)."""
     device = next(model.parameters()).device
     if hooks is None:
         io = task_io(cfg.task)
@@ -181,11 +184,18 @@ def fit(
                 seed=cfg.seed + epoch,
             )  # fmt: skip
 
+        def default_evaluate() -> dict[str, float]:
+            if evaluate_fn is not None:
+                return evaluate_fn(model)
+            return io.evaluate(model, dev, tokenizer, max_length=cfg.max_length)
+
         hooks = FitHooks(
             default_batches,
             lambda m, batch: m(**{k: v.to(device) for k, v in batch.items()}).loss,
-            lambda: io.evaluate(model, dev, tokenizer, max_length=cfg.max_length),
+            default_evaluate,
         )
+    elif evaluate_fn is not None:
+        raise ValueError("fit: pass evaluate_fn or hooks (whose evaluate it would replace), not both")
     set_seed(cfg.seed)
     params = [p for p in params if p.requires_grad]
     if not params:

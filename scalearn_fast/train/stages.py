@@ -134,9 +134,12 @@ def device_name(device: str) -> str:
     return f"cpu: {name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 
-def load_model(model_dir: str | None, task: str, *, dtype: torch.dtype = torch.float32):
+def load_model(
+    model_dir: str | None, task: str, *, dtype: torch.dtype = torch.float32, num_labels: int | None = None
+):
     """(model, tokenizer) from a local HF folder, offline: sequence classification for a GLUE
-    task, an encoder-decoder LM for ``translation``."""
+    task (the head has ``task``'s labels, or ``num_labels`` when given), an encoder-decoder LM
+    for ``translation``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -156,7 +159,11 @@ def load_model(model_dir: str | None, task: str, *, dtype: torch.dtype = torch.f
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=spec.num_labels, local_files_only=True, torch_dtype=dtype
+            path,
+            num_labels=num_labels or spec.num_labels,
+            local_files_only=True,
+            torch_dtype=dtype,
+            ignore_mismatched_sizes=num_labels is not None,  # a stored head of another size is replaced
         )
     finally:
         hf_logging.set_verbosity(verbosity)
