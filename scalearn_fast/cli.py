@@ -249,21 +249,13 @@ def include_target_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _scalearn_run(a: argparse.Namespace) -> int:
-    from .train.protocol import apply_recipe, with_target
     from .train.stages import train_scalearn
+    from .transfer_stage import run_transfer_stage
 
-    apply_recipe(a, "train-scalearn")
-    summary = train_scalearn(
-        a.task,
-        with_target(a.task, a.sources, a.include_target),
-        a.output,
-        variant=a.variant,
-        backend=a.backend,
-        omega_dropout=a.omega_dropout,
-        **_train_kwargs(a),
-    )
-    _print_result(summary)
-    return 0
+    return run_transfer_stage(
+        a, "train-scalearn", train_scalearn, _train_kwargs, _print_result,
+        variant=a.variant, backend=a.backend, omega_dropout=a.omega_dropout,
+    )  # fmt: skip
 
 
 def _params_args(p: argparse.ArgumentParser) -> None:

@@ -45,19 +45,12 @@ def command(
         include_target_arg(p)
 
     def run(a: argparse.Namespace) -> int:
-        from .train.protocol import apply_recipe, with_target
         from .train.stages import train_fusion
+        from .transfer_stage import run_transfer_stage
 
-        apply_recipe(a, "train-fusion")
-        summary = train_fusion(
-            a.task,
-            with_target(a.task, a.sources, a.include_target),
-            a.output,
-            backend=a.backend,
-            fusion_config=a.fusion_config,
-            **train_kwargs(a),
-        )
-        print_result(summary)
-        return 0
+        return run_transfer_stage(
+            a, "train-fusion", train_fusion, train_kwargs, print_result,
+            backend=a.backend, fusion_config=a.fusion_config,
+        )  # fmt: skip
 
     return add_arguments, run
