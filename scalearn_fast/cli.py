@@ -212,6 +212,7 @@ def _adapter_run(a: argparse.Namespace) -> int:
 def _scalearn_args(p: argparse.ArgumentParser) -> None:
     from .layers import VARIANTS
     from .train.stages import STAGE2_LR
+    from .transfer_stage import add_backend_argument
 
     _common_training_args(p, STAGE2_LR)
     p.add_argument("--sources", nargs="+", required=True, help="AdapterHub adapter folders (stage-1 outputs)")
@@ -227,12 +228,7 @@ def _scalearn_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="dropout on ω during training, in [0, 1) (default: 0.3; 0.0 for scalearn_uniform++)",
     )
-    p.add_argument(
-        "--backend",
-        choices=("auto", "torch", "triton", "reference"),
-        default="auto",
-        help="how the fused layer computes (auto: the fastest measured on the device)",
-    )
+    add_backend_argument(p)
     include_target_arg(p)
 
 

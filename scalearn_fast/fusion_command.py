@@ -28,6 +28,7 @@ def command(
 
     def add_arguments(p: argparse.ArgumentParser) -> None:
         from .train.stages import FUSION_LR
+        from .transfer_stage import add_backend_argument
 
         common_args(p, FUSION_LR)
         p.add_argument(
@@ -36,12 +37,7 @@ def command(
         p.add_argument(
             "--fusion-config", choices=("dynamic", "static"), default="dynamic", help="the library's config"
         )
-        p.add_argument(
-            "--backend",
-            choices=("auto", "torch", "triton", "reference"),
-            default="auto",
-            help="how the fused layer computes (auto: the fastest measured on the device)",
-        )
+        add_backend_argument(p)
         include_target_arg(p)
 
     def run(a: argparse.Namespace) -> int:
