@@ -92,7 +92,7 @@ from .common import (
     store_tile,
     tile_mask,
 )
-from .scaled_adapter_sum_backward import TARGET_PROGRAMS, TOKEN_CHUNK
+from .scaled_adapter_sum_backward import TOKEN_CHUNK, token_splits
 
 C_TILE = 128  # widest column tile of the grad kernel unless one expert is wider (tests patch it)
 MAX_RANK = 256  # largest next_pow2(r) the grad kernel takes: one expert's columns are one tile
@@ -425,7 +425,7 @@ def lora_mixture_expand(
 
 def _token_splits(t: int, tiles: int) -> int:
     """How many deterministic T splits fill ~TARGET_PROGRAMS programs, each >= 2 chunks of tokens."""
-    return max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), triton.cdiv(t, 2 * TOKEN_CHUNK)))
+    return token_splits(t, tiles, TOKEN_CHUNK)
 
 
 def _grad_p_gates(p, gates, b_up, grad_out, scaling, shared, need_dp, need_dgates):

@@ -251,9 +251,14 @@ def grad_pre_ref(
     return d_pre.to(grad_out.dtype), gs
 
 
+def token_splits(t: int, tiles: int, chunk: int) -> int:
+    """How many deterministic splits over ``t`` tokens fill ~``TARGET_PROGRAMS`` programs when one
+    split has ``tiles`` output tiles, each split covering at least two chunks of ``chunk`` tokens."""
+    return max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), triton.cdiv(t, 2 * chunk)))
+
+
 def _num_splits(t: int, r: int, d: int) -> int:
-    tiles = triton.cdiv(r, 64) * triton.cdiv(d, 64)
-    return max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), triton.cdiv(t, 2 * TOKEN_CHUNK)))
+    return token_splits(t, triton.cdiv(r, 64) * triton.cdiv(d, 64), TOKEN_CHUNK)
 
 
 def tn_gemm(

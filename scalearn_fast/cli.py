@@ -223,6 +223,7 @@ def _adapter_run(a: argparse.Namespace) -> int:
 def _scalearn_args(p: argparse.ArgumentParser) -> None:
     from .layers import VARIANTS
     from .train.stages import STAGE2_LR
+    from .transfer_stage import add_backend_argument
 
     _common_training_args(p, STAGE2_LR)
     p.add_argument("--sources", nargs="+", required=True, help="AdapterHub adapter folders (stage-1 outputs)")
@@ -238,12 +239,7 @@ def _scalearn_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="dropout on ω during training, in [0, 1) (default: 0.3; 0.0 for scalearn_uniform++)",
     )
-    p.add_argument(
-        "--backend",
-        choices=("auto", "torch", "triton", "reference"),
-        default="auto",
-        help="how the fused layer computes (auto: the fastest measured on the device)",
-    )
+    add_backend_argument(p)
     include_target_arg(p)
 
 
@@ -260,21 +256,13 @@ def include_target_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _scalearn_run(a: argparse.Namespace) -> int:
-    from .train.protocol import apply_recipe, with_target
     from .train.stages import train_scalearn
+    from .transfer_stage import run_transfer_stage
 
-    apply_recipe(a, "train-scalearn")
-    summary = train_scalearn(
-        a.task,
-        with_target(a.task, a.sources, a.include_target),
-        a.output,
-        variant=a.variant,
-        backend=a.backend,
-        omega_dropout=a.omega_dropout,
-        **_train_kwargs(a),
-    )
-    _print_result(summary)
-    return 0
+    return run_transfer_stage(
+        a, "train-scalearn", train_scalearn, _train_kwargs, _print_result,
+        variant=a.variant, backend=a.backend, omega_dropout=a.omega_dropout,
+    )  # fmt: skip
 
 
 def _params_args(p: argparse.ArgumentParser) -> None:

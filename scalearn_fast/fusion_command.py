@@ -28,6 +28,7 @@ def command(
 
     def add_arguments(p: argparse.ArgumentParser) -> None:
         from .train.stages import FUSION_LR
+        from .transfer_stage import add_backend_argument
 
         common_args(p, FUSION_LR)
         p.add_argument(
@@ -36,28 +37,16 @@ def command(
         p.add_argument(
             "--fusion-config", choices=("dynamic", "static"), default="dynamic", help="the library's config"
         )
-        p.add_argument(
-            "--backend",
-            choices=("auto", "torch", "triton", "reference"),
-            default="auto",
-            help="how the fused layer computes (auto: the fastest measured on the device)",
-        )
+        add_backend_argument(p)
         include_target_arg(p)
 
     def run(a: argparse.Namespace) -> int:
-        from .train.protocol import apply_recipe, with_target
         from .train.stages import train_fusion
+        from .transfer_stage import run_transfer_stage
 
-        apply_recipe(a, "train-fusion")
-        summary = train_fusion(
-            a.task,
-            with_target(a.task, a.sources, a.include_target),
-            a.output,
-            backend=a.backend,
-            fusion_config=a.fusion_config,
-            **train_kwargs(a),
-        )
-        print_result(summary)
-        return 0
+        return run_transfer_stage(
+            a, "train-fusion", train_fusion, train_kwargs, print_result,
+            backend=a.backend, fusion_config=a.fusion_config,
+        )  # fmt: skip
 
     return add_arguments, run

@@ -102,8 +102,8 @@ def run(a: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
+    from .hf_quiet import transformers_errors_only
     from .models.task_bank import attach_task_bank, num_labels
     from .train.stages import default_device, default_model_dir
 
@@ -111,13 +111,9 @@ def run(a: argparse.Namespace) -> int:
     with open(a.input, encoding="utf-8") as stream:
         requests, errors = read_requests(stream, set(tasks))
     path = a.model or default_model_dir()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with transformers_errors_only():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     device = a.device or default_device()
     model = attach_task_bank(model.to(device).eval(), a.sources, tasks, backend=a.backend)
     labels = {name: num_labels(model, name) for name in tasks}

@@ -17,10 +17,16 @@ from typing import Any
 import torch
 
 from .device import DeviceRecord
-from .flops import OpCost, row_cost
 from .harness import Candidate, run_case_group
 from .matrix import ModelCase
-from .model import ModelUnderTest, build_model, inference_step
+from .model import (
+    ModelUnderTest,
+    build_model,
+    inference_step,
+    model_case_cost,
+    model_case_inputs,
+    model_case_params,
+)
 from .providers import ProviderUnavailable
 
 EXPORT_VARIANTS = ("scalearn_fused", "scalearn_package")
@@ -63,16 +69,9 @@ def run_export_case(
 ) -> dict[str, dict[str, Any]]:
     """Every variant of ``case`` in inference (mode ``infer_package``), timed interleaved."""
     c = case
-    gen = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, 1000, (c.batch, c.seq), generator=gen).to(device)
-    params = {"kind": "model", "mode": "infer_package", "case": c.id, "layers": c.layers, "d": c.d, "n": c.n}
-    params.update(batch=c.batch, seq=c.seq, ffn=c.ffn)
-    dtype_name = str(c.dtype).removeprefix("torch.")
-
-    def cost(variant: str) -> OpCost:
-        found = row_cost({**params, "provider": variant, "dtype": dtype_name, "tokens": c.tokens})
-        assert found is not None, params
-        return found
+    ids, _ = model_case_inputs(c, device)
+    params = model_case_params(c, "infer_package")
+    cost = model_case_cost(c, params)
 
     def candidate(variant: str) -> Candidate:
         def build() -> tuple[Callable[[], Any], int]:

@@ -219,6 +219,35 @@ def graph_inference_step(m: ModelUnderTest, ids: torch.Tensor) -> Callable[[], t
     return replay
 
 
+def model_case_inputs(case: ModelCase, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded token ids ``[batch, seq]`` and labels ``[batch]`` of every model-level row of ``case``."""
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 1000, (case.batch, case.seq), generator=gen).to(device)
+    labels = torch.randint(0, 2, (case.batch,), generator=gen).to(device)
+    return ids, labels
+
+
+def model_case_params(case: ModelCase, mode: str) -> dict[str, Any]:
+    """The parameters a model-level row of ``case`` in ``mode`` is recorded under."""
+    c = case
+    params = {"kind": "model", "mode": mode, "case": c.id, "layers": c.layers, "d": c.d, "n": c.n}
+    params.update(batch=c.batch, seq=c.seq, ffn=c.ffn)
+    return params
+
+
+def model_case_cost(case: ModelCase, params: dict[str, Any]) -> Callable[[str], OpCost]:
+    """A variant's cost for a row recorded under ``params`` (the report recomputes it with the same
+    function)."""
+    dtype_name = str(case.dtype).removeprefix("torch.")
+
+    def cost(variant: str) -> OpCost:
+        found = row_cost({**params, "provider": variant, "dtype": dtype_name, "tokens": case.tokens})
+        assert found is not None, params
+        return found
+
+    return cost
+
+
 def run_model_case(
     writer: Any,
     case: ModelCase,
@@ -231,17 +260,9 @@ def run_model_case(
 ) -> dict[str, dict[str, Any]]:
     """Every variant of ``case`` in ``mode`` (infer, infer_graph, train), timed interleaved."""
     c = case
-    gen = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, 1000, (c.batch, c.seq), generator=gen).to(device)
-    labels = torch.randint(0, 2, (c.batch,), generator=gen).to(device)
-    params = {"kind": "model", "mode": mode, "case": c.id, "layers": c.layers, "d": c.d, "n": c.n}
-    params.update(batch=c.batch, seq=c.seq, ffn=c.ffn)
-    dtype_name = str(c.dtype).removeprefix("torch.")
-
-    def cost(variant: str) -> OpCost:  # the report recomputes with the same function
-        found = row_cost({**params, "provider": variant, "dtype": dtype_name, "tokens": c.tokens})
-        assert found is not None, params
-        return found
+    ids, labels = model_case_inputs(c, device)
+    params = model_case_params(c, mode)
+    cost = model_case_cost(c, params)
 
     def candidate(variant: str) -> Candidate:
         attach: dict[str, Any] = {}

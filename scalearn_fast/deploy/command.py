@@ -50,8 +50,8 @@ def build_model(a: argparse.Namespace):
     """The model of ``--model`` on ``--device`` in eval mode, with the checkpoint attached."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
+    from ..hf_quiet import transformers_errors_only
     from ..models import attach_fusion, load_scalearn
 
     if not Path(a.model).is_dir():
@@ -63,12 +63,8 @@ def build_model(a: argparse.Namespace):
         labels = _num_labels(a.scalearn)
         if labels is not None:
             kwargs["num_labels"] = labels
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a head the checkpoint replaces is "newly initialized"
-    try:
+    with transformers_errors_only():  # a head the checkpoint replaces is "newly initialized"
         model = AutoModelForSequenceClassification.from_pretrained(a.model, local_files_only=True, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     model = model.to(a.device).eval()
     if a.scalearn is not None:
         load_scalearn(model, a.scalearn, a.sources)

@@ -96,60 +96,68 @@ def _layer_lists(model: nn.Module, stack_names: tuple[str, ...], layer_attrs: tu
     return []
 
 
-def _bert_like(model: nn.Module) -> list[FFNSite]:
+SiteOf = Callable[[nn.Module, str, int], tuple[nn.Module, nn.Module]]
+
+
+def _collect_sites(
+    model: nn.Module, stacks: tuple[str, ...], layer_attrs: tuple[str, ...], style: str, site_of: SiteOf
+) -> list[FFNSite]:
+    """One ``FFNSite`` of ``style`` per layer of the stacks found; ``site_of(layer, stack, index)``
+    gives the layer's adapted module and its LayerNorm, or raises ``ValueError`` naming what is
+    missing."""
     names = _qualified(model)
     sites = []
-    for stack, layers in _layer_lists(model, ("encoder",), ("layer", "layers")):
+    for stack, layers in _layer_lists(model, stacks, layer_attrs):
         for index, layer in enumerate(layers):
-            out = getattr(layer, "output", None)
-            ln = getattr(out, "LayerNorm", None)
-            if out is None or ln is None or getattr(out, "dense", None) is None:
-                raise ValueError(f"layer {index} of {type(model).__name__} has no output.dense/LayerNorm")
-            sites.append(FFNSite(names[id(out)], out, ln, "output", stack, index))
+            module, ln = site_of(layer, stack, index)
+            sites.append(FFNSite(names[id(module)], module, ln, style, stack, index))
     return sites
+
+
+def _bert_like(model: nn.Module) -> list[FFNSite]:
+    def site_of(layer: nn.Module, stack: str, index: int) -> tuple[nn.Module, nn.Module]:
+        out = getattr(layer, "output", None)
+        ln = getattr(out, "LayerNorm", None)
+        if out is None or ln is None or getattr(out, "dense", None) is None:
+            raise ValueError(f"layer {index} of {type(model).__name__} has no output.dense/LayerNorm")
+        return out, ln
+
+    return _collect_sites(model, ("encoder",), ("layer", "layers"), "output", site_of)
 
 
 def _t5_like(model: nn.Module) -> list[FFNSite]:
-    names = _qualified(model)
-    sites = []
-    for stack, blocks in _layer_lists(model, ("encoder", "decoder"), ("block",)):
-        for index, block in enumerate(blocks):
-            sub = getattr(block, "layer", None)
-            ff = sub[-1] if isinstance(sub, nn.ModuleList) and len(sub) else None
-            ln = getattr(ff, "layer_norm", None)
-            if ln is None or any(getattr(ff, a, None) is None for a in ("DenseReluDense", "dropout")):
-                raise ValueError(
-                    f"{stack} block {index} of {type(model).__name__} has no FFN sub-layer "
-                    "(layer[-1] with layer_norm, DenseReluDense, dropout)"
-                )
-            sites.append(FFNSite(names[id(ff)], ff, ln, "pre_ln_ff", stack, index))
-    return sites
+    def site_of(block: nn.Module, stack: str, index: int) -> tuple[nn.Module, nn.Module]:
+        sub = getattr(block, "layer", None)
+        ff = sub[-1] if isinstance(sub, nn.ModuleList) and len(sub) else None
+        ln = getattr(ff, "layer_norm", None)
+        if ln is None or any(getattr(ff, a, None) is None for a in ("DenseReluDense", "dropout")):
+            raise ValueError(
+                f"{stack} block {index} of {type(model).__name__} has no FFN sub-layer "
+                "(layer[-1] with layer_norm, DenseReluDense, dropout)"
+            )
+        return ff, ln
+
+    return _collect_sites(model, ("encoder", "decoder"), ("block",), "pre_ln_ff", site_of)
 
 
 def _pre_ln_layers(model: nn.Module) -> list[FFNSite]:
-    names = _qualified(model)
-    sites = []
-    for stack, layers in _layer_lists(model, ("encoder", "decoder"), ("layers",)):
-        for index, layer in enumerate(layers):
-            ln = getattr(layer, "final_layer_norm", None)
-            if ln is None or getattr(layer, "fc2", None) is None:
-                raise ValueError(
-                    f"{stack} layer {index} of {type(model).__name__} has no final_layer_norm/fc2"
-                )
-            sites.append(FFNSite(names[id(layer)], layer, ln, "pre_ln_layer", stack, index))
-    return sites
+    def site_of(layer: nn.Module, stack: str, index: int) -> tuple[nn.Module, nn.Module]:
+        ln = getattr(layer, "final_layer_norm", None)
+        if ln is None or getattr(layer, "fc2", None) is None:
+            raise ValueError(f"{stack} layer {index} of {type(model).__name__} has no final_layer_norm/fc2")
+        return layer, ln
+
+    return _collect_sites(model, ("encoder", "decoder"), ("layers",), "pre_ln_layer", site_of)
 
 
 def _bart_like(model: nn.Module) -> list[FFNSite]:
-    names = _qualified(model)
-    sites = []
-    for stack, layers in _layer_lists(model, ("encoder", "decoder"), ("layers", "layer")):
-        for index, layer in enumerate(layers):
-            ln = getattr(layer, "final_layer_norm", None)
-            if ln is None:
-                raise ValueError(f"{stack} layer {index} of {type(model).__name__} has no final_layer_norm")
-            sites.append(FFNSite(names[id(ln)], ln, ln, "post_ln", stack, index))
-    return sites
+    def site_of(layer: nn.Module, stack: str, index: int) -> tuple[nn.Module, nn.Module]:
+        ln = getattr(layer, "final_layer_norm", None)
+        if ln is None:
+            raise ValueError(f"{stack} layer {index} of {type(model).__name__} has no final_layer_norm")
+        return ln, ln
+
+    return _collect_sites(model, ("encoder", "decoder"), ("layers", "layer"), "post_ln", site_of)
 
 
 REGISTRY: dict[str, Callable[[nn.Module], list[FFNSite]]] = {
