@@ -180,3 +180,14 @@ def test_batches_mix_single_sentences_and_pairs(tiny_model_dir):
         alone = tokenizer(e.text_a, e.text_b)["input_ids"]
         assert row[: len(alone)].tolist() == alone and not row[len(alone) :].any()
     assert batch["labels"].tolist() == [1, 0, 0]
+
+
+def test_cli_refuses_data_dir(adapters, tiny_model_dir, tmp_path, capsys):
+    """``--data-dir`` (a translation option shared by the training commands) is refused by name,
+    not passed on to the training config."""
+    argv = ["train-router", "--output", str(tmp_path / "o"), "--model", tiny_model_dir, "--no-progress",
+            "--glue-dir", str(SAMPLE_GLUE_DIR), "--max-steps", "1", "--tasks", *TASKS,
+            "--adapters", *adapters, "--memory", "2", "--data-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 2
+    assert "--data-dir is for --task translation" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

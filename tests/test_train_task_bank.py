@@ -126,3 +126,12 @@ def test_cli_refuses_a_target_named_twice(tmp_path, capsys):
                      str(tmp_path / "o"), "--device", "cpu"])  # fmt: skip
     assert code != 0
     assert "targets name a task twice" in capsys.readouterr().err
+
+
+def test_cli_refuses_data_dir(tmp_path, capsys):
+    """``--data-dir`` (a translation option shared by the training commands) is refused by name,
+    not passed on to the training config."""
+    code = cli.main(["train-task-bank", "--task", "rte", "mrpc", "--sources", str(tmp_path), "--output",
+                     str(tmp_path / "o"), "--device", "cpu", "--data-dir", str(tmp_path)])  # fmt: skip
+    assert code == 2
+    assert "--data-dir is for --task translation" in capsys.readouterr().err

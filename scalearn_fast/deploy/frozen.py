@@ -38,6 +38,7 @@ class ExportScaLearn(nn.Module):
 
     forward = ScaLearnLayer.forward
     forward_pre_ln = ScaLearnLayer.forward_pre_ln
+    forward_summed = ScaLearnLayer.forward_summed
 
     def __init__(self, layer: ScaLearnLayer, like: torch.Tensor) -> None:
         super().__init__()
@@ -67,6 +68,7 @@ class ExportFusion(nn.Module):
 
     forward = AdapterFusionLayer.forward
     forward_pre_ln = AdapterFusionLayer.forward_pre_ln
+    forward_summed = AdapterFusionLayer.forward_summed
 
     def __init__(self, layer: AdapterFusionLayer, like: torch.Tensor, *, merged: bool) -> None:
         super().__init__()

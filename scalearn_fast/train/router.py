@@ -208,6 +208,7 @@ def train_router(
     model_dir: str | None = None,
     glue_dir: str | None = None,
     data: str = "glue",
+    data_dir: str | None = None,
     lr: float = ROUTER_LR,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
@@ -227,6 +228,8 @@ def train_router(
     ``train_adapter``'s. ``output_dir`` is written only when the whole sequence succeeds."""
     from safetensors.torch import load_file
 
+    if data_dir is not None:
+        raise ValueError("--data-dir is for --task translation; train-router trains GLUE tasks (--glue-dir)")
     log = log or log_line
     names = check_sequence(tasks, adapters, memory, composition)
     check_router_options(gate, k, granularity, mode, max(k or 1, 1))
