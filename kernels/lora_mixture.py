@@ -348,6 +348,11 @@ def _rank_pad(r: int) -> int:
     return triton.next_power_of_2(max(r, 1))
 
 
+def backward_fits(r: int) -> bool:
+    """Whether ``lora_mixture_expand_backward`` takes rank ``r`` (next_pow2(r) <= ``MAX_RANK``)."""
+    return _rank_pad(r) <= MAX_RANK
+
+
 def _rank_flags(r: int, shared: bool, b_up: torch.Tensor | None = None) -> dict[str, object]:
     """The column layout's constexprs; ``D_ALIGNED`` only where b_up's d_out stride is a multiple of R_PAD."""
     r_pad = _rank_pad(r)
@@ -491,7 +496,7 @@ def lora_mixture_expand_backward(
     if len(needs) != 3:
         raise ValueError(f"lora_mixture_expand_backward: needs is (dp, dgates, db_up); got {needs!r}")
     t, n, d_out, r = _check("lora_mixture_expand_backward", p, gates, b_up, scaling, shared, grad_out)
-    if _rank_pad(r) > MAX_RANK:
+    if not backward_fits(r):
         raise ValueError(
             f"lora_mixture_expand_backward: r={r} (b_up {list(b_up.shape)}) is past the kernels' "
             f"next_pow2(r) <= {MAX_RANK}; use the torch implementation"

@@ -19,9 +19,9 @@ from types import ModuleType
 import torch
 
 from .._kernels import load_kernels
-from .backends import triton_interpreted
 from .lora_mixture_torch import lora_mixture_expand as torch_expand
 from .lora_mixture_torch import lora_mixture_expand_backward as torch_expand_backward
+from .triton_backend import runs_on_torch
 
 Tensor = torch.Tensor
 
@@ -31,15 +31,9 @@ def _kernels() -> ModuleType:
     return importlib.import_module(f"{load_kernels().__name__}.lora_mixture")
 
 
-def _kernel_dtype(dtype: torch.dtype) -> bool:
-    if dtype == torch.float64:
-        return False
-    return not (dtype == torch.bfloat16 and triton_interpreted())
-
-
 def lora_mixture_expand(p: Tensor, gates: Tensor, b_up: Tensor, scaling: float, *, shared: bool) -> Tensor:
     """``scaling · S · B_catᵀ`` (``ops/lora_mixture_torch.py``), in one Triton launch."""
-    if not _kernel_dtype(p.dtype):
+    if runs_on_torch(p.dtype):
         return torch_expand(p, gates, b_up, scaling, shared=shared)
     return _kernels().lora_mixture_expand(p, gates, b_up, scaling, shared=shared)
 
@@ -50,7 +44,6 @@ def lora_mixture_expand_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
     """``(dp, dgates, db_up)`` (``ops/lora_mixture_torch.py``), in two Triton launches."""
     kernels = _kernels()
-    r = b_up.shape[2]
-    if not _kernel_dtype(p.dtype) or kernels.MAX_RANK < 1 << (r - 1).bit_length():
+    if runs_on_torch(p.dtype) or not kernels.backward_fits(b_up.shape[2]):
         return torch_expand_backward(p, gates, b_up, grad_out, scaling, shared=shared, needs=needs)
     return kernels.lora_mixture_expand_backward(p, gates, b_up, grad_out, scaling, shared=shared, needs=needs)

@@ -22,13 +22,12 @@ accumulator).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from scalearn_fast._kernels import load_kernels
 
 from . import algebra, bank, path_choice, torch_backend, triton_bank
+from .backends import triton_interpreted
 from .composition import Composition, Gradients
 
 Tensor = torch.Tensor
@@ -39,7 +38,7 @@ def runs_on_torch(dtype: torch.dtype) -> bool:
     """Whether calls in ``dtype`` go to the torch backend (see the module docstring)."""
     if dtype == torch.float64:
         return True
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return dtype == torch.bfloat16 and triton_interpreted()
 
 
 def _fp16_overflow(call: Composition) -> bool:
