@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from .matrix import DEFAULT_SHAPE as DEFAULT
@@ -81,62 +82,55 @@ def _is_default(r: dict[str, Any]) -> bool:
     return r.get("d") == DEFAULT["d"] and r.get("n") == DEFAULT["n"] and r.get("tokens") == DEFAULT["tokens"]
 
 
+def _table(
+    rows: list[dict[str, Any]], kind: str, head: str, cells: Callable[[dict[str, Any]], list[Any]]
+) -> list[str]:
+    """A markdown table: ``head``, its rule, and ``cells(r)`` for every row of ``kind``."""
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    lines += ["| " + " | ".join(map(str, cells(r))) + " |" for r in rows if r["kind"] == kind]
+    return lines
+
+
 def layer_table(rows: list[dict[str, Any]], kind: str) -> list[str]:
     head = (
         "| mode | shape | provider | median ms | IQR ms (spread) | GPU busy ms | tokens/s | TFLOP/s | GB/s "
         "| % roofline | peak MiB | saved MiB | vs naive | vs compile |"
     )
-    lines = [head, "|" + "---|" * 14]
-    for r in rows:
-        if r["kind"] != kind:
-            continue
-        lines.append(
-            f"| {r['mode']} | {r['case']} | {r['provider']} | {r['median_s'] * 1e3:.3f} | {_spread(r)} | "
-            f"{_ms(r.get('device_s'), '.3f')} | {_fmt(r.get('tokens_per_s'))} | "
-            f"{_fmt(r.get('tflops'))} | {_fmt(r.get('gbps'))} | "
-            f"{_fmt(r.get('roofline_pct'), '.1f')} | {_mib(r.get('peak_mem_bytes'))} | "
-            f"{_mib(r.get('saved_activation_bytes'))} | {_times(r, 'naive')} | {_times(r, 'compile')} |"
-        )
-    return lines
+    return _table(rows, kind, head, lambda r: [
+        r["mode"], r["case"], r["provider"], f"{r['median_s'] * 1e3:.3f}", _spread(r),
+        _ms(r.get("device_s"), ".3f"), _fmt(r.get("tokens_per_s")),
+        _fmt(r.get("tflops")), _fmt(r.get("gbps")),
+        _fmt(r.get("roofline_pct"), ".1f"), _mib(r.get("peak_mem_bytes")),
+        _mib(r.get("saved_activation_bytes")), _times(r, "naive"), _times(r, "compile"),
+    ])  # fmt: skip
 
 
 def model_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = [
+    head = (
         "| mode | model | variant | median ms | IQR ms (spread) | tokens/s | overhead vs plain | GPU busy ms "
-        "| GPU-busy overhead | peak MiB | attached by |",
-        "|" + "---|" * 11,
-    ]
-    for r in rows:
-        if r["kind"] != "model":
-            continue
-        lines.append(
-            f"| {r['mode']} | {r['case']} | {r['provider']} | {r['median_s'] * 1e3:.2f} | {_spread(r)} | "
-            f"{_fmt(r.get('tokens_per_s'))} | {_overhead(r)} | "
-            f"{_ms(r.get('device_s'), '.2f')} | {_fmt(r.get('device_overhead_pct'), '+.1f', suffix='%')} | "
-            f"{_mib(r.get('peak_mem_bytes'))} | {r.get('attach', '')} |"
-        )
-    return lines
+        "| GPU-busy overhead | peak MiB | attached by |"
+    )
+    return _table(rows, "model", head, lambda r: [
+        r["mode"], r["case"], r["provider"], f"{r['median_s'] * 1e3:.2f}", _spread(r),
+        _fmt(r.get("tokens_per_s")), _overhead(r),
+        _ms(r.get("device_s"), ".2f"), _fmt(r.get("device_overhead_pct"), "+.1f", suffix="%"),
+        _mib(r.get("peak_mem_bytes")), r.get("attach", ""),
+    ])  # fmt: skip
 
 
 def task_bank_table(rows: list[dict[str, Any]]) -> list[str]:
     """Throughput of each variant, and the bank's relative to one target alone and to one call per
     task (x = throughput ratio, > 1 faster), with memory per added task."""
-    lines = [
+    head = (
         "| level | K | variant | median ms | IQR ms (spread) | tokens/s | x vs single | x vs per-task (a) "
-        "| ω bytes / task | head bytes / task |",
-        "|" + "---|" * 10,
-    ]
-    for r in rows:
-        if r["kind"] != "task_bank":
-            continue
-        lines.append(
-            f"| {r.get('level')} | {r.get('k')} | {r['provider']} | {r['median_s'] * 1e3:.2f} | "
-            f"{_spread(r)} | "
-            f"{_fmt(r.get('tokens_per_s'))} | {_fmt(r.get('vs_single'), '.2f')} | "
-            f"{_fmt(r.get('vs_per_task'), '.2f')} | {_fmt(r.get('omega_bytes_per_task'), '.0f')} | "
-            f"{_fmt(r.get('head_bytes_per_task'), '.0f')} |"
-        )
-    return lines
+        "| ω bytes / task | head bytes / task |"
+    )
+    return _table(rows, "task_bank", head, lambda r: [
+        r.get("level"), r.get("k"), r["provider"], f"{r['median_s'] * 1e3:.2f}", _spread(r),
+        _fmt(r.get("tokens_per_s")), _fmt(r.get("vs_single"), ".2f"),
+        _fmt(r.get("vs_per_task"), ".2f"), _fmt(r.get("omega_bytes_per_task"), ".0f"),
+        _fmt(r.get("head_bytes_per_task"), ".0f"),
+    ])  # fmt: skip
 
 
 def headline_dtype(rows: list[dict[str, Any]]) -> str | None:
