@@ -14,34 +14,24 @@ from typing import Any
 
 from .unit import Fail, UnitFormat, is_int
 
-ROUTER_CONFIG = "router_config.json"
-ROUTER_WEIGHTS = "router.safetensors"
-ROUTER_FORMAT = "scalearn_fast_router"
-ROUTER_FORMAT_VERSION = 1
 _GATES = ("softmax", "sigmoid", "topk")
 _GRANULARITIES = ("token", "sequence")
 _MODES = ("output", "merge")
 
 
-def _check_router_fields(config: dict[str, Any], fail: Fail) -> None:
-    for key, allowed in (("gate", _GATES), ("granularity", _GRANULARITIES), ("mode", _MODES)):
-        if config[key] not in allowed:
-            raise fail(f"{key} {config[key]!r} is not one of {allowed}")
+def _check_k(config: dict[str, Any], fail: Fail) -> None:
     n, k = config["num_sources"], config.get("k")
     if (config["gate"] == "topk") != (k is not None) or (k is not None and not (is_int(k) and 1 <= k <= n)):
         raise fail(f"k is {k!r} for gate {config['gate']!r} and N={n} (topk needs 1 <= k <= N, others null)")
 
 
 _FORMAT = UnitFormat(
-    config_name=ROUTER_CONFIG,
-    weights_name=ROUTER_WEIGHTS,
-    format=ROUTER_FORMAT,
-    version=ROUTER_FORMAT_VERSION,
-    saved_by="save_router",
-    required=("gate", "granularity", "mode"),
-    check_kind=_check_router_fields,
+    "router",
+    format="scalearn_fast_router",
+    version=1,
+    choices={"gate": _GATES, "granularity": _GRANULARITIES, "mode": _MODES},
+    check_kind=_check_k,
 )
-
 
 # What a ``save_router`` folder is read and written with (``UnitFormat``'s methods, documented there).
 check_router_config = _FORMAT.check

@@ -19,11 +19,6 @@ from typing import Any
 from ..layers import VARIANTS
 from .unit import STACKS, Fail, UnitCheckpoint, UnitFormat, embedded_sources
 
-SCALEARN_CONFIG = "scalearn_config.json"
-SCALEARN_WEIGHTS = "scalearn.safetensors"
-FORMAT = "scalearn_fast"
-FORMAT_VERSION = 2
-
 ScaLearnCheckpoint = UnitCheckpoint  # a read and checked ``save_scalearn`` folder
 
 __all__ = [
@@ -41,9 +36,7 @@ __all__ = [
 ]
 
 
-def _check_scalearn_fields(config: dict[str, Any], fail: Fail) -> None:
-    if config["variant"] not in VARIANTS:
-        raise fail(f"variant {config['variant']!r} is not one of {VARIANTS}")
+def _check_omega_dropout(config: dict[str, Any], fail: Fail) -> None:
     dropout = config.get("omega_dropout")
     if dropout is not None and (not isinstance(dropout, int | float) or isinstance(dropout, bool)
                                 or not 0.0 <= dropout < 1.0):  # fmt: skip
@@ -51,15 +44,17 @@ def _check_scalearn_fields(config: dict[str, Any], fail: Fail) -> None:
 
 
 _FORMAT = UnitFormat(
-    config_name=SCALEARN_CONFIG,
-    weights_name=SCALEARN_WEIGHTS,
-    format=FORMAT,
-    version=FORMAT_VERSION,
-    saved_by="save_scalearn",
-    required=("variant",),
-    check_kind=_check_scalearn_fields,
+    "scalearn",
+    format="scalearn_fast",
+    version=2,
+    choices={"variant": VARIANTS},
+    check_kind=_check_omega_dropout,
     header_required=False,  # format_version 1 files have no config in the header
 )
+SCALEARN_CONFIG = _FORMAT.config_name  # scalearn_config.json
+SCALEARN_WEIGHTS = _FORMAT.weights_name  # scalearn.safetensors
+FORMAT = _FORMAT.format
+FORMAT_VERSION = _FORMAT.version
 
 
 # What a ``save_scalearn`` folder is read and written with (``UnitFormat``'s methods, documented there).

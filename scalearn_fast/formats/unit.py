@@ -97,19 +97,32 @@ def check_common_fields(config: dict[str, Any], fail: Fail) -> None:
 
 @dataclass(frozen=True)
 class UnitFormat:
-    """One kind of one-unit checkpoint: its two file names, its format tag and version, the
-    function that saves it (named in errors), the fields it requires, and ``check_kind``, which
-    checks the fields of its own kind. ``header_required``: a weights file without the config in
-    its header is refused (else it is read from the JSON, as files of older versions are)."""
+    """One kind of one-unit checkpoint. ``kind`` names its files (``{kind}.safetensors``,
+    ``{kind}_config.json``) and the function that saves it (``save_{kind}``, named in errors);
+    ``format`` and ``version`` are its format tag and newest version. ``choices`` maps each
+    field of its own kind that must be one of a fixed set to that set (the fields it requires);
+    ``check_kind`` checks its other fields. ``header_required``: a weights file without the
+    config in its header is refused (else it is read from the JSON, as files of older versions
+    are)."""
 
-    config_name: str
-    weights_name: str
+    kind: str
     format: str
     version: int
-    saved_by: str
-    required: tuple[str, ...]
+    choices: Mapping[str, tuple[str, ...]]
     check_kind: Callable[[dict[str, Any], Fail], None]
     header_required: bool = True
+
+    @property
+    def config_name(self) -> str:
+        return f"{self.kind}_config.json"
+
+    @property
+    def weights_name(self) -> str:
+        return f"{self.kind}.safetensors"
+
+    @property
+    def saved_by(self) -> str:
+        return f"save_{self.kind}"
 
     def check(self, config: Any, where: str | os.PathLike[str]) -> dict[str, Any]:
         """``config`` if it is well-formed, else a ValueError naming ``where`` and the field."""
@@ -119,13 +132,16 @@ class UnitFormat:
 
         if not isinstance(config, dict):
             raise fail(f"expected a JSON object, got {type(config).__name__} {config!r:.60}")
-        for key in self.required + ("num_sources", "source_names", "hidden_size", "sites"):
+        for key in (*self.choices, "num_sources", "source_names", "hidden_size", "sites"):
             if key not in config:
                 raise fail(f"missing {key!r}")
         version = config.get("format_version", 1)
         if not is_int(version) or version > self.version:
             raise fail(f"format_version {version!r}: this scalearn_fast reads versions up to {self.version}")
         check_common_fields(config, fail)
+        for key, allowed in self.choices.items():
+            if config[key] not in allowed:
+                raise fail(f"{key} {config[key]!r} is not one of {allowed}")
         self.check_kind(config, fail)
         return config
 
