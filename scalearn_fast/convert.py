@@ -18,15 +18,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .cli_options import add_sources_option
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("official", help="folder written by the official code's save_scalearn")
     p.add_argument("output", help="save_scalearn folder to write")
-    p.add_argument(
-        "--sources",
-        nargs="+",
-        default=None,
-        help="the source adapters, NAME=FOLDER or AdapterHub folders, recorded for load_scalearn",
+    add_sources_option(
+        p, "the source adapters, NAME=FOLDER or AdapterHub folders, recorded for load_scalearn"
     )
     p.add_argument("--omega", default=None, help="the shared ω of a ++ folder (one tensor in a file)")
     p.add_argument("--num-layers", type=int, default=None, help="model layers (++, no --sources)")

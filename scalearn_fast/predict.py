@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from .cli_options import add_sources_option
+
 
 @dataclass
 class Request:
@@ -31,9 +33,7 @@ class Request:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--sources", nargs="+", required=True, help="AdapterHub adapter folders the tasks were trained over"
-    )
+    add_sources_option(p, "AdapterHub adapter folders the tasks were trained over", required=True)
     p.add_argument(
         "--tasks",
         nargs="+",

@@ -14,17 +14,16 @@ import argparse
 import os
 from pathlib import Path
 
+from ..cli_options import add_sources_option
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local Hugging Face model folder (sequence classification)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--scalearn", help="save_scalearn folder (ω and the task head)")
     which.add_argument("--fusion", help="AdapterFusion folder (the adapters library's save_adapter_fusion)")
-    p.add_argument(
-        "--sources",
-        nargs="+",
-        default=None,
-        help="AdapterHub source folders (needed with --fusion; --scalearn defaults to the ones it recorded)",
+    add_sources_option(
+        p, "AdapterHub source folders (needed with --fusion; --scalearn defaults to the ones it recorded)"
     )
     p.add_argument("--output", required=True, help="the .pt2 package to write")
     p.add_argument("--device", default="cpu", help="device the package runs on: cpu (default) or cuda")
