@@ -112,42 +112,21 @@ def _common_training_args(p: argparse.ArgumentParser, lr: float) -> None:
         help="--task translation: folder with train.tsv and dev.tsv, one 'source<TAB>target' pair per line; "
         "dev scores are BLEU (main) and chrF from sacrebleu",
     )
-    p.add_argument("--lr", action=Explicit, type=finite_float, default=lr, help="peak learning rate (AdamW)")
-    p.add_argument(
-        "--epochs", action=Explicit, type=finite_float, default=1.0, help="passes over the training set (> 0)"
-    )
-    p.add_argument("--batch-size", action=Explicit, type=int, default=32, help="examples per optimizer step")
-    p.add_argument(
-        "--max-length",
-        action=Explicit,
-        type=int,
-        default=128,
-        help="tokens per example (longer ones are cut)",
-    )
+
+    def recipe_option(flag: str, type: Callable[[str], object], default: object, help: str) -> None:
+        """An option that --recipe sets unless it is given (``Explicit`` records that it was)."""
+        p.add_argument(flag, action=Explicit, type=type, default=default, help=help)
+
+    recipe_option("--lr", finite_float, lr, "peak learning rate (AdamW)")
+    recipe_option("--epochs", finite_float, 1.0, "passes over the training set (> 0)")
+    recipe_option("--batch-size", int, 32, "examples per optimizer step")
+    recipe_option("--max-length", int, 128, "tokens per example (longer ones are cut)")
     p.add_argument(
         "--max-steps", type=int, default=None, help="stop after this many optimizer steps (caps --epochs)"
     )
-    p.add_argument(
-        "--patience",
-        action=Explicit,
-        type=int,
-        default=3,
-        help="dev evaluations without improvement before stopping; 0: off",
-    )
-    p.add_argument(
-        "--eval-every",
-        action=Explicit,
-        type=int,
-        default=None,
-        help="steps between dev evaluations (default: once per epoch)",
-    )
-    p.add_argument(
-        "--warmup-ratio",
-        action=Explicit,
-        type=finite_float,
-        default=0.0,
-        help="fraction of steps with linear lr warmup, [0, 1)",
-    )
+    recipe_option("--patience", int, 3, "dev evaluations without improvement before stopping; 0: off")
+    recipe_option("--eval-every", int, None, "steps between dev evaluations (default: once per epoch)")
+    recipe_option("--warmup-ratio", finite_float, 0.0, "fraction of steps with linear lr warmup, [0, 1)")
     p.add_argument(
         "--max-train-samples", type=int, default=None, help="train on a seeded random subset of this size"
     )
