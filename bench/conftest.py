@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from scalearn_fast.bench.device import DeviceRecord, current_slug, device_record
-from scalearn_fast.bench.harness import MODES
+from scalearn_fast.bench.harness import MODES, GroupRun
 from scalearn_fast.bench.lora_mixture import mixture_cases
 from scalearn_fast.bench.matrix import (
     case_rank,
@@ -233,3 +233,10 @@ def skip_provider(request: pytest.FixtureRequest):
         return None
 
     return skip
+
+
+@pytest.fixture
+def group_run(request: pytest.FixtureRequest, writer, device, record, quick, skip_provider) -> GroupRun:
+    """How this test's group is timed and recorded; its ``skip`` knows the group's case."""
+    _, case = _case_of(request.node)
+    return GroupRun(writer, device, record, quick, skip=lambda name: skip_provider(name, case))

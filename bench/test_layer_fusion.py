@@ -8,16 +8,5 @@ from scalearn_fast.bench.harness import run_layer_case
 from scalearn_fast.bench.providers import FUSION_PROVIDERS
 
 
-def test_fusion_layer(writer, fusion_case, mode, device, record, quick, skip_provider):
-    run_layer_case(
-        writer,
-        "fusion",
-        FUSION_PROVIDERS,
-        fusion_cost,
-        fusion_case,
-        mode,
-        device,
-        record,
-        quick,
-        skip=lambda name: skip_provider(name, fusion_case),
-    )
+def test_fusion_layer(group_run, fusion_case, mode):
+    run_layer_case(group_run, "fusion", FUSION_PROVIDERS, fusion_cost, fusion_case, mode)

@@ -7,7 +7,5 @@ from __future__ import annotations
 from scalearn_fast.bench.lora_mixture import run_mixture_case
 
 
-def test_lora_mixture_layer(writer, mixture_case, mode, device, record, quick, skip_provider):
-    run_mixture_case(
-        writer, mixture_case, mode, device, record, quick, skip=lambda name: skip_provider(name, mixture_case)
-    )
+def test_lora_mixture_layer(group_run, mixture_case, mode):
+    run_mixture_case(group_run, mixture_case, mode)

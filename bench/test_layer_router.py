@@ -21,17 +21,6 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("router_case", cases, ids=[c.id for c in cases])
 
 
-def test_router_layer(writer, router_case, mode, device, record, quick, skip_provider):
+def test_router_layer(group_run, router_case, mode):
     torch.manual_seed(0)
-    run_layer_case(
-        writer,
-        "router",
-        ROUTER_PROVIDERS,
-        router_cost,
-        router_case,
-        mode,
-        device,
-        record,
-        quick,
-        skip=lambda name: skip_provider(name, router_case),
-    )
+    run_layer_case(group_run, "router", ROUTER_PROVIDERS, router_cost, router_case, mode)

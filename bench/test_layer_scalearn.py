@@ -8,16 +8,5 @@ from scalearn_fast.bench.harness import run_layer_case
 from scalearn_fast.bench.providers import SCALEARN_PROVIDERS
 
 
-def test_scalearn_layer(writer, layer_case, mode, device, record, quick, skip_provider):
-    run_layer_case(
-        writer,
-        "scalearn",
-        SCALEARN_PROVIDERS,
-        scalearn_cost,
-        layer_case,
-        mode,
-        device,
-        record,
-        quick,
-        skip=lambda name: skip_provider(name, layer_case),
-    )
+def test_scalearn_layer(group_run, layer_case, mode):
+    run_layer_case(group_run, "scalearn", SCALEARN_PROVIDERS, scalearn_cost, layer_case, mode)

@@ -7,14 +7,5 @@ from __future__ import annotations
 from scalearn_fast.bench.model import MODEL_VARIANTS, run_model_case
 
 
-def test_model(writer, model_case, model_mode, device, record, quick, skip_provider):
-    run_model_case(
-        writer,
-        model_case,
-        model_mode,
-        device,
-        record,
-        quick,
-        list(MODEL_VARIANTS),
-        skip=lambda name: skip_provider(name, model_case),
-    )
+def test_model(group_run, model_case, model_mode):
+    run_model_case(group_run, model_case, model_mode, list(MODEL_VARIANTS))

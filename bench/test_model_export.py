@@ -8,10 +8,7 @@ import pytest
 from scalearn_fast.bench.export import EXPORT_VARIANTS, run_export_case
 
 
-def test_model_export(writer, model_case, model_mode, device, record, quick, skip_provider):
+def test_model_export(group_run, model_case, model_mode):
     if model_mode != "infer":  # one group per case: the package serves inference only
         pytest.skip("the package is timed once per case, in inference")
-    run_export_case(
-        writer, model_case, device, record, quick, list(EXPORT_VARIANTS),
-        skip=lambda name: skip_provider(name, model_case),
-    )  # fmt: skip
+    run_export_case(group_run, model_case, list(EXPORT_VARIANTS))

@@ -7,7 +7,5 @@ from __future__ import annotations
 from scalearn_fast.bench.task_bank import run_task_bank_case
 
 
-def test_task_bank(writer, task_bank_case, device, record, quick, skip_provider):
-    run_task_bank_case(
-        writer, task_bank_case, device, record, quick, skip=lambda name: skip_provider(name, task_bank_case)
-    )
+def test_task_bank(group_run, task_bank_case):
+    run_task_bank_case(group_run, task_bank_case)

@@ -16,17 +16,9 @@ from typing import Any
 
 import torch
 
-from .device import DeviceRecord
-from .harness import Candidate, run_case_group
+from .harness import GroupRun, StepInfo
 from .matrix import ModelCase
-from .model import (
-    ModelUnderTest,
-    build_model,
-    inference_step,
-    model_case_cost,
-    model_case_inputs,
-    model_case_params,
-)
+from .model import ModelUnderTest, build_model, inference_step, run_model_group
 from .providers import ProviderUnavailable
 
 EXPORT_VARIANTS = ("scalearn_fused", "scalearn_package")
@@ -58,34 +50,15 @@ def package_step(m: ModelUnderTest, ids: torch.Tensor) -> Callable[[], torch.Ten
     return run
 
 
-def run_export_case(
-    writer: Any,
-    case: ModelCase,
-    device: torch.device,
-    record: DeviceRecord,
-    quick: bool,
-    variants: list[str],
-    skip: Callable[[str], str | None] = lambda name: None,
-) -> dict[str, dict[str, Any]]:
+def run_export_case(run: GroupRun, case: ModelCase, variants: list[str]) -> dict[str, dict[str, Any]]:
     """Every variant of ``case`` in inference (mode ``infer_package``), timed interleaved."""
-    c = case
-    ids, _ = model_case_inputs(c, device)
-    params = model_case_params(c, "infer_package")
-    cost = model_case_cost(c, params)
 
-    def candidate(variant: str) -> Candidate:
-        def build() -> tuple[Callable[[], Any], int]:
-            m = build_model("scalearn_fused", c, device)
-            if variant == "scalearn_package":
-                return package_step(m, ids), 2
-            if variant != "scalearn_fused":
-                raise ValueError(f"variant must be one of {EXPORT_VARIANTS}; got {variant!r}")
-            return inference_step(m, ids), 2
+    def step(variant: str, ids: torch.Tensor, labels: torch.Tensor) -> StepInfo:
+        m = build_model("scalearn_fused", case, run.device)
+        if variant == "scalearn_package":
+            return package_step(m, ids), {"attach": "aoti_load_package(export(...))"}
+        if variant != "scalearn_fused":
+            raise ValueError(f"variant must be one of {EXPORT_VARIANTS}; got {variant!r}")
+        return inference_step(m, ids), {"attach": "eager"}
 
-        how = "aoti_load_package(export(...))" if variant == "scalearn_package" else "eager"
-        return Candidate(variant, build, extra=lambda: {"attach": how})
-
-    return run_case_group(
-        writer, c, variants, candidate, params=params, cost=cost, record=record, device=device,
-        quick=quick, skip=skip,
-    )  # fmt: skip
+    return run_model_group(run, case, "infer_package", variants, step)

@@ -10,7 +10,7 @@ Notation: T tokens, d hidden, R = N·r total bottleneck width, e bytes per eleme
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,3 +134,16 @@ def row_cost(row: Mapping[str, Any]) -> OpCost | None:
     except (KeyError, TypeError, ValueError):
         return None
     return None
+
+
+def case_cost(case: Any, params: Mapping[str, Any]) -> Callable[[str], OpCost]:
+    """A variant's cost (by name) for a row of ``case`` (its ``dtype`` and ``tokens``) recorded
+    under ``params``: ``row_cost`` of that row, so the report recomputes the same figure."""
+    dtype_name = str(case.dtype).removeprefix("torch.")
+
+    def cost(variant: str) -> OpCost:
+        found = row_cost({**params, "provider": variant, "dtype": dtype_name, "tokens": case.tokens})
+        assert found is not None, params
+        return found
+
+    return cost

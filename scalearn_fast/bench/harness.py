@@ -27,7 +27,18 @@ from .results import ResultWriter
 from .stats import summarize
 from .timing import derived_metrics, device_time, peak_memory, saved_activation_bytes, synced
 
-__all__ = ["MODES", "Candidate", "iterations_for", "layer_step", "run_group", "run_layer_case"]
+__all__ = [
+    "MODES",
+    "Candidate",
+    "GroupRun",
+    "StepInfo",
+    "info_candidate",
+    "iterations_for",
+    "layer_step",
+    "run_case_group",
+    "run_group",
+    "run_layer_case",
+]
 
 MODES = ("fwd", "fwdbwd")
 
@@ -179,27 +190,56 @@ def _log_row(info: dict[str, Any], stats: dict[str, Any]) -> None:
     )
 
 
+def _no_skip(name: str) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class GroupRun:
+    """What every group of a benchmark run is timed and recorded with: the ``writer`` its rows go
+    to, the ``device`` and its ``record``, ``quick`` (fewer rounds: a smoke run) and ``skip``,
+    which gives a reason to leave a provider (by name) out of the group, or None."""
+
+    writer: ResultWriter
+    device: torch.device
+    record: DeviceRecord
+    quick: bool = False
+    skip: Callable[[str], str | None] = _no_skip
+
+
+StepInfo = tuple[Callable[[], Any], dict[str, Any]]  # a timed step and the fields its row adds
+
+
+def info_candidate(name: str, build: Callable[[], StepInfo]) -> Candidate:
+    """A provider whose ``build()`` returns its timed step (warmed up twice) and the fields its
+    row adds (e.g. how a model variant was attached)."""
+    info: dict[str, Any] = {}
+
+    def built() -> tuple[Callable[[], Any], int]:
+        step, more = build()
+        info.update(more)
+        return step, 2
+
+    return Candidate(name, built, extra=lambda: dict(info))
+
+
 def run_layer_case(
-    writer: ResultWriter,
+    run: GroupRun,
     kind: str,
     providers: dict[str, Callable[..., Provider]],
     cost_fn: Callable[..., OpCost],
     case: Any,
     mode: str,
-    device: torch.device,
-    record: DeviceRecord,
-    quick: bool,
-    skip: Callable[[str], str | None] = lambda name: None,
 ) -> dict[str, dict[str, Any]]:
-    """One layer-level group (ScaLearn or AdapterFusion): random sources and inputs, every
-    provider's step in ``mode``. ``skip(name)`` gives a reason to leave a provider out."""
+    """One layer-level group (ScaLearn, AdapterFusion, routed): random sources and inputs, every
+    provider's step in ``mode``."""
     from .providers import make_sources
 
     c = case
-    src = make_sources(c.n, c.d, c.r, dtype=c.dtype, device=device)
+    src = make_sources(c.n, c.d, c.r, dtype=c.dtype, device=run.device)
     gen = torch.Generator().manual_seed(1)
-    z = torch.randn(c.batch, c.seq, c.d, generator=gen).to(device=device, dtype=c.dtype)
-    residual = torch.randn(c.batch, c.seq, c.d, generator=gen).to(device=device, dtype=c.dtype)
+    z = torch.randn(c.batch, c.seq, c.d, generator=gen).to(device=run.device, dtype=c.dtype)
+    residual = torch.randn(c.batch, c.seq, c.d, generator=gen).to(device=run.device, dtype=c.dtype)
     params = {"kind": kind, "mode": mode, "case": c.id, "d": c.d, "r": c.r, "n": c.n, "batch": c.batch}
     params["seq"] = c.seq
     cost = cost_fn(c.tokens, c.d, c.r, c.n, elem_bytes=z.element_size(), backward=mode == "fwdbwd")
@@ -221,42 +261,35 @@ def run_layer_case(
 
         return Candidate(name, build, extra=saved)
 
-    return run_case_group(
-        writer, c, list(providers), candidate, params=params, cost=cost, record=record, device=device,
-        quick=quick, skip=skip,
-    )  # fmt: skip
+    return run_case_group(run, c, list(providers), candidate, params=params, cost=cost)
 
 
 def run_case_group(
-    writer: ResultWriter,
+    run: GroupRun,
     case: Any,
     names: list[str],
     candidate: Callable[[str], Candidate],
     *,
     params: dict[str, Any],
     cost: OpCost | Callable[[str], OpCost],
-    record: DeviceRecord,
-    device: torch.device,
-    quick: bool,
-    skip: Callable[[str], str | None],
 ) -> dict[str, dict[str, Any]]:
     """``run_group`` over one ``case`` (with ``tokens``, ``dtype`` and ``id``): ``candidate(name)``
-    for every name that ``skip(name)`` gives no reason to leave out (a skip row says why)."""
+    for every name that ``run.skip(name)`` gives no reason to leave out (a skip row says why)."""
     candidates = []
     for name in names:
-        reason = skip(name)
+        reason = run.skip(name)
         if reason:
-            writer.skip(reason, kind=params["kind"], mode=params["mode"], case=case.id, provider=name)
+            run.writer.skip(reason, kind=params["kind"], mode=params["mode"], case=case.id, provider=name)
             continue
         candidates.append(candidate(name))
     return run_group(
-        writer,
+        run.writer,
         candidates,
         params=params,
         tokens=case.tokens,
         cost=cost,
-        record=record,
+        record=run.record,
         dtype=case.dtype,
-        device=device,
-        quick=quick,
+        device=run.device,
+        quick=run.quick,
     )

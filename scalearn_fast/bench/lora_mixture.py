@@ -24,11 +24,9 @@ import torch.nn.functional as F
 
 from ..layers_lora_mixture import LoRAMixture
 from ..ops.lora_mixture_gates import topk_gates
-from .device import DeviceRecord
 from .flops import OpCost
-from .harness import Candidate, run_case_group
+from .harness import Candidate, GroupRun, run_case_group
 from .matrix import _BatchedCase
-from .results import ResultWriter
 from .timing import saved_activation_bytes
 
 KIND = "lora_mixture"
@@ -129,18 +127,10 @@ def mixture_step(module: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], 
     return fwdbwd
 
 
-def run_mixture_case(
-    writer: ResultWriter,
-    case: MixtureCase,
-    mode: str,
-    device: torch.device,
-    record: DeviceRecord,
-    quick: bool,
-    skip: Callable[[str], str | None] = lambda name: None,
-) -> dict[str, dict[str, Any]]:
+def run_mixture_case(run: GroupRun, case: MixtureCase, mode: str) -> dict[str, dict[str, Any]]:
     """One group: both providers at ``case`` in ``mode``, timed interleaved, one row each."""
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(case.batch, case.seq, case.d, generator=gen).to(device=device, dtype=case.dtype)
+    x = torch.randn(case.batch, case.seq, case.d, generator=gen).to(device=run.device, dtype=case.dtype)
     params = {"kind": KIND, "mode": mode, "case": case.id, "d": case.d, "r": case.r, "n": case.n}
     params.update(k=case.k, batch=case.batch, seq=case.seq)
     elem = x.element_size()
@@ -150,7 +140,7 @@ def run_mixture_case(
         holder: dict[str, nn.Module] = {}
 
         def build() -> tuple[Callable[[], Any], int]:
-            holder["m"] = m = build_provider(name, case, device)
+            holder["m"] = m = build_provider(name, case, run.device)
             return mixture_step(m, x, mode), 1
 
         def saved() -> dict[str, Any]:
@@ -163,7 +153,4 @@ def run_mixture_case(
 
         return Candidate(name, build, extra=saved)
 
-    return run_case_group(
-        writer, case, list(PROVIDERS), candidate, params=params, cost=cost, record=record, device=device,
-        quick=quick, skip=skip,
-    )  # fmt: skip
+    return run_case_group(run, case, list(PROVIDERS), candidate, params=params, cost=cost)

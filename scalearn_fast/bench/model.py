@@ -26,9 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .device import DeviceRecord
-from .flops import OpCost, row_cost
-from .harness import Candidate, run_case_group
+from .flops import case_cost
+from .harness import Candidate, GroupRun, StepInfo, info_candidate, run_case_group
 from .matrix import ModelCase
 from .providers import NaiveScaLearn, ProviderUnavailable, adapters_installed, make_sources
 
@@ -235,52 +234,38 @@ def model_case_params(case: ModelCase, mode: str) -> dict[str, Any]:
     return params
 
 
-def model_case_cost(case: ModelCase, params: dict[str, Any]) -> Callable[[str], OpCost]:
-    """A variant's cost for a row recorded under ``params`` (the report recomputes it with the same
-    function)."""
-    dtype_name = str(case.dtype).removeprefix("torch.")
+def run_model_group(
+    run: GroupRun,
+    case: ModelCase,
+    mode: str,
+    variants: list[str],
+    step: Callable[[str, torch.Tensor, torch.Tensor], StepInfo],
+) -> dict[str, dict[str, Any]]:
+    """Every variant of ``case`` timed interleaved, recorded under ``mode``: ``step(variant, ids,
+    labels)`` builds the variant and returns its timed step and the fields its row adds."""
+    ids, labels = model_case_inputs(case, run.device)
+    params = model_case_params(case, mode)
 
-    def cost(variant: str) -> OpCost:
-        found = row_cost({**params, "provider": variant, "dtype": dtype_name, "tokens": case.tokens})
-        assert found is not None, params
-        return found
+    def candidate(variant: str) -> Candidate:
+        return info_candidate(variant, lambda: step(variant, ids, labels))
 
-    return cost
+    return run_case_group(run, case, variants, candidate, params=params, cost=case_cost(case, params))
 
 
 def run_model_case(
-    writer: Any,
-    case: ModelCase,
-    mode: str,
-    device: torch.device,
-    record: DeviceRecord,
-    quick: bool,
-    variants: list[str],
-    skip: Callable[[str], str | None] = lambda name: None,
+    run: GroupRun, case: ModelCase, mode: str, variants: list[str]
 ) -> dict[str, dict[str, Any]]:
     """Every variant of ``case`` in ``mode`` (infer, infer_graph, train), timed interleaved."""
-    c = case
-    ids, labels = model_case_inputs(c, device)
-    params = model_case_params(c, mode)
-    cost = model_case_cost(c, params)
 
-    def candidate(variant: str) -> Candidate:
-        attach: dict[str, Any] = {}
+    def step(variant: str, ids: torch.Tensor, labels: torch.Tensor) -> StepInfo:
+        m = build_model(variant, case, run.device)
+        info = {"attach": m.attach}
+        if mode == "train":
+            return train_step(m, ids, labels), info
+        if mode == "infer_graph":
+            return graph_inference_step(m, ids), info
+        if mode != "infer":
+            raise ValueError(f"model mode must be infer, infer_graph or train; got {mode!r}")
+        return inference_step(m, ids), info
 
-        def build() -> tuple[Callable[[], Any], int]:
-            m = build_model(variant, c, device)
-            attach["attach"] = m.attach
-            if mode == "train":
-                return train_step(m, ids, labels), 2
-            if mode == "infer_graph":
-                return graph_inference_step(m, ids), 2
-            if mode != "infer":
-                raise ValueError(f"model mode must be infer, infer_graph or train; got {mode!r}")
-            return inference_step(m, ids), 2
-
-        return Candidate(variant, build, extra=lambda: dict(attach))
-
-    return run_case_group(
-        writer, c, variants, candidate, params=params, cost=cost, record=record, device=device,
-        quick=quick, skip=skip,
-    )  # fmt: skip
+    return run_model_group(run, case, mode, variants, step)

@@ -29,8 +29,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .flops import OpCost, row_cost
-from .harness import Candidate, run_case_group
+from .flops import case_cost
+from .harness import Candidate, GroupRun, info_candidate, run_case_group
 from .matrix import SEQ, _BatchedCase
 from .providers import ProviderUnavailable, adapters_installed, make_sources
 
@@ -240,14 +240,7 @@ def _model_step(fx: ModelFixture, variant: str) -> tuple[Callable[[], Any], dict
 # ------------------------------------------------------------------ the group
 
 
-def run_task_bank_case(
-    writer: Any,
-    case: TaskBankCase,
-    device: torch.device,
-    record: Any,
-    quick: bool,
-    skip: Callable[[str], str | None] = lambda name: None,
-) -> dict[str, dict[str, Any]]:
+def run_task_bank_case(run: GroupRun, case: TaskBankCase) -> dict[str, dict[str, Any]]:
     """Every variant of ``case`` in inference, timed interleaved (``harness.run_group``)."""
     params = {
         "kind": "task_bank",
@@ -257,42 +250,23 @@ def run_task_bank_case(
         "layers": case.layers,
     }
     params.update(d=case.d, r=case.r, n=case.n, k=case.k, batch=case.batch, seq=case.seq, ffn=4 * case.d)
-    dtype_name = str(case.dtype).removeprefix("torch.")
-
-    def cost(variant: str) -> OpCost:
-        found = row_cost({**params, "provider": variant, "dtype": dtype_name, "tokens": case.tokens})
-        assert found is not None, params
-        return found
-
+    cost = case_cost(case, params)
     if case.level == "layer":
         variants = list(LAYER_VARIANTS)
-        steps = _layer_steps(case, device)
+        steps = _layer_steps(case, run.device)
         omega_bytes = case.n * case.d * torch.finfo(case.dtype).bits // 8
 
         def candidate(name: str) -> Candidate:
             extra = {"omega_bytes_per_task": omega_bytes} if name == "bank" else {}
             return Candidate(name, lambda: (steps[name], 2), params=extra)
 
-        return run_case_group(
-            writer, case, variants, candidate, params=params, cost=cost, record=record, device=device,
-            quick=quick, skip=skip,
-        )  # fmt: skip
-    fx = ModelFixture(case, device)
+        return run_case_group(run, case, variants, candidate, params=params, cost=cost)
+    fx = ModelFixture(case, run.device)
+
+    def model_candidate(name: str) -> Candidate:
+        return info_candidate(name, lambda: _model_step(fx, name))
+
     try:
-
-        def candidate(name: str) -> Candidate:
-            info: dict[str, Any] = {}
-
-            def build() -> tuple[Callable[[], Any], int]:
-                step, more = _model_step(fx, name)
-                info.update(more)
-                return step, 2
-
-            return Candidate(name, build, extra=lambda: dict(info))
-
-        return run_case_group(
-            writer, case, list(MODEL_VARIANTS), candidate, params=params, cost=cost, record=record,
-            device=device, quick=quick, skip=skip,
-        )  # fmt: skip
+        return run_case_group(run, case, list(MODEL_VARIANTS), model_candidate, params=params, cost=cost)
     finally:
         fx.tmp.cleanup()
