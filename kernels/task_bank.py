@@ -224,14 +224,11 @@ _OMEGA_OPERANDS = KernelOperands(
 # --------------------------------------------------------------------------- launchers
 
 
-def _bank_launch(
-    launcher: str, bounds: torch.Tensor, omega_bank: torch.Tensor, task_index: torch.Tensor, t: int, d: int,
-    **operands: torch.Tensor,
+def _bank_operands(
+    launcher: str, bounds: torch.Tensor, omega_bank: torch.Tensor, task_index: torch.Tensor, t: int, d: int
 ) -> tuple[int, torch.Tensor]:
-    """The bank launchers' common prologue: check the GEMM operands' dtypes, the bank's shape and the
-    task ids; return N and the bank as a [K, N, d] view (a uniform bank [K, N, 1] with stride 0 over
-    d, no copy)."""
-    check_operands(launcher, **operands)
+    """The bank launchers' shared checks: the bank's shape and the task ids. Returns N and the bank
+    as a [K, N, d] view (a uniform bank [K, N, 1] with stride 0 over d, no copy)."""
     if omega_bank.dim() != 3 or omega_bank.shape[2] not in (1, d):
         shape = list(omega_bank.shape)
         raise ValueError(f"{launcher}: omega_bank has shape {shape}, expected [K, N, d={d}] or [K, N, 1]")
@@ -256,11 +253,10 @@ def bank_up_projection(
     """``out [T, d] = Σ_i Ω[k(t), i] ⊙ (S_i·W_iᵀ + w[:, i]·B_i) + residual`` for ``hidden`` = S [T, R].
 
     ``bounds`` [N + 1] int64: source i owns the units ``bounds[i] .. bounds[i+1]`` (sorted packing)."""
+    check_operands("bank_up_projection", hidden=hidden, w_up=w_up)
     t, r = hidden.shape
     d = w_up.shape[0]
-    n, bank = _bank_launch(
-        "bank_up_projection", bounds, omega_bank, task_index, t, d, hidden=hidden, w_up=w_up
-    )
+    n, bank = _bank_operands("bank_up_projection", bounds, omega_bank, task_index, t, d)
     out = hidden.new_empty(t, d)
     if t == 0:
         return out
@@ -303,11 +299,10 @@ def bank_grad_pre(
 ) -> torch.Tensor:
     """dP [T, R] (g's dtype) = ((g ⊙ Ω[k(t), i])·W_i) ⊙ act'(P) ⊙ w[:, i] per source i.
     ``max_rank`` is the largest r_i (the grid's tiles per source)."""
+    check_operands("bank_grad_pre", grad_out=grad_out, w_up=w_up)
     t, d = grad_out.shape
     r = pre.shape[1]
-    n, bank = _bank_launch(
-        "bank_grad_pre", bounds, omega_bank, task_index, t, d, grad_out=grad_out, w_up=w_up
-    )
+    n, bank = _bank_operands("bank_grad_pre", bounds, omega_bank, task_index, t, d)
     d_pre = grad_out.new_empty(t, r)
     if t == 0 or r == 0:
         return d_pre
