@@ -95,6 +95,7 @@ C_TILE = 128  # widest column tile of the grad kernel unless one expert is wider
 MAX_RANK = 256  # largest next_pow2(r) the grad kernel takes: one expert's columns are one tile
 SMEM_BUDGET = 200 * 1024  # bytes of staged operand tiles a config may use (an H100/H200 block has 227 KB)
 
+# a row of a table: the named tile sizes, then num_warps and num_stages (common.configs)
 _EXPAND_CONFIGS = configs("BLOCK_T BLOCK_D BLOCK_K", small=(16, 32, 16), full=[
     (64, 64, 64, 4, 2), (64, 128, 64, 8, 2), (64, 64, 32, 4, 2), (128, 128, 32, 8, 2),
 ])

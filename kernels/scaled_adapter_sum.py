@@ -67,7 +67,8 @@ from .tiles import activation, load_tile, mma, source_ids, store_tile, tile_mask
 FUSED_MAX_R = 512  # largest next_pow2(R) the fused kernel keeps on chip (module-level: tests patch it)
 FUSED_MAX_R_FP32 = 64  # the same for 4-byte operands (shared memory; see the module docstring)
 
-# Hopper-sensible tiles: 64/128-row tiles, K steps of 32/64, 4-8 warps, 3-4 stages.
+# Hopper-sensible tiles: 64/128-row tiles, K steps of 32/64, 4-8 warps, 3-4 stages. A row of a
+# table: the named tile sizes, then num_warps and num_stages (common.configs).
 _DOWN_CONFIGS = configs(*T_BY_R_TILES)
 _UP_CONFIGS = configs("BLOCK_T BLOCK_D BLOCK_K", small=(16, 32, 16), full=[
     (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 4), (64, 64, 32, 4, 4),

@@ -57,6 +57,7 @@ from .tiles import activation, activation_grad, load_tile, mma, source_ids, stor
 _GRAD_PRE_CONFIGS = configs(*T_BY_R_TILES)  # the down projection's: same [T, R] tiles, K-loop over d
 # BLOCK_T must divide TOKEN_CHUNK so that each split is a whole number of T steps.
 TOKEN_CHUNK = 128
+# a row of a table: the named tile sizes, then num_warps and num_stages (common.configs)
 _TN_CONFIGS = configs("BLOCK_R BLOCK_D BLOCK_T", small=(16, 32, 16), full=[
     (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (32, 128, 128, 4, 3),
 ])

@@ -52,6 +52,7 @@ from .common import (
 )
 from .tiles import activation, activation_grad, load_tile, mma, store_tile, tile_mask
 
+# a row of a table: the named tile sizes, then num_warps and num_stages (common.configs)
 _UP_CONFIGS = configs("BLOCK_T BLOCK_D BLOCK_K", small=(16, 32, 16), full=[
     (128, 128, 16, 8, 3), (128, 64, 16, 4, 3), (64, 128, 32, 4, 4), (64, 64, 16, 4, 4),
 ])

@@ -181,7 +181,8 @@ def taking_weights(
         f"    return _packed_fn({z.name}, _pack_sources(w_down, b_down, w_up, b_up), {', '.join(passed)})\n"
     )
     namespace = {"_packed_fn": packed_fn, "_pack_sources": pack_sources, **defaults}
-    exec(source, namespace)  # the source is built above from packed_fn's own signature
+    # the source is built above from packed_fn's own signature; tracebacks name the generated function
+    exec(compile(source, f"<taking_weights: {name}>", "exec"), namespace)
     call = namespace[name]
     call.__signature__ = signature.replace(parameters=params)
     call.__module__ = packed_fn.__module__
