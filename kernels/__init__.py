@@ -1,8 +1,9 @@
 """Triton kernels + thin launchers; installed as ``scalearn_fast.kernels``.
 
 ``scaled_adapter_sum`` holds the forward kernels, ``scaled_adapter_sum_backward`` the backward
-ones, ``task_bank`` those of a vector task bank (one ω row per token), ``common`` what all
-share (jit tile helpers, autotune configs, launcher utilities).
+ones, ``task_bank`` those of a vector task bank (one ω row per token). What they all share:
+``tiles`` the jit tile helpers (device side), ``common`` the autotune configs and launcher
+utilities (host side).
 Each of those launchers has a plain-PyTorch ``*_ref`` twin used by the tests. ``lora_mixture``
 holds the expand half of a LoRA mixture, forward and backward (its torch twin is
 ``scalearn_fast/ops/lora_mixture_torch.py``).

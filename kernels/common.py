@@ -1,17 +1,5 @@
-"""Pieces every kernel file shares: jit helpers, autotune configs, launcher utilities.
-
-Jit helpers (called from inside kernels):
-
-* ``mma(a, b, acc)``: acc += a·b, exact IEEE fp32 for fp32 operands, the default
-  (tensor-core) path otherwise. The precision follows the operand dtype at compile time.
-* ``activation(x, ACT)`` / ``activation_grad(x, ACT)``: act(x) and act'(x) in fp32 for the ids
-  of ``scalearn_fast.ops.activations`` (relu 0, gelu 1 with the exact erf, silu 2, tanh 3,
-  identity 4), matching its torch functions, NaN included.
-* ``tile_mask`` / ``load_tile`` / ``store_tile``: 2-D tiles addressed by two index vectors and
-  two strides, with int64 offsets (T·d may pass 2³¹). An index vector may be gathered (the
-  source id s(c) of each packed unit), so ``ω[s(c), j]`` is ``load_tile(omega, src, j, ...)``.
-
-Launcher utilities (plain Python):
+"""The host side every kernel file shares: autotune configs and launcher utilities (plain
+Python). The device side, the jit helpers called from inside kernels, is ``tiles.py``.
 
 * ``KernelOperands``: the keyword arguments of a kernel's tensors in one place: a pointer and
   one stride per named axis for each tensor, and for each *optional* tensor the constexpr
@@ -20,8 +8,9 @@ Launcher utilities (plain Python):
 * ``check_operands`` / ``check_same_dtype`` / ``check_bias``: ValueErrors naming the operand
   for dtypes the kernels cannot compute correctly, GEMM operands of different dtypes, and a
   bias of the wrong shape; ``bias_rows`` views a bias as ``[1 or T, d]``.
-* ``autotune_enabled`` / ``configs``: the autotune config lists (one small config for tests
-  and the interpreter).
+* ``autotune_enabled`` / ``configs``: the autotune config lists, written as tables (tile names
+  once, then one tuple of sizes, num_warps and num_stages per config); one small config for
+  tests and the interpreter.
 """
 
 from __future__ import annotations
@@ -31,7 +20,6 @@ from typing import Any
 
 import torch
 import triton
-import triton.language as tl
 
 # --------------------------------------------------------------------------- configs
 
@@ -49,103 +37,26 @@ def autotune_enabled() -> bool:
     return os.environ.get("SCALEARN_FAST_AUTOTUNE", "1") != "0"
 
 
-def configs(full: list[tuple[dict, int, int]], small: dict) -> list[triton.Config]:
-    """``full`` as ``(tiles, num_warps, num_stages)`` configs, or only ``small`` when
-    autotuning is off."""
+def configs(tiles: str, full: list[tuple[int, ...]], small: tuple[int, ...]) -> list[triton.Config]:
+    """A kernel's autotune list. ``tiles`` names its tile constexprs once (``"BLOCK_T BLOCK_D
+    BLOCK_K"``); each row of ``full`` is their sizes in that order, then num_warps and num_stages.
+    When autotuning is off the list is the one config ``small`` (sizes only; 4 warps, 1 stage)."""
+    names = tiles.split()
     if not autotune_enabled():
-        return [triton.Config(small, num_warps=4, num_stages=1)]
-    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in full]
+        return [triton.Config(dict(zip(names, small, strict=True)), num_warps=4, num_stages=1)]
+    return [
+        triton.Config(dict(zip(names, row[:-2], strict=True)), num_warps=row[-2], num_stages=row[-1])
+        for row in full
+    ]
 
 
-# [BLOCK_T, BLOCK_R] output tiles over a K-loop on d (the down projection and grad_pre): full
-# list (tiles, num_warps, num_stages) and the small config; Hopper-sensible 64/128-row tiles.
-T_BY_R_TILES: tuple[list[tuple[dict, int, int]], dict] = (
-    [
-        ({"BLOCK_T": 128, "BLOCK_R": 64, "BLOCK_K": 64}, 4, 3),
-        ({"BLOCK_T": 128, "BLOCK_R": 128, "BLOCK_K": 64}, 8, 3),
-        ({"BLOCK_T": 64, "BLOCK_R": 64, "BLOCK_K": 64}, 4, 4),
-        ({"BLOCK_T": 64, "BLOCK_R": 32, "BLOCK_K": 128}, 4, 3),
-    ],
-    {"BLOCK_T": 16, "BLOCK_R": 16, "BLOCK_K": 32},
+# [BLOCK_T, BLOCK_R] output tiles over a K-loop on d (the down projection and grad_pre); Hopper-sensible
+# 64/128-row tiles. Rows: BLOCK_T, BLOCK_R, BLOCK_K, num_warps, num_stages.
+T_BY_R_TILES: tuple[str, list[tuple[int, ...]], tuple[int, ...]] = (
+    "BLOCK_T BLOCK_R BLOCK_K",
+    [(128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (64, 32, 128, 4, 3)],
+    (16, 16, 32),
 )
-
-
-# --------------------------------------------------------------------------- jit helpers
-
-
-@triton.jit
-def mma(a, b, acc):
-    """acc += a·b; fp32 operands in exact IEEE fp32, others on the default path."""
-    if a.dtype == tl.float32:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
-
-
-@triton.jit
-def tanh(x):
-    """tanh from one exp of a non-positive argument (no overflow), odd by construction."""
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
-
-
-@triton.jit
-def activation(x, ACT: tl.constexpr):
-    """act(x) in fp32 for the activation id ``ACT``."""
-    if ACT == 0:  # relu
-        y = tl.where(x < 0, 0.0, x)  # NaN < 0 is false: NaN passes through, like torch.relu
-    elif ACT == 1:  # gelu (erf)
-        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-    elif ACT == 2:  # silu
-        y = x * tl.sigmoid(x)
-    elif ACT == 3:  # tanh
-        y = tanh(x)
-    else:  # identity
-        y = x
-    return y
-
-
-@triton.jit
-def activation_grad(x, ACT: tl.constexpr):
-    """act'(x) in fp32, matching ``scalearn_fast.ops.activations.activation_grad``."""
-    if ACT == 0:
-        y = tl.where(x > 0, 1.0, 0.0)
-    elif ACT == 1:
-        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
-        y = cdf + x * pdf
-    elif ACT == 2:
-        sig = tl.sigmoid(x)
-        y = sig * (1.0 + x * (1.0 - sig))
-    elif ACT == 3:
-        th = tanh(x)
-        y = 1.0 - th * th
-    else:
-        y = tl.zeros_like(x) + 1.0  # not x*0+1: a NaN P must not poison dP here
-    return y
-
-
-@triton.jit
-def tile_mask(rows, cols, n_rows, n_cols):
-    """[len(rows), len(cols)] mask of the entries inside [0, n_rows) x [0, n_cols)."""
-    return (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-
-
-@triton.jit
-def load_tile(ptr, rows, cols, stride_row, stride_col, mask):
-    """ptr[rows[i]·stride_row + cols[j]·stride_col] as a [len(rows), len(cols)] tile in the
-    pointer's dtype, 0 where ``mask`` is False."""
-    offs = rows[:, None].to(tl.int64) * stride_row + cols[None, :].to(tl.int64) * stride_col
-    return tl.load(ptr + offs, mask=mask, other=0.0)
-
-
-@triton.jit
-def store_tile(ptr, value, rows, cols, stride_row, stride_col, mask):
-    """Store ``value`` where ``mask`` is True, cast to the pointer's dtype (see ``load_tile``)."""
-    offs = rows[:, None].to(tl.int64) * stride_row + cols[None, :].to(tl.int64) * stride_col
-    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launcher utilities

@@ -69,7 +69,7 @@ that one is listed.
 
 Operands: p, b_up and grad_out share one dtype (float32, float16, bfloat16; float32 or
 float16 under ``TRITON_INTERPRET=1``, ``common.check_operands``); gates may have its own.
-Any strides are read as they are (nothing is copied). Accumulation is fp32 (``common.mma``);
+Any strides are read as they are (nothing is copied). Accumulation is fp32 (``tiles.mma``);
 out and dp come in p's dtype, dgates in gates', db_up in b_up's.
 """
 
@@ -87,46 +87,25 @@ from .common import (
     check_same_dtype,
     configs,
     interpreting,
-    load_tile,
-    mma,
-    store_tile,
-    tile_mask,
 )
 from .scaled_adapter_sum_backward import TOKEN_CHUNK, token_splits
+from .tiles import load_tile, mma, store_tile, tile_mask
 
 C_TILE = 128  # widest column tile of the grad kernel unless one expert is wider (tests patch it)
 MAX_RANK = 256  # largest next_pow2(r) the grad kernel takes: one expert's columns are one tile
 SMEM_BUDGET = 200 * 1024  # bytes of staged operand tiles a config may use (an H100/H200 block has 227 KB)
 
-_EXPAND_CONFIGS = configs(
-    [
-        ({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64}, 4, 2),
-        ({"BLOCK_T": 64, "BLOCK_D": 128, "BLOCK_K": 64}, 8, 2),
-        ({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 32}, 4, 2),
-        ({"BLOCK_T": 128, "BLOCK_D": 128, "BLOCK_K": 32}, 8, 2),
-    ],
-    {"BLOCK_T": 16, "BLOCK_D": 32, "BLOCK_K": 16},
-)
-_GRAD_CONFIGS = configs(
-    [
-        ({"BLOCK_T": 64, "BLOCK_K": 64}, 4, 3),
-        ({"BLOCK_T": 128, "BLOCK_K": 64}, 8, 3),
-        ({"BLOCK_T": 64, "BLOCK_K": 32}, 8, 4),
-        ({"BLOCK_T": 32, "BLOCK_K": 32}, 4, 2),
-    ],
-    {"BLOCK_T": 16, "BLOCK_K": 32},
-)
+# a row of a table: the named tile sizes, then num_warps and num_stages (common.configs)
+_EXPAND_CONFIGS = configs("BLOCK_T BLOCK_D BLOCK_K", small=(16, 32, 16), full=[
+    (64, 64, 64, 4, 2), (64, 128, 64, 8, 2), (64, 64, 32, 4, 2), (128, 128, 32, 8, 2),
+])
+_GRAD_CONFIGS = configs("BLOCK_T BLOCK_K", small=(16, 32), full=[
+    (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 4), (32, 32, 4, 2),
+])
 # BLOCK_T must divide TOKEN_CHUNK so that each split is a whole number of T steps.
-_DB_CONFIGS = configs(
-    [
-        ({"BLOCK_D": 64, "BLOCK_C": 64, "BLOCK_T": 64}, 4, 3),
-        ({"BLOCK_D": 128, "BLOCK_C": 64, "BLOCK_T": 64}, 8, 3),
-        ({"BLOCK_D": 64, "BLOCK_C": 32, "BLOCK_T": 128}, 4, 3),
-        ({"BLOCK_D": 128, "BLOCK_C": 128, "BLOCK_T": 32}, 8, 3),
-        ({"BLOCK_D": 32, "BLOCK_C": 32, "BLOCK_T": 32}, 4, 2),
-    ],
-    {"BLOCK_D": 32, "BLOCK_C": 16, "BLOCK_T": 16},
-)
+_DB_CONFIGS = configs("BLOCK_D BLOCK_C BLOCK_T", small=(32, 16, 16), full=[
+    (64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 128, 4, 3), (128, 128, 32, 8, 3), (32, 32, 32, 4, 2),
+])
 
 
 def _prune_grad(configs, named_args, **kwargs):

@@ -39,7 +39,7 @@ also sets S to exactly 0 in its padded columns c >= R before the second GEMM: a 
 meets D's zero padding there as inf·0 = NaN, which would otherwise reach the row's output.
 
 All accumulation is fp32 (``input_precision="ieee"`` for fp32 operands so fp32 stays
-accurate, the default tensor-core path otherwise; see ``common.mma``). Operands are float32,
+accurate, the default tensor-core path otherwise; see ``tiles.mma``). Operands are float32,
 float16 or bfloat16 (float32 or float16 under ``TRITON_INTERPRET=1``: ``common.check_operands``).
 """
 
@@ -54,7 +54,6 @@ from scalearn_fast.ops.activations import activation_id
 from .common import (
     T_BY_R_TILES,
     KernelOperands,
-    activation,
     autotune_enabled,  # noqa: F401  (also read as scaled_adapter_sum.autotune_enabled)
     bias_rows,
     broadcast_omega,
@@ -62,39 +61,22 @@ from .common import (
     check_operands,
     check_same_dtype,
     configs,
-    load_tile,
-    mma,
-    store_tile,
-    tile_mask,
 )
+from .tiles import activation, load_tile, mma, source_ids, store_tile, tile_mask
 
 FUSED_MAX_R = 512  # largest next_pow2(R) the fused kernel keeps on chip (module-level: tests patch it)
 FUSED_MAX_R_FP32 = 64  # the same for 4-byte operands (shared memory; see the module docstring)
 
-# Hopper-sensible tiles: 64/128-row tiles, K steps of 32/64, 4-8 warps, 3-4 stages.
+# Hopper-sensible tiles: 64/128-row tiles, K steps of 32/64, 4-8 warps, 3-4 stages. A row of a
+# table: the named tile sizes, then num_warps and num_stages (common.configs).
 _DOWN_CONFIGS = configs(*T_BY_R_TILES)
-_UP_CONFIGS = configs(
-    [
-        ({"BLOCK_T": 128, "BLOCK_D": 128, "BLOCK_K": 32}, 8, 3),
-        ({"BLOCK_T": 128, "BLOCK_D": 64, "BLOCK_K": 64}, 4, 3),
-        ({"BLOCK_T": 64, "BLOCK_D": 128, "BLOCK_K": 64}, 4, 4),
-        ({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 32}, 4, 4),
-    ],
-    {"BLOCK_T": 16, "BLOCK_D": 32, "BLOCK_K": 16},
-)
-_FUSED_CONFIGS = configs(
-    [
-        ({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64}, 4, 3),
-        ({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64}, 8, 2),
-        ({"BLOCK_T": 64, "BLOCK_D": 32, "BLOCK_K": 32}, 8, 2),
-        ({"BLOCK_T": 64, "BLOCK_D": 128, "BLOCK_K": 32}, 8, 3),
-        ({"BLOCK_T": 128, "BLOCK_D": 64, "BLOCK_K": 32}, 8, 2),
-        ({"BLOCK_T": 32, "BLOCK_D": 128, "BLOCK_K": 64}, 4, 3),
-        ({"BLOCK_T": 32, "BLOCK_D": 64, "BLOCK_K": 64}, 8, 2),
-        ({"BLOCK_T": 16, "BLOCK_D": 64, "BLOCK_K": 64}, 8, 2),
-    ],
-    {"BLOCK_T": 16, "BLOCK_D": 32, "BLOCK_K": 32},
-)
+_UP_CONFIGS = configs("BLOCK_T BLOCK_D BLOCK_K", small=(16, 32, 16), full=[
+    (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 4), (64, 64, 32, 4, 4),
+])
+_FUSED_CONFIGS = configs("BLOCK_T BLOCK_D BLOCK_K", small=(16, 32, 32), full=[
+    (64, 64, 64, 4, 3), (64, 64, 64, 8, 2), (64, 32, 32, 8, 2), (64, 128, 32, 8, 3), (128, 64, 32, 8, 2),
+    (32, 128, 64, 4, 3), (32, 64, 64, 8, 2), (16, 64, 64, 8, 2),
+])
 
 
 def _prune_fused(configs, named_args, **kwargs):
@@ -137,9 +119,9 @@ def _down_tile(
     if HAS_PRE:
         store_tile(pre_ptr, acc, offs_t, offs_c, stride_pre_t, stride_pre_r, mask)
     h = activation(acc, ACT)
-    if HAS_RS:
-        src = tl.load(src_ptr + offs_c, mask=offs_c < R, other=0)
-        h = h * load_tile(rs_ptr, offs_t, src, stride_rs_t, stride_rs_n, mask).to(tl.float32)
+    if HAS_RS:  # w[t, s(c)]
+        w = load_tile(rs_ptr, offs_t, source_ids(src_ptr, offs_c, R), stride_rs_t, stride_rs_n, mask)
+        h = h * w.to(tl.float32)
     return h
 
 
@@ -156,9 +138,10 @@ def _ut_tile(
     """Uᵀ[c, j] = W[j, c]·ω[s(c), j] as an fp32 [len(offs_c), len(offs_j)] tile (0 outside)."""
     mask = tile_mask(offs_c, offs_j, R, d)
     ut = load_tile(w_ptr, offs_c, offs_j, stride_w_r, stride_w_d, mask).to(tl.float32)
-    if HAS_OMEGA:
-        src = tl.load(src_ptr + offs_c, mask=offs_c < R, other=0)
-        ut = ut * load_tile(omega_ptr, src, offs_j, stride_omega_n, stride_omega_d, mask).to(tl.float32)
+    if HAS_OMEGA:  # ω[s(c), j]
+        src = source_ids(src_ptr, offs_c, R)
+        om = load_tile(omega_ptr, src, offs_j, stride_omega_n, stride_omega_d, mask)
+        ut = ut * om.to(tl.float32)
     return ut
 
 
@@ -190,8 +173,10 @@ def _epilogue(
 @triton.autotune(configs=_DOWN_CONFIGS, key=["d", "R"])
 @triton.jit
 def _down_projection_kernel(
-    # tensors: input, down projection, its bias, source ids, row_scale, outputs P and S
-    z_ptr, wd_ptr, bd_ptr, src_ptr, rs_ptr, pre_ptr, s_ptr,
+    # inputs: z, down projection D and its bias b_D, source ids, row_scale w
+    z_ptr, wd_ptr, bd_ptr, src_ptr, rs_ptr,
+    # outputs: P, S
+    pre_ptr, s_ptr,
     # sizes: tokens, hidden size, packed units
     T, d, R,
     # strides (stride_<tensor>_<axis>)
@@ -217,8 +202,10 @@ def _down_projection_kernel(
 @triton.autotune(configs=_UP_CONFIGS, key=["d", "R"])
 @triton.jit
 def _up_projection_kernel(
-    # tensors: S, up projection, source ids, ω, bias, residual, output
-    s_ptr, w_ptr, src_ptr, omega_ptr, bias_ptr, res_ptr, out_ptr,
+    # inputs: S, up projection W, source ids, ω, bias, residual
+    s_ptr, w_ptr, src_ptr, omega_ptr, bias_ptr, res_ptr,
+    # output
+    out_ptr,
     # sizes: tokens, hidden size, packed units
     T, d, R,
     # strides (stride_<tensor>_<axis>)
@@ -255,8 +242,10 @@ def _up_projection_kernel(
 )
 @triton.jit
 def _fused_kernel(
-    # tensors: input, adapter weights, source ids, coefficients, bias, residual, outputs P and out
-    z_ptr, wd_ptr, bd_ptr, w_ptr, src_ptr, omega_ptr, rs_ptr, bias_ptr, res_ptr, pre_ptr, out_ptr,
+    # inputs: z, adapter weights D, b_D and W, source ids, coefficients ω and w, bias, residual
+    z_ptr, wd_ptr, bd_ptr, w_ptr, src_ptr, omega_ptr, rs_ptr, bias_ptr, res_ptr,
+    # outputs: P, out
+    pre_ptr, out_ptr,
     # sizes: tokens, hidden size, packed units
     T, d, R,
     # strides (stride_<tensor>_<axis>)

@@ -47,30 +47,20 @@ from scalearn_fast.ops.activations import activation_id
 from .common import (
     T_BY_R_TILES,
     KernelOperands,
-    activation,
-    activation_grad,
     broadcast_omega,
     check_operands,
     check_same_dtype,
     configs,
-    load_tile,
-    mma,
-    store_tile,
-    tile_mask,
 )
+from .tiles import activation, activation_grad, load_tile, mma, source_ids, store_tile, tile_mask
 
 _GRAD_PRE_CONFIGS = configs(*T_BY_R_TILES)  # the down projection's: same [T, R] tiles, K-loop over d
 # BLOCK_T must divide TOKEN_CHUNK so that each split is a whole number of T steps.
 TOKEN_CHUNK = 128
-_TN_CONFIGS = configs(
-    [
-        ({"BLOCK_R": 64, "BLOCK_D": 64, "BLOCK_T": 64}, 4, 3),
-        ({"BLOCK_R": 64, "BLOCK_D": 128, "BLOCK_T": 64}, 8, 3),
-        ({"BLOCK_R": 128, "BLOCK_D": 64, "BLOCK_T": 64}, 8, 3),
-        ({"BLOCK_R": 32, "BLOCK_D": 128, "BLOCK_T": 128}, 4, 3),
-    ],
-    {"BLOCK_R": 16, "BLOCK_D": 32, "BLOCK_T": 16},
-)
+# a row of a table: the named tile sizes, then num_warps and num_stages (common.configs)
+_TN_CONFIGS = configs("BLOCK_R BLOCK_D BLOCK_T", small=(16, 32, 16), full=[
+    (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (32, 128, 128, 4, 3),
+])
 TARGET_PROGRAMS = 264  # ~2 waves of an H100's 132 SMs: how far the T split tries to fill the device
 
 
@@ -162,7 +152,7 @@ def _tn_gemm_kernel(
     # rows R .. R + N_EXT - 1 (A_IS_PRE only): the bias units, A[t, R + i] = w[t, i] (1 without row_scale)
     is_bias = (offs_c >= R) & (offs_c < R + N_EXT)
     if HAS_RS:
-        src = tl.load(src_ptr + offs_c, mask=offs_c < R, other=0)
+        src = source_ids(src_ptr, offs_c, R)
         src = tl.where(is_bias, (offs_c - R).to(src.dtype), src)
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for t0 in range(t_start, t_end, BLOCK_T):

@@ -47,41 +47,21 @@ from scalearn_fast.ops.activations import activation_id
 
 from .common import (
     KernelOperands,
-    activation,
-    activation_grad,
     check_operands,
     configs,
-    load_tile,
-    mma,
-    store_tile,
-    tile_mask,
 )
+from .tiles import activation, activation_grad, load_tile, mma, store_tile, tile_mask
 
-_UP_CONFIGS = configs(
-    [
-        ({"BLOCK_T": 128, "BLOCK_D": 128, "BLOCK_K": 16}, 8, 3),
-        ({"BLOCK_T": 128, "BLOCK_D": 64, "BLOCK_K": 16}, 4, 3),
-        ({"BLOCK_T": 64, "BLOCK_D": 128, "BLOCK_K": 32}, 4, 4),
-        ({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 16}, 4, 4),
-    ],
-    {"BLOCK_T": 16, "BLOCK_D": 32, "BLOCK_K": 16},
-)
-_GRAD_PRE_CONFIGS = configs(
-    [
-        ({"BLOCK_T": 128, "BLOCK_R": 16, "BLOCK_K": 64}, 4, 3),
-        ({"BLOCK_T": 128, "BLOCK_R": 32, "BLOCK_K": 64}, 4, 3),
-        ({"BLOCK_T": 64, "BLOCK_R": 64, "BLOCK_K": 64}, 4, 4),
-    ],
-    {"BLOCK_T": 16, "BLOCK_R": 16, "BLOCK_K": 32},
-)
-_OMEGA_CONFIGS = configs(
-    [
-        ({"BLOCK_T": 32, "BLOCK_D": 64, "BLOCK_K": 16}, 4, 3),
-        ({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 16}, 4, 3),
-        ({"BLOCK_T": 16, "BLOCK_D": 128, "BLOCK_K": 16}, 4, 3),
-    ],
-    {"BLOCK_T": 16, "BLOCK_D": 32, "BLOCK_K": 16},
-)
+# a row of a table: the named tile sizes, then num_warps and num_stages (common.configs)
+_UP_CONFIGS = configs("BLOCK_T BLOCK_D BLOCK_K", small=(16, 32, 16), full=[
+    (128, 128, 16, 8, 3), (128, 64, 16, 4, 3), (64, 128, 32, 4, 4), (64, 64, 16, 4, 4),
+])
+_GRAD_PRE_CONFIGS = configs("BLOCK_T BLOCK_R BLOCK_K", small=(16, 16, 32), full=[
+    (128, 16, 64, 4, 3), (128, 32, 64, 4, 3), (64, 64, 64, 4, 4),
+])
+_OMEGA_CONFIGS = configs("BLOCK_T BLOCK_D BLOCK_K", small=(16, 32, 16), full=[
+    (32, 64, 16, 4, 3), (64, 64, 16, 4, 3), (16, 128, 16, 4, 3),
+])
 
 
 # --------------------------------------------------------------------------- kernels
@@ -245,19 +225,20 @@ _OMEGA_OPERANDS = KernelOperands(
 # --------------------------------------------------------------------------- launchers
 
 
-def _check_bank_operands(launcher: str, bank: torch.Tensor, task_index: torch.Tensor, t: int, d: int) -> None:
-    if bank.dim() != 3 or bank.shape[2] not in (1, d):
-        shape = list(bank.shape)
+def _bank_operands(
+    launcher: str, bounds: torch.Tensor, omega_bank: torch.Tensor, task_index: torch.Tensor, t: int, d: int
+) -> tuple[int, torch.Tensor]:
+    """The bank launchers' shared checks: the bank's shape and the task ids. Returns N and the bank
+    as a [K, N, d] view (a uniform bank [K, N, 1] with stride 0 over d, no copy)."""
+    if omega_bank.dim() != 3 or omega_bank.shape[2] not in (1, d):
+        shape = list(omega_bank.shape)
         raise ValueError(f"{launcher}: omega_bank has shape {shape}, expected [K, N, d={d}] or [K, N, 1]")
     if task_index.dtype != torch.int64 or tuple(task_index.shape) != (t,):
         raise ValueError(
             f"{launcher}: task_index must be int64 [T={t}]; got {task_index.dtype} {list(task_index.shape)}"
         )
-
-
-def _bank_view(bank: torch.Tensor, d: int) -> torch.Tensor:
-    """A uniform bank [K, N, 1] as a [K, N, d] view with stride 0 over d (no copy)."""
-    return bank.expand(-1, -1, d) if bank.shape[2] == 1 else bank
+    bank = omega_bank.expand(-1, -1, d) if omega_bank.shape[2] == 1 else omega_bank
+    return bounds.shape[0] - 1, bank
 
 
 def bank_up_projection(
@@ -276,15 +257,14 @@ def bank_up_projection(
     check_operands("bank_up_projection", hidden=hidden, w_up=w_up)
     t, r = hidden.shape
     d = w_up.shape[0]
-    n = bounds.shape[0] - 1
-    _check_bank_operands("bank_up_projection", omega_bank, task_index, t, d)
+    n, bank = _bank_operands("bank_up_projection", bounds, omega_bank, task_index, t, d)
     out = hidden.new_empty(t, d)
     if t == 0:
         return out
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
     _bank_up_kernel[grid](
         **_UP_OPERANDS(
-            s=hidden, w=w_up, bounds=bounds, bank=_bank_view(omega_bank, d), task=task_index, out=out,
+            s=hidden, w=w_up, bounds=bounds, bank=bank, task=task_index, out=out,
             b_up=b_up, rs=row_scale, res=residual,
         ),
         T=t, d=d, R=r, N=n,
@@ -323,15 +303,14 @@ def bank_grad_pre(
     check_operands("bank_grad_pre", grad_out=grad_out, w_up=w_up)
     t, d = grad_out.shape
     r = pre.shape[1]
-    n = bounds.shape[0] - 1
-    _check_bank_operands("bank_grad_pre", omega_bank, task_index, t, d)
+    n, bank = _bank_operands("bank_grad_pre", bounds, omega_bank, task_index, t, d)
     d_pre = grad_out.new_empty(t, r)
     if t == 0 or r == 0:
         return d_pre
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), n, triton.cdiv(max_rank, meta["BLOCK_R"]))  # noqa: E731
     _bank_grad_pre_kernel[grid](
         **_GRAD_PRE_OPERANDS(
-            g=grad_out, pre=pre, w=w_up, bounds=bounds, bank=_bank_view(omega_bank, d), task=task_index,
+            g=grad_out, pre=pre, w=w_up, bounds=bounds, bank=bank, task=task_index,
             dpre=d_pre, rs=row_scale,
         ),
         T=t, d=d, R=r, N=n, ACT=activation_id(activation),

@@ -34,7 +34,7 @@ from .backends import resolve_backend
 from .fusion_args import FusionCall, FusionWeights, check_fusion_inputs, scaling_as_omega
 from .fusion_autograd import adapter_fusion_autograd
 from .fusion_reference import adapter_fusion_reference
-from .packing import PackedSources, TensorOrList, check_activation, check_inputs, pack_sources
+from .packing import PackedSources, check_activation, check_inputs, taking_weights
 
 __all__ = ["FusionWeights", "adapter_fusion", "adapter_fusion_packed", "adapter_fusion_weights"]
 
@@ -86,7 +86,23 @@ def adapter_fusion_packed(
     activation: str = "relu",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``adapter_fusion`` on sources already packed by ``pack_sources``."""
+    """AdapterFusion of N bottleneck adapters, exactly as ``adapters``' ``BertFusion`` (module doc).
+
+    Args:
+        z: adapter input ``[..., d]`` (``LN(h + x)`` in a transformer layer).
+        packed: the N sources, packed by ``pack_sources``.
+        query_weight, query_bias, key_weight, key_bias: ``nn.Linear(d, d)`` weights ``[d, d]``
+            and biases ``[d]``; ``None`` weights mean the config's query/key=False (identity).
+        value_weight: ``[d, d]`` (no bias), or ``None`` for value=False ("static" fusion).
+        residual: ``ρ`` (h for Pfeiffer adapters), added to the output, or with
+            ``residual_before`` to every key and value.
+        query_input: the query's input when it is not z (``query_before_ln``: h).
+        scaling: the adapters' output scaling (float, ``[N]``, ``[N, 1]`` or ``[N, d]``).
+        temperature: τ dividing the (dropped-out) scores.
+        dropout_p, training: dropout on the scores, applied only when ``training``.
+        activation: the adapters' non-linearity.
+        backend: ``reference``, ``torch``, ``triton`` or ``auto``.
+    """
     if not isinstance(z, torch.Tensor):
         raise ValueError(f"z must be a tensor; got {type(z).__name__}")
     check_activation(activation)
@@ -100,49 +116,4 @@ def adapter_fusion_packed(
     )  # fmt: skip
 
 
-def adapter_fusion(
-    z: torch.Tensor,
-    w_down: TensorOrList,
-    b_down: TensorOrList,
-    w_up: TensorOrList,
-    b_up: TensorOrList,
-    query_weight: torch.Tensor | None,
-    query_bias: torch.Tensor | None,
-    key_weight: torch.Tensor | None,
-    key_bias: torch.Tensor | None,
-    value_weight: torch.Tensor | None,
-    residual: torch.Tensor | None = None,
-    *,
-    query_input: torch.Tensor | None = None,
-    scaling: float | torch.Tensor = 1.0,
-    temperature: float = 1.0,
-    dropout_p: float = 0.0,
-    training: bool = False,
-    residual_before: bool = False,
-    activation: str = "relu",
-    backend: str = "auto",
-) -> torch.Tensor:
-    """AdapterFusion of N bottleneck adapters, exactly as ``adapters``' ``BertFusion`` (module doc).
-
-    Args:
-        z: adapter input ``[..., d]`` (``LN(h + x)`` in a transformer layer).
-        w_down, b_down, w_up, b_up: the N sources in nn.Linear layout, stacked
-            (``[N, r, d]``, ``[N, r]``, ``[N, d, r]``, ``[N, d]``) or per-source lists.
-        query_weight, query_bias, key_weight, key_bias: ``nn.Linear(d, d)`` weights ``[d, d]``
-            and biases ``[d]``; ``None`` weights mean the config's query/key=False (identity).
-        value_weight: ``[d, d]`` (no bias), or ``None`` for value=False ("static" fusion).
-        residual: ``ρ`` (h for Pfeiffer adapters), added to the output, or with
-            ``residual_before`` to every key and value.
-        query_input: the query's input when it is not z (``query_before_ln``: h).
-        scaling: the adapters' output scaling (float, ``[N]``, ``[N, 1]`` or ``[N, d]``).
-        temperature: τ dividing the (dropped-out) scores.
-        dropout_p, training: dropout on the scores, applied only when ``training``.
-        activation: the adapters' non-linearity.
-        backend: ``reference``, ``torch``, ``triton`` or ``auto``.
-    """
-    packed = pack_sources(w_down, b_down, w_up, b_up)
-    return adapter_fusion_packed(
-        z, packed, query_weight, query_bias, key_weight, key_bias, value_weight, residual,
-        query_input=query_input, scaling=scaling, temperature=temperature, dropout_p=dropout_p,
-        training=training, residual_before=residual_before, activation=activation, backend=backend,
-    )  # fmt: skip
+adapter_fusion = taking_weights(adapter_fusion_packed, "adapter_fusion")

@@ -19,11 +19,10 @@ from .composition import Composition
 from .dispatch import infer, run
 from .packing import (
     PackedSources,
-    TensorOrList,
     check_activation,
     check_folded_inputs,
     check_inputs,
-    pack_sources,
+    taking_weights,
 )
 
 
@@ -45,7 +44,17 @@ def scaled_adapter_sum_packed(
     backend: str = "auto",
     row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``scaled_adapter_sum`` on sources already packed by ``pack_sources``."""
+    """ScaLearn composition ``Σ_i ω_i ⊙ A_i(z) + residual`` for ``z [..., d]``.
+
+    Args:
+        z: adapter input ``[..., d]``.
+        packed: the N sources, packed by ``pack_sources``.
+        omega: scales ``[N, d]`` (ScaLearn) or ``[N, 1]`` (uniform).
+        residual: added to the output, same shape as ``z``.
+        activation: the adapters' non-linearity (``relu`` for Pfeiffer adapters).
+        backend: ``reference``, ``torch``, ``triton`` or ``auto``.
+        row_scale: optional per-token source weights ``[..., N]`` (routers, gates).
+    """
     if not isinstance(omega, torch.Tensor):
         raise ValueError(
             f"omega must be a tensor [N, d] or [N, 1]; got {type(omega).__name__} "
@@ -129,33 +138,4 @@ def scaled_adapter_sum_folded(
     return infer(call, backend).reshape(z.shape)
 
 
-def scaled_adapter_sum(
-    z: torch.Tensor,
-    w_down: TensorOrList,
-    b_down: TensorOrList,
-    w_up: TensorOrList,
-    b_up: TensorOrList,
-    omega: torch.Tensor,
-    residual: torch.Tensor | None = None,
-    *,
-    activation: str = "relu",
-    backend: str = "auto",
-    row_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """ScaLearn composition ``Σ_i ω_i ⊙ A_i(z) + residual`` for ``z [..., d]``.
-
-    Args:
-        z: adapter input ``[..., d]``.
-        w_down, b_down, w_up, b_up: the N sources in nn.Linear layout, stacked
-            (``[N, r, d]``, ``[N, r]``, ``[N, d, r]``, ``[N, d]``) or as per-source lists
-            (heterogeneous r allowed).
-        omega: scales ``[N, d]`` (ScaLearn) or ``[N, 1]`` (uniform).
-        residual: added to the output, same shape as ``z``.
-        activation: the adapters' non-linearity (``relu`` for Pfeiffer adapters).
-        backend: ``reference``, ``torch``, ``triton`` or ``auto``.
-        row_scale: optional per-token source weights ``[..., N]`` (routers, gates).
-    """
-    packed = pack_sources(w_down, b_down, w_up, b_up)
-    return scaled_adapter_sum_packed(
-        z, packed, omega, residual, activation=activation, backend=backend, row_scale=row_scale
-    )
+scaled_adapter_sum = taking_weights(scaled_adapter_sum_packed, "scaled_adapter_sum")

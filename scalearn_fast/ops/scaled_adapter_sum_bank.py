@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .backends import resolve_backend
-from .packing import PackedSources, TensorOrList, check_activation, check_inputs, pack_sources
+from .packing import PackedSources, check_activation, check_inputs, taking_weights
 from .scaled_adapter_sum import compose_packed
 
 
@@ -77,7 +77,17 @@ def scaled_adapter_sum_bank_packed(
     backend: str = "auto",
     row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``scaled_adapter_sum_bank`` on sources already packed by ``pack_sources``."""
+    """ScaLearn composition with a per-row target task: ``Σ_i Ω[k(t), i] ⊙ A_i(z_t) + residual``.
+
+    Args as ``scaled_adapter_sum_packed``'s, with a bank in place of ``omega``:
+        omega_bank: the K targets' scales, ``[K, N, d]`` (ScaLearn) or ``[K, N, 1]`` (uniform).
+        task_index: int64 target ids in ``0..K-1``: one per row (``z.shape[:-1]``), or for
+            ``z [B, L, ..., d]`` one per sequence (``[B]``), repeated over its tokens.
+        row_scale: optional per-token source weights ``[..., N]``, multiplied with the bank's.
+
+    Raises:
+        ValueError: a bank of the wrong N or d, task ids of the wrong shape, dtype or range.
+    """
     check_activation(activation)
     check_bank(z, packed, omega_bank, task_index)
     check_inputs(z, packed, omega_bank[0], residual, row_scale=row_scale)  # dtypes and devices
@@ -104,44 +114,4 @@ def compose_bank(
     )  # fmt: skip
 
 
-def scaled_adapter_sum_bank(
-    z: torch.Tensor,
-    w_down: TensorOrList,
-    b_down: TensorOrList,
-    w_up: TensorOrList,
-    b_up: TensorOrList,
-    omega_bank: torch.Tensor,
-    task_index: torch.Tensor,
-    residual: torch.Tensor | None = None,
-    *,
-    activation: str = "relu",
-    backend: str = "auto",
-    row_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """ScaLearn composition with a per-row target task: ``Σ_i Ω[k(t), i] ⊙ A_i(z_t) + residual``.
-
-    Args:
-        z: adapter input ``[..., d]``.
-        w_down, b_down, w_up, b_up: the N shared sources, as for ``scaled_adapter_sum``.
-        omega_bank: the K targets' scales, ``[K, N, d]`` (ScaLearn) or ``[K, N, 1]`` (uniform).
-        task_index: int64 target ids in ``0..K-1``: one per row (``z.shape[:-1]``), or for
-            ``z [B, L, ..., d]`` one per sequence (``[B]``), repeated over its tokens.
-        residual: added to the output, same shape as ``z``.
-        activation: the adapters' non-linearity.
-        backend: ``reference``, ``torch``, ``triton`` or ``auto``.
-        row_scale: optional per-token source weights ``[..., N]``, multiplied with the bank's.
-
-    Raises:
-        ValueError: a bank of the wrong N or d, task ids of the wrong shape, dtype or range.
-    """
-    packed = pack_sources(w_down, b_down, w_up, b_up)
-    return scaled_adapter_sum_bank_packed(
-        z,
-        packed,
-        omega_bank,
-        task_index,
-        residual,
-        activation=activation,
-        backend=backend,
-        row_scale=row_scale,
-    )
+scaled_adapter_sum_bank = taking_weights(scaled_adapter_sum_bank_packed, "scaled_adapter_sum_bank")
