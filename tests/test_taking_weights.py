@@ -1,5 +1,5 @@
 """The weights forms of the entry points (``scaled_adapter_sum``, ``scaled_adapter_sum_bank``,
-``adapter_fusion``) are generated from their ``*_packed`` forms: same parameters after the sources,
+``adapter_fusion``) wrap their ``*_packed`` forms: same parameters after the sources,
 every argument reaching the packed form, by position or by name."""
 
 from __future__ import annotations
