@@ -29,15 +29,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import layers_base
 from .layers_base import (
     FrozenSources,
     SiteOptions,
-    apply_layer_norm,
     check_matches_z,
     check_residual_pair,
     check_sublayer_inputs,
+    layer_norm_args,
     layer_norm_of,
-    optimizer_steps,
 )
 from .ops.algebra import scale_up_projections
 from .ops.backends import resolve_backend
@@ -168,7 +168,7 @@ class ScaLearnLayer(FrozenSources):
         )  # fmt: skip
         try:
             key = (
-                z.dtype, z.device, backend, optimizer_steps(),
+                z.dtype, z.device, backend, layers_base._optimizer_steps,
                 omega.data_ptr(), omega._version, w_down.data_ptr(), w_down._version,
                 b_down.data_ptr(), b_down._version, w_up.data_ptr(), w_up._version,
                 b_up.data_ptr(), b_up._version,
@@ -224,9 +224,10 @@ class ScaLearnLayer(FrozenSources):
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         """The full sub-layer ``LN(Σ ω_i ⊙ A_i(LN(h + x)) + h + x)``; needs ``layer_norm``.
         With ``pre_ln``: ``forward_pre_ln``."""
-        if self.pre_ln:
+        if self.__dict__["pre_ln"]:
             return self.forward_pre_ln(hidden_states, input_tensor)
-        check_sublayer_inputs("ScaLearnLayer", self.layer_norm, hidden_states, input_tensor)
+        if hidden_states.shape != input_tensor.shape:  # forward_summed checks the LayerNorm
+            check_sublayer_inputs("ScaLearnLayer", layer_norm_of(self), hidden_states, input_tensor)
         return self.forward_summed(hidden_states + input_tensor)
 
     def forward_pre_ln(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
@@ -248,10 +249,11 @@ class ScaLearnLayer(FrozenSources):
         layer_norm = layer_norm_of(self)
         if layer_norm is None:
             check_sublayer_inputs("ScaLearnLayer", layer_norm, s, s)  # raises: names what is missing
-        z = apply_layer_norm(layer_norm, s)
+        ln = layer_norm_args(layer_norm)
+        z = layer_norm(s) if ln is None else torch.layer_norm(s, *ln)
         plan = self._inference_plan(z)  # of z: the LayerNorm's weights may train
         out = self._infer(plan, z, s) if plan is not None else self.compose(z, residual=s)
-        return apply_layer_norm(layer_norm, out)
+        return layer_norm(out) if ln is None else torch.layer_norm(out, *ln)
 
     def extra_repr(self) -> str:
         return (

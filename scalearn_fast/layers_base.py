@@ -25,12 +25,15 @@ class SiteOptions(TypedDict, total=False):
 
 
 _optimizer_steps = 0  # torch.optim steps taken in this process (fused optimizers included)
-_step_hook: object | None = None
 
 
 def _count_optimizer_step(*_: object) -> None:
     global _optimizer_steps
     _optimizer_steps += 1
+
+
+# registered once, on import: a layer unpickled in another process must count steps as well
+_step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def weights_key(tensors: Iterable[torch.Tensor]) -> tuple | None:
@@ -41,22 +44,9 @@ def weights_key(tensors: Iterable[torch.Tensor]) -> tuple | None:
     ``torch.inference_mode``, which have no version counter. In-place edits through ``.data``
     are invisible to both; call the layer's ``invalidate_cache()`` after them."""
     try:
-        return (optimizer_steps(), *[(t.data_ptr(), t._version) for t in tensors])
+        return (_optimizer_steps, *[(t.data_ptr(), t._version) for t in tensors])
     except RuntimeError:  # "Inference tensors do not track version counter"
         return None
-
-
-def optimizer_steps() -> int:
-    """How many ``torch.optim`` steps this process has taken (fused optimizers included), counted
-    from the first call: part of every eval-mode cache key."""
-    if _step_hook is None:
-        _register_step_hook()
-    return _optimizer_steps
-
-
-def _register_step_hook() -> None:
-    global _step_hook
-    _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def check_matches_z(name: str, t: torch.Tensor | None, z: torch.Tensor) -> None:
@@ -70,15 +60,23 @@ def check_matches_z(name: str, t: torch.Tensor | None, z: torch.Tensor) -> None:
 
 def apply_layer_norm(layer_norm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """``layer_norm(x)``; an ``nn.LayerNorm`` (or a reference to one: ``.module``) runs as the one
-    ATen call its forward makes, without the module and functional wrappers around it (host
-    time: a layer calls this twice; no ``nn.Module.__getattr__`` either)."""
+    ATen call its forward makes (``layer_norm_args``)."""
+    args = layer_norm_args(layer_norm)
+    return layer_norm(x) if args is None else torch.layer_norm(x, *args)
+
+
+def layer_norm_args(layer_norm: object) -> tuple | None:
+    """``(normalized_shape, weight, bias, eps)`` of an ``nn.LayerNorm`` (or of a reference to one:
+    ``.module``), so that it runs as the one ATen call its forward makes, without the module and
+    functional wrappers around it (host time: a sub-layer runs it twice a call); ``None`` for
+    any other callable. Reads no attribute through ``nn.Module.__getattr__``."""
     module: Any = layer_norm
     if type(module) is not nn.LayerNorm:
         module = getattr(module, "__dict__", _NO_ATTRIBUTES).get("module", module)
         if type(module) is not nn.LayerNorm:
-            return layer_norm(x)
+            return None
     params = module._parameters
-    return torch.layer_norm(x, module.normalized_shape, params["weight"], params["bias"], module.eps)
+    return module.normalized_shape, params["weight"], params["bias"], module.eps
 
 
 _NO_ATTRIBUTES: dict[str, Any] = {}

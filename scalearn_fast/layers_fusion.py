@@ -35,6 +35,7 @@ from .layers_base import (
     check_matches_z,
     check_residual_pair,
     check_sublayer_inputs,
+    layer_norm_args,
     layer_norm_of,
     weights_key,
 )
@@ -317,9 +318,10 @@ class AdapterFusionLayer(FrozenSources):
         if layer_norm is None:
             check_sublayer_inputs("AdapterFusionLayer", layer_norm, s, s)  # raises: names what is missing
         flat = s.reshape(-1, s.shape[-1])  # [T, d] throughout: one view in, one out
-        z = apply_layer_norm(layer_norm, flat)
+        ln = layer_norm_args(layer_norm)
+        z = layer_norm(flat) if ln is None else torch.layer_norm(flat, *ln)
         out = self._compose(z, flat, None, residual_checked=True)
-        return apply_layer_norm(layer_norm, out).view_as(s)
+        return (layer_norm(out) if ln is None else torch.layer_norm(out, *ln)).view_as(s)
 
     def extra_repr(self) -> str:
         parts = [name for name in ("query", "key", "value") if getattr(self, name) is not None]
