@@ -36,15 +36,16 @@ def _count_optimizer_step(*_: object) -> None:
 _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
 
 
-def weights_key(tensors: Iterable[torch.Tensor]) -> tuple | None:
-    """What an eval-mode cache of values derived from ``tensors`` is valid for: each tensor's
-    storage and version counter, and the number of optimizer steps taken so far (a fused
-    optimizer such as ``AdamW(fused=True)``, the Trainer's default, updates parameters without
-    bumping their version counters). ``None`` (do not cache) for tensors made under
+def weights_key(tensors: Iterable[torch.Tensor | None]) -> tuple | None:
+    """What an eval-mode cache of values derived from ``tensors`` (``None`` entries, an absent
+    bias, are skipped) is valid for: each tensor's storage and version counter, and the number
+    of optimizer steps taken so far (a fused optimizer such as ``AdamW(fused=True)``, the
+    Trainer's default, updates parameters without bumping their version counters). ``None``
+    (do not cache) for tensors made under
     ``torch.inference_mode``, which have no version counter. In-place edits through ``.data``
     are invisible to both; call the layer's ``invalidate_cache()`` after them."""
     try:
-        return (_optimizer_steps, *[(t.data_ptr(), t._version) for t in tensors])
+        return (_optimizer_steps, *[(t.data_ptr(), t._version) for t in tensors if t is not None])
     except RuntimeError:  # "Inference tensors do not track version counter"
         return None
 

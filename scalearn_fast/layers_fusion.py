@@ -162,19 +162,21 @@ class AdapterFusionLayer(FrozenSources):
             self.residual_before,
         )
 
-    def _weights(self) -> list[torch.Tensor]:
-        """Every tensor the inference fold is made from, read through ``_parameters`` and
-        ``_modules`` (no module traversal or ``__getattr__``: this runs on every eval call)."""
-        weights = [*self._parameters.values()]
-        modules = self._modules
+    def _weights(self) -> list[torch.Tensor | None]:
+        """Every tensor the inference fold is made from (``None`` for an absent bias), read through
+        ``_parameters`` and ``_modules`` (no module traversal or ``__getattr__``: this runs on
+        every eval call)."""
+        attrs = self.__dict__
+        modules = attrs["_modules"]
+        weights = [*attrs["_parameters"].values()]
         for name in _PROJECTIONS:
             module = modules.get(name)
             if module is not None:
                 weights += module._parameters.values()
-        scaling = self.__dict__.get("scaling")
+        scaling = attrs.get("scaling")  # a Parameter is in _parameters
         if isinstance(scaling, torch.Tensor):
             weights.append(scaling)
-        return [w for w in weights if w is not None]
+        return weights
 
     def _eval_fold(
         self, z: torch.Tensor, residual: torch.Tensor | None, query_input: torch.Tensor | None
@@ -193,11 +195,11 @@ class AdapterFusionLayer(FrozenSources):
             z.requires_grad
             or (residual is not None and residual.requires_grad)
             or (query_input is not None and query_input.requires_grad)
-            or any(w.requires_grad for w in weights)
+            or any(w is not None and w.requires_grad for w in weights)
         ):
             return None
         merged = query_input is None
-        scaling = attrs["scaling"]
+        scaling = attrs.get("scaling")  # a Parameter is in _parameters
         key = (
             z.dtype,
             z.device,
