@@ -87,13 +87,8 @@ class ExportFusion(nn.Module):
         return self._compose(z, residual, query_input)
 
     def _compose(
-        self,
-        z: torch.Tensor,
-        residual: torch.Tensor | None,
-        query_input: torch.Tensor | None,
-        *,
-        residual_checked: bool = False,
-    ) -> torch.Tensor:
+        self, z: torch.Tensor, residual: torch.Tensor | None, query_input: torch.Tensor | None, **_: bool
+    ) -> torch.Tensor:  # ``**_``: the layer's ``residual_checked`` (an export form checks nothing)
         b = self._buffers
         fold = FusionFold(*(b[name] for name in _FOLD_TENSORS), *self.settings)
         return adapter_fusion_folded(z, fold, residual, query_input, self.temperature)
