@@ -136,11 +136,6 @@ class ScaLearnLayer(FrozenSources):
         """ω with dropout applied in training (each call draws its own mask)."""
         return F.dropout(self.omega, self.omega_dropout, self.training)
 
-    def _needs_grad(self, *inputs: torch.Tensor | None) -> bool:
-        if not torch.is_grad_enabled():
-            return False
-        return any(t is not None and t.requires_grad for t in (*inputs, *self._parameters.values()))
-
     def _inference_plan(self, z: torch.Tensor, *others: torch.Tensor | None) -> _InferencePlan | None:
         """The plan of an eval-mode call with nothing to differentiate (eval mode, a fused
         backend, no input or parameter needing a gradient, eager), else ``None``: the resolved
