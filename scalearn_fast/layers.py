@@ -23,27 +23,27 @@ invalidated when ω or the sources change (in place or replaced).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Unpack
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import layers_base
 from .layers_base import (
     FrozenSources,
-    apply_layer_norm,
+    SiteOptions,
     check_matches_z,
-    check_pre_ln,
     check_residual_pair,
     check_sublayer_inputs,
-    weights_key,
+    layer_norm_args,
+    layer_norm_of,
 )
 from .ops.algebra import scale_up_projections
 from .ops.backends import resolve_backend
 from .ops.composition import Composition
 from .ops.dispatch import infer
-from .ops.packing import TensorOrList, check_activation, check_inputs
+from .ops.packing import TensorOrList, check_inputs
 from .ops.scaled_adapter_sum import scaled_adapter_sum_packed
 
 
@@ -115,19 +115,12 @@ class ScaLearnLayer(FrozenSources):
         *sources: TensorOrList,
         variant: str = "scalearn",
         omega: nn.Parameter | None = None,
-        activation: str = "relu",
         omega_dropout: float | None = None,
-        backend: str = "auto",
-        layer_norm: nn.Module | None = None,
-        source_names: Sequence[str] | None = None,
         pre_ln: bool = False,
+        **site: Unpack[SiteOptions],
     ) -> None:
-        super().__init__(*sources, source_names=source_names)
-        check_pre_ln("ScaLearnLayer", pre_ln, layer_norm)
-        self.pre_ln = pre_ln
+        super().__init__(*sources, pre_ln=pre_ln, **site)
         self.variant = check_variant(variant)
-        self.activation = check_activation(activation)
-        self.backend = backend
         n, d = self.num_sources, self.hidden_size
         if omega is None:
             omega = init_omega(n, d, variant, dtype=self.w_down.dtype, device=self.w_down.device)
@@ -138,27 +131,49 @@ class ScaLearnLayer(FrozenSources):
         self.omega_dropout = default_omega_dropout(variant) if omega_dropout is None else omega_dropout
         if not 0.0 <= self.omega_dropout < 1.0:
             raise ValueError(f"omega_dropout must be in [0, 1); got {self.omega_dropout}")
-        self.layer_norm = layer_norm
 
     def effective_omega(self) -> torch.Tensor:
         """ω with dropout applied in training (each call draws its own mask)."""
         return F.dropout(self.omega, self.omega_dropout, self.training)
 
-    def _needs_grad(self, *inputs: torch.Tensor | None) -> bool:
-        if not torch.is_grad_enabled():
-            return False
-        return any(t is not None and t.requires_grad for t in (*inputs, *self._parameters.values()))
-
-    def _inference_plan(self, z: torch.Tensor) -> _InferencePlan:
-        """What an eval-mode call needs, built (and checked) once: the resolved backend and the
-        sources with ω folded in, in z's dtype, contiguous. Rebuilt when ω or the sources change
-        (in place or replaced), or z's dtype or device does; a call then only checks z and the
+    def _inference_plan(self, z: torch.Tensor, *others: torch.Tensor | None) -> _InferencePlan | None:
+        """The plan of an eval-mode call with nothing to differentiate (eval mode, a fused
+        backend, no input or parameter needing a gradient, eager), else ``None``: the resolved
+        backend and the sources with ω folded in, in z's dtype, contiguous, built (and checked)
+        once. Rebuilt when ω or the sources change (in place or replaced), after an optimizer
+        step, or when z's dtype or device or the backend does; a call then only checks z and the
         residual. This keeps the layer's host time per call near that of its two GEMMs (a model
-        at the default shape is host-bound on a GPU)."""
-        params = self._parameters  # not self.omega: nn.Module.__getattr__ costs per access
-        weights = (params["omega"], params["w_down"], params["b_down"], params["w_up"], params["b_up"])
-        key = (z.dtype, z.device, self.backend, weights_key(weights))
-        return self._cached(key, self._build_plan, z)
+        at the default shape is host-bound on a GPU): attributes are read from ``__dict__`` and
+        ``_parameters`` (``nn.Module.__getattr__`` costs per access), in one frame."""
+        attrs = self.__dict__
+        backend = attrs["backend"]
+        if attrs["training"] or backend == "reference" or torch.compiler.is_compiling():
+            return None
+        params = attrs["_parameters"]
+        if torch.is_grad_enabled() and (
+            any(t is not None and t.requires_grad for t in (z, *others))
+            or any(p.requires_grad for p in params.values())
+        ):
+            return None
+        if not z.is_floating_point():
+            raise ValueError(f"z must be a floating-point tensor; got dtype {z.dtype}")
+        # weights_key of the five weights, written out: a loop over them costs several times more
+        omega, w_down, b_down, w_up, b_up = (
+            params["omega"], params["w_down"], params["b_down"], params["w_up"], params["b_up"],
+        )  # fmt: skip
+        try:
+            key = (
+                z.dtype, z.device, backend, layers_base._optimizer_steps,
+                omega.data_ptr(), omega._version, w_down.data_ptr(), w_down._version,
+                b_down.data_ptr(), b_down._version, w_up.data_ptr(), w_up._version,
+                b_up.data_ptr(), b_up._version,
+            )  # fmt: skip
+        except RuntimeError:  # inference tensors have no version counter: nothing is cached
+            return self._build_plan(z)
+        folded = attrs["_folded"]
+        if folded is None or folded[0] != key:
+            folded = attrs["_folded"] = (key, self._build_plan(z))
+        return folded[1]
 
     def _build_plan(self, z: torch.Tensor) -> _InferencePlan:
         omega = self._parameters["omega"]
@@ -174,31 +189,16 @@ class ScaLearnLayer(FrozenSources):
         )  # fmt: skip
         return _InferencePlan(backend, fields, self.hidden_size)
 
-    def _folded_compose(
-        self, z: torch.Tensor, residual: torch.Tensor | None, *, residual_checked: bool = False
-    ) -> torch.Tensor:
-        """``compose`` in eval mode with nothing to differentiate: ω applied once, one call of
-        the inference entry point. ``residual_checked``: the caller made z from the residual
-        (``forward``), so they match by construction."""
-        plan = self._inference_plan(z)
-        d = plan.hidden_size
-        if z.shape[-1] != d:
+    def _infer(self, plan: _InferencePlan, z: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """``compose`` on ``plan``: ω applied once, one call of the inference entry point. The
+        caller checked the residual against z (or made z from it)."""
+        if z.shape[-1] != plan.hidden_size:
             raise ValueError(
-                f"z has shape {list(z.shape)}: its last dim must equal the sources' hidden size d={d}"
+                f"z has shape {list(z.shape)}: its last dim must equal the sources' hidden size "
+                f"d={plan.hidden_size}"
             )
-        if not residual_checked:
-            check_matches_z("residual", residual, z)
-        return infer(Composition(z, *plan.sources_and_coefficients, residual, self.activation), plan.backend)
-
-    def _eval_fast(self, *inputs: torch.Tensor | None) -> bool:
-        """Whether a call takes the inference path: eval mode, nothing to differentiate, eager,
-        and a fused backend (the reference backend stays the literal loop)."""
-        return (
-            not self.training
-            and self.backend != "reference"
-            and not self._needs_grad(*inputs)
-            and not torch.compiler.is_compiling()
-        )
+        call = Composition(z, *plan.sources_and_coefficients, residual, self.__dict__["activation"])
+        return infer(call, plan.backend)
 
     def compose(self, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``Σ_i ω_i ⊙ A_i(z) + residual`` for ``z [..., d]``."""
@@ -206,10 +206,10 @@ class ScaLearnLayer(FrozenSources):
             raise ValueError(f"z must be a tensor; got {type(z).__name__}")
         if residual is not None and not isinstance(residual, torch.Tensor):
             raise ValueError(f"residual must be a tensor or None; got {type(residual).__name__}")
-        if self._eval_fast(z, residual):
-            if not z.is_floating_point():
-                raise ValueError(f"z must be a floating-point tensor; got dtype {z.dtype}")
-            return self._folded_compose(z, residual)
+        plan = self._inference_plan(z, residual)
+        if plan is not None:
+            check_matches_z("residual", residual, z)
+            return self._infer(plan, z, residual)
         packed = self.packed().to(z.dtype)
         omega = self.effective_omega().to(z.dtype)
         return scaled_adapter_sum_packed(
@@ -219,9 +219,10 @@ class ScaLearnLayer(FrozenSources):
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         """The full sub-layer ``LN(Σ ω_i ⊙ A_i(LN(h + x)) + h + x)``; needs ``layer_norm``.
         With ``pre_ln``: ``forward_pre_ln``."""
-        if self.pre_ln:
+        if self.__dict__["pre_ln"]:
             return self.forward_pre_ln(hidden_states, input_tensor)
-        check_sublayer_inputs("ScaLearnLayer", self.layer_norm, hidden_states, input_tensor)
+        if hidden_states.shape != input_tensor.shape:  # forward_summed checks the LayerNorm
+            check_sublayer_inputs("ScaLearnLayer", layer_norm_of(self), hidden_states, input_tensor)
         return self.forward_summed(hidden_states + input_tensor)
 
     def forward_pre_ln(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
@@ -235,19 +236,19 @@ class ScaLearnLayer(FrozenSources):
         and not h apart: mBART's layer, BART's and Marian's final LayerNorm): ``forward`` or
         ``forward_pre_ln`` without the addition, so a decoding step spends no op on adding zeros."""
         s = summed
-        if self.pre_ln:
-            if s.is_floating_point() and self._eval_fast(s):
-                return self._folded_compose(s, s, residual_checked=True)
+        if self.__dict__["pre_ln"]:
+            plan = self._inference_plan(s)
+            if plan is not None:
+                return self._infer(plan, s, s)
             return self.compose(s, residual=s)
-        layer_norm = self.layer_norm
+        layer_norm = layer_norm_of(self)
         if layer_norm is None:
             check_sublayer_inputs("ScaLearnLayer", layer_norm, s, s)  # raises: names what is missing
-        z = apply_layer_norm(layer_norm, s)
-        if z.is_floating_point() and self._eval_fast(z):  # z: the LayerNorm's weights may train
-            out = self._folded_compose(z, s, residual_checked=True)
-        else:
-            out = self.compose(z, residual=s)
-        return apply_layer_norm(layer_norm, out)
+        ln = layer_norm_args(layer_norm)
+        z = layer_norm(s) if ln is None else torch.layer_norm(s, *ln)
+        plan = self._inference_plan(z)  # of z: the LayerNorm's weights may train
+        out = self._infer(plan, z, s) if plan is not None else self.compose(z, residual=s)
+        return layer_norm(out) if ln is None else torch.layer_norm(out, *ln)
 
     def extra_repr(self) -> str:
         return (

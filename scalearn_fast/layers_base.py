@@ -3,19 +3,28 @@ packed layout (``ops.packing``), their names, and the checks of a sub-layer ``fo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypedDict, TypeVar
 
 import torch
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .ops.packing import PackedSources, TensorOrList, pack_sources
+from .ops.packing import PackedSources, TensorOrList, check_activation, pack_sources
 
 T = TypeVar("T")
 
+
+class SiteOptions(TypedDict, total=False):
+    """The keyword arguments every sub-layer passes on to ``FrozenSources`` (documented there)."""
+
+    activation: str
+    backend: str
+    layer_norm: nn.Module | None
+    source_names: Sequence[str] | None
+
+
 _optimizer_steps = 0  # torch.optim steps taken in this process (fused optimizers included)
-_step_hook: object | None = None
 
 
 def _count_optimizer_step(*_: object) -> None:
@@ -23,23 +32,22 @@ def _count_optimizer_step(*_: object) -> None:
     _optimizer_steps += 1
 
 
-def weights_key(tensors: Sequence[torch.Tensor]) -> tuple | None:
-    """What an eval-mode cache of values derived from ``tensors`` is valid for: each tensor's
-    storage and version counter, and the number of optimizer steps taken so far (a fused
-    optimizer such as ``AdamW(fused=True)``, the Trainer's default, updates parameters without
-    bumping their version counters). ``None`` (do not cache) for tensors made under
+# registered once, on import: a layer unpickled in another process must count steps as well
+_step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def weights_key(tensors: Iterable[torch.Tensor | None]) -> tuple | None:
+    """What an eval-mode cache of values derived from ``tensors`` (``None`` entries, an absent
+    bias, are skipped) is valid for: each tensor's storage and version counter, and the number
+    of optimizer steps taken so far (a fused optimizer such as ``AdamW(fused=True)``, the
+    Trainer's default, updates parameters without bumping their version counters). ``None``
+    (do not cache) for tensors made under
     ``torch.inference_mode``, which have no version counter. In-place edits through ``.data``
     are invisible to both; call the layer's ``invalidate_cache()`` after them."""
-    global _step_hook
-    if _step_hook is None:
-        _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
-    key = [_optimizer_steps]
     try:
-        for t in tensors:
-            key += (t.data_ptr(), t._version)
+        return (_optimizer_steps, *[(t.data_ptr(), t._version) for t in tensors if t is not None])
     except RuntimeError:  # "Inference tensors do not track version counter"
         return None
-    return tuple(key)
 
 
 def check_matches_z(name: str, t: torch.Tensor | None, z: torch.Tensor) -> None:
@@ -53,13 +61,33 @@ def check_matches_z(name: str, t: torch.Tensor | None, z: torch.Tensor) -> None:
 
 def apply_layer_norm(layer_norm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """``layer_norm(x)``; an ``nn.LayerNorm`` (or a reference to one: ``.module``) runs as the one
-    ATen call its forward makes, without the module and functional wrappers around it (host
-    time: a layer calls this twice)."""
-    module = getattr(layer_norm, "module", layer_norm)
-    if type(module) is nn.LayerNorm:
-        params = module._parameters
-        return torch.layer_norm(x, module.normalized_shape, params["weight"], params["bias"], module.eps)
-    return layer_norm(x)
+    ATen call its forward makes (``layer_norm_args``)."""
+    args = layer_norm_args(layer_norm)
+    return layer_norm(x) if args is None else torch.layer_norm(x, *args)
+
+
+def layer_norm_args(layer_norm: object) -> tuple | None:
+    """``(normalized_shape, weight, bias, eps)`` of an ``nn.LayerNorm`` (or of a reference to one:
+    ``.module``), so that it runs as the one ATen call its forward makes, without the module and
+    functional wrappers around it (host time: a sub-layer runs it twice a call); ``None`` for
+    any other callable. Reads no attribute through ``nn.Module.__getattr__``."""
+    module: Any = layer_norm
+    if type(module) is not nn.LayerNorm:
+        module = getattr(module, "__dict__", _NO_ATTRIBUTES).get("module", module)
+        if type(module) is not nn.LayerNorm:
+            return None
+    params = module._parameters
+    return module.normalized_shape, params["weight"], params["bias"], module.eps
+
+
+_NO_ATTRIBUTES: dict[str, Any] = {}
+
+
+def layer_norm_of(sublayer: nn.Module) -> Any:
+    """``sublayer.layer_norm`` without ``nn.Module.__getattr__`` (a registered ``nn.LayerNorm``,
+    a reference to the model's, or None): read on every call."""
+    layer_norm = sublayer._modules.get("layer_norm")
+    return layer_norm if layer_norm is not None else sublayer.__dict__.get("layer_norm")
 
 
 def check_pre_ln(owner: str, pre_ln: bool, layer_norm: object) -> None:
@@ -101,7 +129,13 @@ class FrozenSources(nn.Module):
     Args:
         w_down, b_down, w_up, b_up: nn.Linear layout, stacked (``[N, r, d]``, ``[N, r]``,
             ``[N, d, r]``, ``[N, d]``) or per-source lists (ranks may differ).
+        activation: the sources' non-linearity.
+        backend: ``auto``, ``torch``, ``triton`` or ``reference``.
+        layer_norm: the layer's pre-trained output LayerNorm, used by ``forward``.
         source_names: optional names of the N sources, in order (default ``"0"``, ``"1"``, ...).
+        pre_ln: the sub-layer sits at a pre-LN site (no LayerNorm around the composition;
+            ``layer_norm`` must be None). Only sub-layers that name it in their signature
+            support it (``attach`` reads the signature).
     """
 
     w_down: nn.Parameter
@@ -110,7 +144,15 @@ class FrozenSources(nn.Module):
     b_up: nn.Parameter
     source_index: torch.Tensor
 
-    def __init__(self, *sources: TensorOrList, source_names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        *sources: TensorOrList,
+        activation: str = "relu",
+        backend: str = "auto",
+        layer_norm: nn.Module | None = None,
+        source_names: Sequence[str] | None = None,
+        pre_ln: bool = False,
+    ) -> None:
         super().__init__()
         if len(sources) != 4:
             raise ValueError(
@@ -128,6 +170,11 @@ class FrozenSources(nn.Module):
         if len(self.source_names) != n:
             raise ValueError(f"source_names holds {len(self.source_names)} names for N={n} sources")
         self._folded: tuple[tuple, Any] | None = None  # (key, value): the eval-mode cache
+        check_pre_ln(type(self).__name__, pre_ln, layer_norm)
+        self.pre_ln = pre_ln
+        self.activation = check_activation(activation)
+        self.backend = backend
+        self.layer_norm = layer_norm
 
     def _cached(self, key: tuple, build: Callable[..., T], *args: Any) -> T:
         """The eval-mode cache: ``build(*args)``'s value, kept while ``key`` stays the same.

@@ -22,26 +22,28 @@ keeps τ outside the state dict.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Unpack
 
 import torch
 import torch.nn as nn
 
 from .layers_base import (
     FrozenSources,
+    SiteOptions,
     apply_layer_norm,
     check_matches_z,
-    check_pre_ln,
     check_residual_pair,
     check_sublayer_inputs,
+    layer_norm_args,
+    layer_norm_of,
     weights_key,
 )
 from .ops.backends import resolve_backend
 from .ops.fusion import adapter_fusion_weights
 from .ops.fusion_args import FusionWeights, scaling_as_omega
 from .ops.fusion_infer import FusionFold, adapter_fusion_folded, fold_fusion
-from .ops.packing import TensorOrList, check_activation, check_inputs
+from .ops.packing import TensorOrList, check_inputs
 
 _PROJECTIONS = ("query", "key", "value")
 _FOLDING_BACKENDS = ("auto", "torch")  # the backends whose eval path runs on the cached fold
@@ -107,17 +109,10 @@ class AdapterFusionLayer(FrozenSources):
         residual_before: bool = False,
         query_before_ln: bool = False,
         scaling: float | torch.Tensor = 1.0,
-        activation: str = "relu",
-        backend: str = "auto",
-        layer_norm: nn.Module | None = None,
-        source_names: Sequence[str] | None = None,
         pre_ln: bool = False,
+        **site: Unpack[SiteOptions],
     ) -> None:
-        super().__init__(*sources, source_names=source_names)
-        check_pre_ln("AdapterFusionLayer", pre_ln, layer_norm)
-        self.pre_ln = pre_ln
-        self.activation = check_activation(activation)
-        self.backend = backend
+        super().__init__(*sources, pre_ln=pre_ln, **site)
         d = self.hidden_size
         self.scaling = scaling
         like = self.w_down
@@ -135,7 +130,6 @@ class AdapterFusionLayer(FrozenSources):
         self.reduction = self.T / 1000.0
         self.residual_before = residual_before
         self.query_before_ln = query_before_ln
-        self.layer_norm = layer_norm
 
     def fusion_parameters(self) -> list[nn.Parameter]:
         """The trainable fusion weights (query, key, value)."""
@@ -168,19 +162,21 @@ class AdapterFusionLayer(FrozenSources):
             self.residual_before,
         )
 
-    def _weights(self) -> list[torch.Tensor]:
-        """Every tensor the inference fold is made from, read through ``_parameters`` and
-        ``_modules`` (no module traversal or ``__getattr__``: this runs on every eval call)."""
-        weights = [*self._parameters.values()]
-        modules = self._modules
+    def _weights(self) -> list[torch.Tensor | None]:
+        """Every tensor the inference fold is made from (``None`` for an absent bias), read through
+        ``_parameters`` and ``_modules`` (no module traversal or ``__getattr__``: this runs on
+        every eval call)."""
+        attrs = self.__dict__
+        modules = attrs["_modules"]
+        weights = [*attrs["_parameters"].values()]
         for name in _PROJECTIONS:
             module = modules.get(name)
             if module is not None:
                 weights += module._parameters.values()
-        scaling = self.__dict__.get("scaling")
+        scaling = attrs.get("scaling")  # a Parameter is in _parameters
         if isinstance(scaling, torch.Tensor):
             weights.append(scaling)
-        return [w for w in weights if w is not None]
+        return weights
 
     def _eval_fold(
         self, z: torch.Tensor, residual: torch.Tensor | None, query_input: torch.Tensor | None
@@ -199,11 +195,11 @@ class AdapterFusionLayer(FrozenSources):
             z.requires_grad
             or (residual is not None and residual.requires_grad)
             or (query_input is not None and query_input.requires_grad)
-            or any(w.requires_grad for w in weights)
+            or any(w is not None and w.requires_grad for w in weights)
         ):
             return None
         merged = query_input is None
-        scaling = attrs.get("scaling")
+        scaling = attrs.get("scaling")  # a Parameter is in _parameters
         key = (
             z.dtype,
             z.device,
@@ -211,17 +207,20 @@ class AdapterFusionLayer(FrozenSources):
             None if isinstance(scaling, torch.Tensor) else scaling,
             attrs["residual_before"],  # the fold depends on both (plain attributes a user may set)
             attrs["activation"],
+            weights_key(weights),
         )
+        folded = attrs["_folded"]
+        if folded is None or folded[0] != key or key[-1] is None:
+            folded = attrs["_folded"] = (key, self._build_fold(z, merged))
+        return folded[1]
 
-        def build() -> FusionFold:
-            resolve_backend(self.backend, z.device)  # a bad name fails here as elsewhere
-            dtype = z.dtype
-            packed = self.packed().to(dtype)
-            fusion = self.fusion_weights(z)
-            check_inputs(z, packed, fusion.scaling, None)  # devices and dtypes, once
-            return fold_fusion(packed, fusion, merged=merged, dtype=dtype, activation=self.activation)
-
-        return self._cached((*key, weights_key(weights)), build)
+    def _build_fold(self, z: torch.Tensor, merged: bool) -> FusionFold:
+        resolve_backend(self.backend, z.device)  # a bad name fails here as elsewhere
+        dtype = z.dtype
+        packed = self.packed().to(dtype)
+        fusion = self.fusion_weights(z)
+        check_inputs(z, packed, fusion.scaling, None)  # devices and dtypes, once
+        return fold_fusion(packed, fusion, merged=merged, dtype=dtype, activation=self.activation)
 
     def compose(
         self,
@@ -242,16 +241,26 @@ class AdapterFusionLayer(FrozenSources):
         return self._compose(z, residual, query_input)
 
     def _compose(
-        self, z: torch.Tensor, residual: torch.Tensor | None, query_input: torch.Tensor | None
+        self,
+        z: torch.Tensor,
+        residual: torch.Tensor | None,
+        query_input: torch.Tensor | None,
+        *,
+        residual_checked: bool = False,
     ) -> torch.Tensor:
+        """``compose`` without the type checks. ``residual_checked``: the caller made z from the
+        residual (``forward_summed``), so they match by construction."""
         fold = self._eval_fold(z, residual, query_input)
-        temperature = self.T
+        attrs = self.__dict__
+        temperature = attrs["T"]
         if fold is not None:
             if z.shape[-1] != fold.hidden_size:
                 raise ValueError(f"z has shape {list(z.shape)}: its last dim must be d={fold.hidden_size}")
-            check_matches_z("residual", residual, z)
-            check_matches_z("query_input", query_input, z)
-            if fold.residual_before and residual is None:
+            if not residual_checked:
+                check_matches_z("residual", residual, z)
+            if query_input is not None:
+                check_matches_z("query_input", query_input, z)
+            if residual is None and fold.residual_before:
                 raise ValueError("residual_before=True adds the residual to keys and values; pass residual")
             out = adapter_fusion_folded(z, fold, residual, query_input, temperature)
         else:
@@ -266,7 +275,7 @@ class AdapterFusionLayer(FrozenSources):
                 backend=self.backend,
             )
         if temperature > 1.0:  # annealed down to 1 (nn.Module.__setattr__ is slow: skip it after)
-            self.T = max(temperature - self.reduction, 1.0)
+            attrs["T"] = max(temperature - attrs["reduction"], 1.0)
         return out
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
@@ -298,20 +307,23 @@ class AdapterFusionLayer(FrozenSources):
         """The sub-layer given the FFN's residual sum ``s = h + x`` only (sites that see h + x
         and not h apart): ``forward`` or ``forward_pre_ln`` without the addition. Refused for
         ``residual_before`` and ``query_before_ln``, which need h apart."""
-        if self.residual_before or self.query_before_ln:
+        attrs = self.__dict__
+        if attrs["residual_before"] or attrs["query_before_ln"]:
             raise ValueError(
                 "AdapterFusionLayer.forward_summed: residual_before and query_before_ln need the FFN "
                 "output h apart from its residual; call forward(h, x)"
             )
         s = summed
-        if self.pre_ln:
-            return self._compose(s, s, None)
-        layer_norm = self.layer_norm
+        if attrs["pre_ln"]:
+            return self._compose(s, s, None, residual_checked=True)
+        layer_norm = layer_norm_of(self)
         if layer_norm is None:
             check_sublayer_inputs("AdapterFusionLayer", layer_norm, s, s)  # raises: names what is missing
         flat = s.reshape(-1, s.shape[-1])  # [T, d] throughout: one view in, one out
-        z = apply_layer_norm(layer_norm, flat)
-        return apply_layer_norm(layer_norm, self._compose(z, flat, None)).view_as(s)
+        ln = layer_norm_args(layer_norm)
+        z = layer_norm(flat) if ln is None else torch.layer_norm(flat, *ln)
+        out = self._compose(z, flat, None, residual_checked=True)
+        return (layer_norm(out) if ln is None else torch.layer_norm(out, *ln)).view_as(s)
 
     def extra_repr(self) -> str:
         parts = [name for name in ("query", "key", "value") if getattr(self, name) is not None]

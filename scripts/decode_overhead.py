@@ -17,6 +17,7 @@ eval path with ω folded in), ``fusion`` (``attach_fusion``, same sources).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -94,6 +95,10 @@ def main() -> None:
     per_step = {v: (b[1] - b[0]) / (args.long - args.short) for v, b in best.items()}
     plain = per_step["plain"]
     layers = 2 * LAYERS  # encoder + decoder sites; a decode step runs the decoder's LAYERS
+    import scalearn_fast
+
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"tree {os.path.dirname(os.path.dirname(scalearn_fast.__file__))}, load average {load}")
     print(f"model {args.model}, d={D}, {LAYERS}+{LAYERS} layers, batch 1, N={N} sources of r={R}")
     print("| variant | host ms per decode step | overhead vs plain | added per decoder layer |")
     print("|---|---|---|---|")

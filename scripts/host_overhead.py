@@ -7,12 +7,16 @@ tiny width (d=64, one sequence of 8 tokens), each variant's inference step timed
 ``time.thread_time`` (CPU time of this thread: insensitive to other jobs' scheduling),
 variants interleaved, best of many repeats.
 
-    PYTHONPATH=. python scripts/host_overhead.py [--repeats 40]
+    PYTHONPATH=. python scripts/host_overhead.py [--repeats 40] [--variants plain,aten_floor,...]
+
+It prints the load average and the package it ran (``PYTHONPATH`` picks the tree): on a shared
+machine compare trees in one session, alternating runs, and name the load with the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import timeit
 
@@ -54,12 +58,17 @@ def aten_floor_model(case: ModelCase):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; plain always runs")
     args = ap.parse_args()
+    variants = ["plain", *(v for v in args.variants.split(",") if v and v != "plain")]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     torch.set_num_threads(1)
     case = ModelCase(layers=12, d=64, heads=2, ffn=256, n=8, batch=1, seq=8, dtype=torch.float32)
     ids = torch.randint(3, 1000, (case.batch, case.seq), generator=torch.Generator().manual_seed(0))
     steps = {}
-    for variant in VARIANTS:
+    for variant in variants:
         model = (
             aten_floor_model(case)
             if variant == "aten_floor"
@@ -73,6 +82,10 @@ def main() -> None:
         for variant, step in steps.items():
             best[variant] = min(best[variant], timeit.timeit(step, number=10, timer=time.thread_time) / 10)
     plain = best["plain"]
+    import scalearn_fast
+
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"tree {os.path.dirname(os.path.dirname(scalearn_fast.__file__))}, load average {load}")
     print("| variant | host ms per step | overhead vs plain | added per layer |")
     print("|---|---|---|---|")
     for variant, seconds in best.items():

@@ -20,10 +20,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from ..layers import ScaLearnLayer
+from ..layers import ScaLearnLayer, _InferencePlan
 from ..layers_fusion import AdapterFusionLayer
-from ..ops.composition import Composition
-from ..ops.dispatch import infer
 from ..ops.fusion_infer import FusionFold, adapter_fusion_folded, fold_fusion
 
 # Composition's fields from w_down through row_scale (None: not given on the inference path)
@@ -52,15 +50,12 @@ class ExportScaLearn(nn.Module):
         self.pre_ln = layer.pre_ln
         self.layer_norm = layer.layer_norm  # a reference to the model's own LayerNorm (not registered)
 
-    def _eval_fast(self, *inputs: torch.Tensor | None) -> bool:
-        return True
+    _infer = ScaLearnLayer._infer
 
-    def _folded_compose(
-        self, z: torch.Tensor, residual: torch.Tensor | None, *, residual_checked: bool = False
-    ) -> torch.Tensor:
+    def _inference_plan(self, z: torch.Tensor, *others: torch.Tensor | None) -> _InferencePlan:
         b = self._buffers
-        fields = (b[name] if name is not None else None for name in _SCALEARN_FIELDS)
-        return infer(Composition(z, *fields, residual, self.activation), "torch")
+        fields = tuple(b[name] if name is not None else None for name in _SCALEARN_FIELDS)
+        return _InferencePlan("torch", fields, self.hidden_size)
 
 
 class ExportFusion(nn.Module):
@@ -92,8 +87,8 @@ class ExportFusion(nn.Module):
         return self._compose(z, residual, query_input)
 
     def _compose(
-        self, z: torch.Tensor, residual: torch.Tensor | None, query_input: torch.Tensor | None
-    ) -> torch.Tensor:
+        self, z: torch.Tensor, residual: torch.Tensor | None, query_input: torch.Tensor | None, **_: bool
+    ) -> torch.Tensor:  # ``**_``: the layer's ``residual_checked`` (an export form checks nothing)
         b = self._buffers
         fold = FusionFold(*(b[name] for name in _FOLD_TENSORS), *self.settings)
         return adapter_fusion_folded(z, fold, residual, query_input, self.temperature)
