@@ -132,14 +132,9 @@ class TrainResult:
 
 @torch.no_grad()
 def predict(
-    model: nn.Module,
-    examples: Sequence[Example],
-    tokenizer,
-    *,
-    regression: bool,
-    batch_size: int = 64,
+    model: nn.Module, examples: Sequence[Example], tokenizer, *, regression: bool, batch_size: int = 64,
     max_length: int = 128,
-) -> np.ndarray:
+) -> np.ndarray:  # fmt: skip
     """Per example: the predicted class, or the first logit for a regression task."""
     was_training = model.training
     model.eval()

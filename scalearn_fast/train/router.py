@@ -52,6 +52,15 @@ from .stages import HEAD_FILE, default_model_dir, device_name, head_parameters, 
 COMPOSITIONS = ("router", "uniform", "last")
 ROUTER_LR = 1e-3
 STEP_FOLDER = "step{index}-{task}"
+# (flag, choices, default, help) of train-router's options that pick one of a few values
+CHOICE_OPTIONS = (
+    ("--composition", COMPOSITIONS, "router", "router: train the routers (and head); uniform: equal fixed "
+     "weights over the seen adapters; last: the newest adapter alone (the head trains in all three)"),
+    ("--gate", ("softmax", "sigmoid", "topk"), "softmax", "router gate"),
+    ("--granularity", ("token", "sequence"), "sequence",
+     "a gate per token, or per sequence (from the mean over its real tokens)"),
+    ("--mode", ("output", "merge"), "output", "weight the outputs or merge parameters"),
+)  # fmt: skip
 HELP = "L2R: routers over a task sequence's adapters, trained on a memory of each seen task"
 
 
@@ -348,24 +357,9 @@ def add_arguments(
         help="one train-adapter --output folder per task, in the order of --tasks (required)",
     )
     p.add_argument("--memory", type=int, required=True, help="examples kept per seen task (required)")
-    p.add_argument(
-        "--composition",
-        choices=COMPOSITIONS,
-        default="router",
-        help="router: train the routers (and head); uniform: equal fixed weights over the seen adapters; "
-        "last: the newest adapter alone (the head trains in all three)",
-    )
-    p.add_argument("--gate", choices=("softmax", "sigmoid", "topk"), default="softmax", help="router gate")
+    for flag, choices, default, what in CHOICE_OPTIONS:
+        p.add_argument(flag, choices=choices, default=default, help=what)
     p.add_argument("--k", type=int, default=None, help="sources kept by --gate topk (capped at the step's N)")
-    p.add_argument(
-        "--granularity",
-        choices=("token", "sequence"),
-        default="sequence",
-        help="a gate per token, or per sequence (from the mean over its real tokens)",
-    )
-    p.add_argument(
-        "--mode", choices=("output", "merge"), default="output", help="weight the outputs or merge parameters"
-    )
     add_backend_argument(p)
 
 
