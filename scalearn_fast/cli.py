@@ -205,7 +205,7 @@ def _train_kwargs(a: argparse.Namespace) -> dict:
         "fp16": a.fp16,
         "bf16": a.bf16,
         "gradient_checkpointing": a.gradient_checkpointing,
-        "report_to": tuple(a.report_to),
+        "report_to": list(a.report_to),
     }
 
 

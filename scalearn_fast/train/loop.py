@@ -51,7 +51,8 @@ class TrainConfig:
     fp16: bool = False  # mixed precision (CUDA autocast to float16 with a gradient scaler)
     bf16: bool = False  # mixed precision (autocast to bfloat16; CUDA or CPU)
     gradient_checkpointing: bool = False  # recompute the model's layers in backward (HF models)
-    report_to: tuple[str, ...] = ()  # Accelerate trackers: tensorboard, wandb, mlflow, ... (none: off)
+    # Accelerate trackers: tensorboard, wandb, mlflow, ... (none: off); a list, as results.json reads back
+    report_to: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.lr >= 0:
@@ -70,7 +71,7 @@ class TrainConfig:
             raise ValueError(f"patience must be >= 0 (0: no early stopping); got {self.patience}")
         if self.fp16 and self.bf16:
             raise ValueError("fp16 and bf16 are two mixed-precision modes; pass at most one")
-        self.report_to = tuple(self.report_to)
+        self.report_to = list(self.report_to)
         if self.report_to:
             check_trackers(self.report_to)
 
@@ -390,4 +391,4 @@ def _silent(message: str) -> None:
 
 def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
     """``cfg`` as trackers take hyperparameters (numbers, strings, booleans)."""
-    return {k: (",".join(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if v is not None}
+    return {k: (",".join(v) if isinstance(v, list) else v) for k, v in asdict(cfg).items() if v is not None}
