@@ -141,9 +141,15 @@ def test_torchrun_two_processes_equal_one_process(setup):
 def test_gradient_checkpointing_trains_the_same(setup, tmp_path):
     """``--gradient-checkpointing`` (the model's own, non-reentrant) recomputes the layers in the
     backward: the trained ω and head are those of a run without it."""
+    from scalearn_fast.train.loop import checkpointing
     from scalearn_fast.train.stages import train_scalearn
 
     _, model_dir, sources = setup
+    model = transformers.BertForSequenceClassification.from_pretrained(model_dir)
+    checkpointing(model, True)
+    assert model.bert.encoder.gradient_checkpointing
+    checkpointing(model, False)
+    assert not model.bert.encoder.gradient_checkpointing
     common = dict(
         model_dir=str(model_dir), device="cpu", max_train_samples=16, max_eval_samples=8, batch_size=8,
         max_length=32, max_steps=2, omega_dropout=0.0, lr=0.01, seed=0, progress=False, log=lambda s: None,

@@ -297,10 +297,7 @@ def fit(
     if cfg.fp16 and device.type != "cuda":
         raise ValueError(f"fp16 training needs a CUDA device; the model is on {device}")
     if cfg.gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
-            raise ValueError(f"gradient_checkpointing: {type(model).__name__} is not a Hugging Face model")
-        # non-reentrant: gradients reach the adapters even though the embeddings are frozen
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing(model, True)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = linear_schedule(optimizer, total, int(cfg.warmup_ratio * total))
     accelerator = make_accelerator(device, cfg, logging_dir)
@@ -376,13 +373,28 @@ def fit(
             accelerator.end_training()
         accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)  # the plain forward again
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            checkpointing(model, False)
     with torch.no_grad():
         for p, best in zip(params, best_state, strict=True):
             p.copy_(best)
     result.steps = step
     result.seconds = time.perf_counter() - start
     return result
+
+
+def checkpointing(model: nn.Module, on: bool) -> None:
+    """The model's own activation (gradient) checkpointing on or off: non-reentrant, so gradients
+    reach the adapters although the embeddings are frozen. Transformers 5 names it
+    ``activation_checkpointing_*`` (the ``gradient_checkpointing_*`` names are deprecated there)."""
+    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if not hasattr(model, f"{prefix}_checkpointing_enable"):
+        raise ValueError(f"gradient_checkpointing: {type(model).__name__} is not a Hugging Face model")
+    if on:
+        getattr(model, f"{prefix}_checkpointing_enable")(
+            **{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+        )
+    else:
+        getattr(model, f"{prefix}_checkpointing_disable")()
 
 
 def _silent(message: str) -> None:
