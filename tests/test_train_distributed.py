@@ -146,10 +146,14 @@ def test_gradient_checkpointing_trains_the_same(setup, tmp_path):
 
     _, model_dir, sources = setup
     model = transformers.BertForSequenceClassification.from_pretrained(model_dir)
+
+    def on() -> bool:  # what transformers 4 and 5 both read (is_*_checkpointing)
+        return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
     checkpointing(model, True)
-    assert model.bert.encoder.gradient_checkpointing
+    assert on()
     checkpointing(model, False)
-    assert not model.bert.encoder.gradient_checkpointing
+    assert not on()
     common = dict(
         model_dir=str(model_dir), device="cpu", max_train_samples=16, max_eval_samples=8, batch_size=8,
         max_length=32, max_steps=2, omega_dropout=0.0, lr=0.01, seed=0, progress=False, log=lambda s: None,
