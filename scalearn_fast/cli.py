@@ -159,7 +159,12 @@ def _common_training_args(p: argparse.ArgumentParser, lr: float) -> None:
     )
     p.add_argument("--seed", type=int, default=42, help="seed of the initialization, shuffling and subsets")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1, ... (default: cuda if available); "
+        "under torchrun the kind: each process gets its own GPU",
+    )
     p.add_argument(
         "--recipe",
         choices=sorted(RECIPES),

@@ -226,7 +226,7 @@ def make_accelerator(
         mixed_precision=precision,
         device_placement=False,
         log_with=list(cfg.report_to) or None,
-        project_dir=logging_dir,
+        project_dir=logging_dir if cfg.report_to else None,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     supported = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
