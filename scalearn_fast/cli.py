@@ -138,7 +138,12 @@ def _common_training_args(p: argparse.ArgumentParser, lr: float) -> None:
     )
     p.add_argument("--seed", type=int, default=42, help="seed of the initialization, shuffling and subsets")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1, ... (default: cuda if available); "
+        "under torchrun the kind: each process gets its own GPU",
+    )
     p.add_argument(
         "--recipe",
         choices=sorted(RECIPES),
@@ -146,7 +151,19 @@ def _common_training_args(p: argparse.ArgumentParser, lr: float) -> None:
         help="the official runs' settings (paper: 30 epochs, batch 32, seq 128, evaluation and early "
         "stopping per epoch, the method's lr and patience, fp16 on a GPU); options given explicitly win",
     )
-    p.add_argument("--fp16", action="store_true", help="mixed-precision training (CUDA)")
+    p.add_argument("--fp16", action="store_true", help="mixed-precision training, float16 (CUDA; Accelerate)")
+    p.add_argument("--bf16", action="store_true", help="mixed-precision training, bfloat16 (Accelerate)")
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute the model's layers in backward"
+    )
+    p.add_argument(
+        "--report-to",
+        nargs="+",
+        default=(),
+        metavar="TRACKER",
+        help="Accelerate trackers to log loss and dev metrics to (tensorboard, wandb, mlflow, ...; "
+        "file-based ones write under --output/logs); default: none",
+    )
 
 
 def _train_kwargs(a: argparse.Namespace) -> dict:
@@ -170,10 +187,17 @@ def _train_kwargs(a: argparse.Namespace) -> dict:
         "device": a.device,
         "overwrite": a.overwrite,
         "fp16": a.fp16,
+        "bf16": a.bf16,
+        "gradient_checkpointing": a.gradient_checkpointing,
+        "report_to": list(a.report_to),
     }
 
 
 def _print_result(summary: dict) -> None:
+    from .train.distributed import is_main_process
+
+    if not is_main_process():  # a torchrun run prints once
+        return
     brief = {k: summary[k] for k in ("method", "task", "best_dev", "steps", "train_seconds") if k in summary}
     print(json.dumps(brief))
 

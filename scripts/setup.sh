@@ -22,8 +22,14 @@ if ! python -c "import torch" 2>/dev/null; then
   _say "installing torch==2.13.0 (the largest download: a minute or more)"
   pip install --progress-bar off torch==2.13.0 2>&1 | _pip_progress
 fi
+# The marker names the extras and a hash of what they list, so a dependency added to an extra
+# (pyproject.toml) is installed into an existing venv too.
+deps="$(python -c 'import hashlib, sys, tomllib
+extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]
+print(hashlib.sha1(repr([extras.get(n) for n in sys.argv[1].split(",")]).encode()).hexdigest()[:10])' "$extras")"
+marker="$venv/.extras-$extras-$deps"
 if ! { python -c "import scalearn_fast" 2>/dev/null && [ -z "${SCALEARN_REINSTALL:-}" ] \
-       && [ -f "$venv"/.extras-"$extras" ]; }; then
+       && [ -f "$marker" ]; }; then
   what="$(python - "$extras" <<'PY' 2>/dev/null || true
 import sys, tomllib
 extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]
@@ -34,6 +40,7 @@ PY
   _say "installing scalearn_fast (editable) with the extras:"
   [ -n "$what" ] && echo "$what" | sed 's/^/setup: /' >&2
   pip install --progress-bar off -e ".[$extras]" 2>&1 | _pip_progress
-  touch "$venv"/.extras-"$extras"
+  rm -f "$venv"/.extras-*
+  touch "$marker"
 fi
 _say "ready: $(python -c 'import sys, torch; print(f"python {sys.version.split()[0]}, torch {torch.__version__}")')"

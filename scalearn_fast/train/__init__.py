@@ -1,6 +1,6 @@
 """Two-stage ScaLearn training on GLUE: stage 1 adapters (``train_adapter``), stage 2 ω + head
 (``train_scalearn``), L2R routers over a task sequence (``train_router``), GLUE readers and
-metrics. Needs ``transformers`` (the ``hf`` extra)."""
+metrics. Needs ``transformers`` and ``accelerate`` (the ``hf`` extra)."""
 
 from .data import TASKS, Example, read_glue, task_spec
 from .metrics import compute_metrics

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +148,51 @@ def read_hub(task: str, split: str, *, max_samples: int | None = None, seed: int
     return examples
 
 
+def batch_order(
+    n: int,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    length: Callable[[int], int] | None = None,
+    bucket: int = 8,
+) -> list[list[int]]:
+    """The indices of each batch over ``n`` examples, in the order they are used: in order, or
+    shuffled with ``seed``; with ``length`` (an example's length by index) and ``bucket`` > 0,
+    shuffled examples are length-sorted within pools of ``bucket`` batches and the batches
+    shuffled (less padding, still random batches). The same arguments give the same batches on
+    every process of a distributed run, which then splits each batch (``distributed.shard_rows``)."""
+    order = list(range(n))
+    bucketed = shuffle and bucket and length is not None
+    if shuffle:
+        rng = random.Random(seed)
+        rng.shuffle(order)
+        if bucketed:
+            pool = batch_size * bucket
+            order = [i for s in range(0, n, pool) for i in sorted(order[s : s + pool], key=length)]
+    starts = list(range(0, n, batch_size))
+    if bucketed:
+        rng.shuffle(starts)
+    return [order[start : start + batch_size] for start in starts]
+
+
+def encode_examples(
+    chunk: Sequence[Example], tokenizer, *, max_length: int, regression: bool = False
+) -> dict[str, torch.Tensor]:
+    """One batch: the tokenizer's tensors, padded to the longest example, and ``labels``."""
+    pairs = [e.text_b is not None for e in chunk]
+    if all(pairs) or not any(pairs):
+        a = [e.text_a for e in chunk]
+        b = [e.text_b for e in chunk] if pairs[0] else None
+        enc = tokenizer(a, b, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    else:  # a batch mixing single sentences and pairs (several tasks' examples): one input each
+        inputs = [(e.text_a, e.text_b) if e.text_b is not None else e.text_a for e in chunk]
+        enc = tokenizer(inputs, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    dtype = torch.float32 if regression else torch.long
+    enc["labels"] = torch.tensor([e.label for e in chunk], dtype=dtype)
+    return dict(enc)
+
+
 def batches(
     examples: Sequence[Example],
     tokenizer,
@@ -160,35 +205,17 @@ def batches(
     bucket: int = 8,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Tokenised batches, padded to the longest sequence in each batch (cheaper on CPU). When
-    shuffling, examples are length-sorted within pools of ``bucket`` batches (0: off)."""
+    shuffling, examples are length-sorted within pools of ``bucket`` batches (0: off; see
+    ``batch_order``)."""
 
     def length(i: int) -> int:
         e = examples[i]
         return len(e.text_a) + len(e.text_b or "")
 
-    order = list(range(len(examples)))
-    if shuffle:
-        rng = random.Random(seed)
-        rng.shuffle(order)
-        if bucket:  # sort pools of `bucket` batches by length: less padding, still random batches
-            pool = batch_size * bucket
-            order = [i for s in range(0, len(order), pool) for i in sorted(order[s : s + pool], key=length)]
-    starts = list(range(0, len(order), batch_size))
-    if shuffle and bucket:
-        rng.shuffle(starts)
-    for start in starts:
-        chunk = [examples[i] for i in order[start : start + batch_size]]
-        pairs = [e.text_b is not None for e in chunk]
-        if all(pairs) or not any(pairs):
-            a = [e.text_a for e in chunk]
-            b = [e.text_b for e in chunk] if pairs[0] else None
-            enc = tokenizer(a, b, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        else:  # a batch mixing single sentences and pairs (several tasks' examples): one input each
-            inputs = [(e.text_a, e.text_b) if e.text_b is not None else e.text_a for e in chunk]
-            enc = tokenizer(inputs, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        dtype = torch.float32 if regression else torch.long
-        enc["labels"] = torch.tensor([e.label for e in chunk], dtype=dtype)
-        yield dict(enc)
+    order = batch_order(len(examples), batch_size, shuffle=shuffle, seed=seed, length=length, bucket=bucket)
+    for rows in order:
+        chunk = [examples[i] for i in rows]
+        yield encode_examples(chunk, tokenizer, max_length=max_length, regression=regression)
 
 
 def majority_baseline(examples: Sequence[Example]) -> float:

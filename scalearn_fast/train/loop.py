@@ -1,20 +1,29 @@
-"""The training loop both stages share: AdamW, linear schedule, eval per epoch (or every
-``eval_every`` steps), early stopping on the task's main dev metric, best weights restored.
-The task (a GLUE task or ``translation``) supplies its batches and dev metrics (``task_io``)."""
+"""The training loop every training command shares: AdamW, linear schedule, eval per epoch (or
+every ``eval_every`` steps), early stopping on the task's main dev metric, best weights restored.
+The task (a GLUE task or ``translation``) supplies its batches and dev metrics (``task_io``).
+
+The loop runs on Hugging Face Accelerate (docs/training.md says why not the ``Trainer``): the
+``Accelerator`` wraps the model in DDP under a launcher (``torchrun --nproc_per_node N``), runs
+mixed precision (``fp16``, ``bf16``) and the experiment trackers (``report_to``). Batches and
+evaluation are split across processes as ``train/distributed.py`` describes, so a run on N
+processes takes the steps a single process takes with the same global batch."""
 
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .data import Example, batches, task_spec
+from .distributed import all_mean, gather_predictions, is_main_process, launched, shard_rows
 from .metrics import compute_metrics
 from .translation import TaskIO, TranslationIO, is_translation
 
@@ -40,6 +49,10 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     fp16: bool = False  # mixed precision (CUDA autocast to float16 with a gradient scaler)
+    bf16: bool = False  # mixed precision (autocast to bfloat16; CUDA or CPU)
+    gradient_checkpointing: bool = False  # recompute the model's layers in backward (HF models)
+    # Accelerate trackers: tensorboard, wandb, mlflow, ... (none: off); a list, as results.json reads back
+    report_to: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.lr >= 0:
@@ -56,10 +69,35 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0 (0: no early stopping); got {self.patience}")
+        if self.fp16 and self.bf16:
+            raise ValueError("fp16 and bf16 are two mixed-precision modes; pass at most one")
+        self.report_to = list(self.report_to)
+        if self.report_to:
+            check_trackers(self.report_to)
+
+
+def check_trackers(names: Sequence[str]) -> None:
+    """Each of ``names`` is an Accelerate tracker installed here (``report_to``)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = sorted(str(t) for t in get_available_trackers())
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ValueError(
+                f"report_to (--report-to): unknown tracker {name!r}; known: {sorted(LOGGER_TYPE_TO_CLASS)}"
+            )
+        if name not in available:
+            raise ValueError(
+                f"report_to (--report-to): the tracker {name!r} is not installed here (pip install {name}); "
+                f"installed: {available or 'none'}"
+            )
 
 
 def log_line(message: str) -> None:
-    """Print one log line without breaking a tqdm progress bar (``tqdm.write``; ``print`` without tqdm)."""
+    """Print one log line without breaking a tqdm progress bar (``tqdm.write``; ``print`` without
+    tqdm); only on the main process of a distributed run."""
+    if not is_main_process():
+        return
     try:
         from tqdm.auto import tqdm
     except ImportError:
@@ -94,6 +132,27 @@ class TrainResult:
 
 
 @torch.no_grad()
+def predict(
+    model: nn.Module, examples: Sequence[Example], tokenizer, *, regression: bool, batch_size: int = 64,
+    max_length: int = 128,
+) -> np.ndarray:  # fmt: skip
+    """Per example: the predicted class, or the first logit for a regression task."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    preds = []
+    for batch in batches(
+        examples, tokenizer, batch_size=batch_size, max_length=max_length, regression=regression
+    ):
+        batch.pop("labels")
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        preds.append(
+            logits.squeeze(-1).float().cpu().numpy() if regression else logits.argmax(-1).cpu().numpy()
+        )
+    model.train(was_training)
+    return np.concatenate(preds) if preds else np.zeros(0)
+
+
 def evaluate(
     model: nn.Module,
     examples: Sequence[Example],
@@ -103,24 +162,17 @@ def evaluate(
     batch_size: int = 64,
     max_length: int = 128,
 ) -> dict[str, float]:
-    """The task's GLUE metrics on ``examples``."""
-    spec = task_spec(task)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    preds, labels = [], []
-    for batch in batches(
-        examples, tokenizer, batch_size=batch_size, max_length=max_length, regression=spec.is_regression
-    ):
-        labels.append(batch.pop("labels").numpy())
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-        preds.append(
-            logits.squeeze(-1).float().cpu().numpy()
-            if spec.is_regression
-            else logits.argmax(-1).cpu().numpy()
+    """The task's GLUE metrics on ``examples`` (split across the processes of a distributed run)."""
+    regression = task_spec(task).is_regression
+
+    def run(part: list[Example]) -> np.ndarray:
+        return predict(
+            model, part, tokenizer, regression=regression, batch_size=batch_size, max_length=max_length
         )
-    model.train(was_training)
-    return compute_metrics(task, np.concatenate(preds), np.concatenate(labels))
+
+    preds = np.asarray(gather_predictions(run, examples))
+    labels = np.asarray([e.label for e in examples], dtype=np.float32 if regression else np.int64)
+    return compute_metrics(task, preds, labels)
 
 
 class GlueIO:
@@ -156,6 +208,37 @@ def linear_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def make_accelerator(
+    device: torch.device, cfg: TrainConfig, logging_dir: str | os.PathLike[str] | None = None
+):
+    """The ``Accelerator`` of one ``fit``: ``cfg``'s mixed precision and trackers, DDP under a
+    launcher (``find_unused_parameters``: a rank's rows may leave a target's parameters unused),
+    the model left where it is (``device_placement=False``: ``--device`` placed it)."""
+    from accelerate import Accelerator, DistributedType
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # Each fit may differ in precision; one process may also switch device kinds between runs.
+    AcceleratorState._reset_state(reset_partial_state=not launched())
+    precision = "fp16" if cfg.fp16 else "bf16" if cfg.bf16 else "no"
+    accelerator = Accelerator(
+        cpu=device.type == "cpu",
+        mixed_precision=precision,
+        device_placement=False,
+        log_with=list(cfg.report_to) or None,
+        project_dir=logging_dir if cfg.report_to else None,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    supported = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    if accelerator.distributed_type not in supported:
+        raise ValueError(
+            f"the launcher asks for {accelerator.distributed_type}; training here runs on one process or "
+            "DDP (MULTI_CPU, MULTI_GPU): the trained parameters are adapters, ω or a fusion, small enough to "
+            "replicate, so sharding them (FSDP, DeepSpeed) buys nothing (docs/training.md)"
+        )
+    return accelerator
+
+
 def fit(
     model: nn.Module,
     params: Sequence[nn.Parameter],
@@ -167,13 +250,19 @@ def fit(
     extra_loss: Callable[[], torch.Tensor | None] | None = None,
     hooks: FitHooks | None = None,
     evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    logging_dir: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
     """Train ``params`` of ``model``; returns the best dev metrics (the best weights are kept).
     ``extra_loss()`` (e.g. AdapterFusion's value regularisation) is added to every step's loss;
     ``hooks`` replace the batches, loss and dev metrics of the single task ``cfg.task`` (by
     default those of ``task_io(cfg.task)``: a GLUE task or ``translation``).
     ``evaluate_fn(model)``, when given, replaces only the evaluation of ``dev``; it returns
-    metrics with a ``main`` entry (higher is better)."""
+    metrics with a ``main`` entry (higher is better). ``logging_dir``: where file-based trackers
+    of ``cfg.report_to`` write.
+
+    Under a launcher every process calls ``fit`` with the same arguments: each takes its rows
+    of every global batch of ``cfg.batch_size`` examples, DDP averages the gradients, and the
+    dev metrics (equal on every rank) drive early stopping on all ranks alike."""
     device = next(model.parameters()).device
     if hooks is None:
         io = task_io(cfg.task)
@@ -205,69 +294,113 @@ def fit(
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     eval_every = cfg.eval_every or steps_per_epoch
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = linear_schedule(optimizer, total, int(cfg.warmup_ratio * total))
     if cfg.fp16 and device.type != "cuda":
         raise ValueError(f"fp16 training needs a CUDA device; the model is on {device}")
-    scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
+    if cfg.gradient_checkpointing:
+        checkpointing(model, True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = linear_schedule(optimizer, total, int(cfg.warmup_ratio * total))
+    accelerator = make_accelerator(device, cfg, logging_dir)
+    rank, size = accelerator.process_index, accelerator.num_processes
+    if not accelerator.is_main_process:
+        log = _silent
+    wrapped, optimizer = accelerator.prepare(model, optimizer)  # the scheduler counts global steps itself
+    if cfg.report_to:
+        accelerator.init_trackers(cfg.task.replace("+", "_"), config=_tracker_config(cfg))
     result = TrainResult(best={"main": -math.inf})
     best_state = [p.detach().clone() for p in params]
     bad_evals = 0
     start = time.perf_counter()
     progress = None
-    if cfg.progress:
+    if cfg.progress and accelerator.is_main_process:
         try:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=total, desc=f"{cfg.task}", mininterval=5.0)
         except ImportError:
             progress = None
-    model.train()
+    wrapped.train()
     step, epoch = 0, 0
-    while step < total:
-        for batch in hooks.batches(epoch):
-            with torch.autocast(device.type, dtype=torch.float16, enabled=cfg.fp16):
-                loss = hooks.loss(model, batch)
-                extra = extra_loss() if extra_loss is not None else None
-                if extra is not None:
-                    loss = loss + extra
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
+    try:
+        while step < total:
+            for batch in hooks.batches(epoch):
+                rows, weight = shard_rows(batch, rank, size)
+                with accelerator.autocast():
+                    loss = hooks.loss(wrapped, rows)
+                    total_loss = loss * weight if size > 1 else loss
+                    extra = extra_loss() if extra_loss is not None else None
+                    if extra is not None:
+                        total_loss = total_loss + extra
+                accelerator.backward(total_loss)
                 optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            if step % eval_every == 0 or step == total:
-                metrics = hooks.evaluate()
-                log(f"[{cfg.task}] step {step}/{total} loss {loss.item():.4f} dev {format_metrics(metrics)}")
-                metrics["step"] = step
-                result.history.append(metrics)
-                if metrics["main"] > result.best["main"]:
-                    result.best = metrics
-                    best_state = [p.detach().clone() for p in params]
-                    bad_evals = 0
-                else:
-                    bad_evals += 1
-                    if cfg.patience and bad_evals >= cfg.patience:
-                        result.stopped_early = True
-                model.train()
-            if step >= total or result.stopped_early:
+                if not accelerator.optimizer_step_was_skipped:  # fp16: an overflow skips the step
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                if step % eval_every == 0 or step == total:
+                    batch_loss = all_mean(loss.item(), weight)  # the global batch's mean loss
+                    metrics = hooks.evaluate()
+                    dev_line = format_metrics(metrics)
+                    log(f"[{cfg.task}] step {step}/{total} loss {batch_loss:.4f} dev {dev_line}")
+                    if cfg.report_to:
+                        accelerator.log(
+                            {"train/loss": batch_loss, **{f"dev/{k}": v for k, v in metrics.items()}},
+                            step=step,
+                        )
+                    metrics["step"] = step
+                    result.history.append(metrics)
+                    if metrics["main"] > result.best["main"]:
+                        result.best = metrics
+                        best_state = [p.detach().clone() for p in params]
+                        bad_evals = 0
+                    else:
+                        bad_evals += 1
+                        if cfg.patience and bad_evals >= cfg.patience:
+                            result.stopped_early = True
+                    wrapped.train()
+                if step >= total or result.stopped_early:
+                    break
+            epoch += 1
+            if result.stopped_early:
                 break
-        epoch += 1
-        if result.stopped_early:
-            break
-    if progress is not None:
-        progress.close()
+    finally:
+        if progress is not None:
+            progress.close()
+        if cfg.report_to:
+            accelerator.end_training()
+        accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)  # the plain forward again
+        if cfg.gradient_checkpointing:
+            checkpointing(model, False)
     with torch.no_grad():
         for p, best in zip(params, best_state, strict=True):
             p.copy_(best)
     result.steps = step
     result.seconds = time.perf_counter() - start
     return result
+
+
+def checkpointing(model: nn.Module, on: bool) -> None:
+    """The model's own activation (gradient) checkpointing on or off: non-reentrant, so gradients
+    reach the adapters although the embeddings are frozen. Transformers 5 names it
+    ``activation_checkpointing_*`` (the ``gradient_checkpointing_*`` names are deprecated there)."""
+    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if not hasattr(model, f"{prefix}_checkpointing_enable"):
+        raise ValueError(f"gradient_checkpointing: {type(model).__name__} is not a Hugging Face model")
+    if on:
+        getattr(model, f"{prefix}_checkpointing_enable")(
+            **{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+        )
+    else:
+        getattr(model, f"{prefix}_checkpointing_disable")()
+
+
+def _silent(message: str) -> None:
+    """The log of a process other than the main one."""
+
+
+def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg`` as trackers take hyperparameters (numbers, strings, booleans)."""
+    return {k: (",".join(v) if isinstance(v, list) else v) for k, v in asdict(cfg).items() if v is not None}

@@ -6,6 +6,9 @@ created, so it leaves nothing behind; the staging folder of a killed run is remo
 run into the same ``--output``. An existing non-empty ``--output`` is refused unless
 ``overwrite`` is set, and even then only a previous run's folder (one with ``results.json``) is
 replaced, so that ``--overwrite`` cannot delete an unrelated folder.
+
+In a distributed run only the main process (rank 0) stages and writes the folder; the others
+check ``--output`` alike and get its path, which they must not write to (``is_main_process``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .distributed import is_main_process
 
 RESULTS_FILE = "results.json"
 
@@ -74,9 +79,13 @@ def staged_output(output_dir: str | os.PathLike[str], overwrite: bool = False) -
     """Yield a fresh staging folder; on success it becomes ``output_dir``, on failure it goes.
 
     The staging folder is created at once (beside ``output_dir``), so a folder that cannot be
-    written fails before any training.
+    written fails before any training. A process other than the main one gets ``output_dir``'s
+    path and nothing is created.
     """
     out = check_output(output_dir, overwrite)
+    if not is_main_process():
+        yield out
+        return
     created = _make_dirs(out.parent, str(output_dir))
     _remove_stale(out)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"

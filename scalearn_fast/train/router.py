@@ -26,7 +26,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,25 +40,27 @@ from ..layers_router import check_router_options
 from ..models.router import attach_router, router_parameters
 from ..models.router_checkpoint import save_router
 from ..ops.backends import resolve_backend
-from .data import Example, batches, canonical_task, majority_baseline, task_spec
-from .loop import TrainConfig, fit, log_line, set_seed
+from ..transfer_stage import add_backend_argument
+from .data import Example, canonical_task, majority_baseline, task_spec
+from .distributed import gather_predictions, is_main_process
+from .loop import fit, predict, set_seed
 from .metrics import compute_metrics
+from .options import RunOptions
 from .output import RESULTS_FILE, staged_output
-from .stages import (
-    HEAD_FILE,
-    _load_data,
-    check_run_options,
-    default_model_dir,
-    describe_data,
-    device_name,
-    head_parameters,
-    load_config,
-    load_model,
-)
+from .stages import HEAD_FILE, default_model_dir, device_name, head_parameters, load_config, load_model
 
 COMPOSITIONS = ("router", "uniform", "last")
 ROUTER_LR = 1e-3
 STEP_FOLDER = "step{index}-{task}"
+# (flag, choices, default, help) of train-router's options that pick one of a few values
+CHOICE_OPTIONS = (
+    ("--composition", COMPOSITIONS, "router", "router: train the routers (and head); uniform: equal fixed "
+     "weights over the seen adapters; last: the newest adapter alone (the head trains in all three)"),
+    ("--gate", ("softmax", "sigmoid", "topk"), "softmax", "router gate"),
+    ("--granularity", ("token", "sequence"), "sequence",
+     "a gate per token, or per sequence (from the mean over its real tokens)"),
+    ("--mode", ("output", "merge"), "output", "weight the outputs or merge parameters"),
+)  # fmt: skip
 HELP = "L2R: routers over a task sequence's adapters, trained on a memory of each seen task"
 
 
@@ -142,17 +144,16 @@ def init_union_head(model, heads: Sequence[dict[str, Any]], tasks: Sequence[str]
 
 
 def predict_union(model, examples, tokenizer, *, max_length: int, batch_size: int = 64):
-    """Arg-max union label per example (numpy)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    preds = []
-    with torch.no_grad():
-        for batch in batches(examples, tokenizer, batch_size=batch_size, max_length=max_length):
-            batch.pop("labels")
-            preds.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.argmax(-1).cpu().numpy())
-    model.train(was_training)
-    return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+    """Arg-max union label per example (numpy; the examples split across the processes of a
+    distributed run)."""
+
+    def run(part):
+        preds = predict(
+            model, part, tokenizer, regression=False, batch_size=batch_size, max_length=max_length
+        )
+        return preds.astype(np.int64)
+
+    return np.asarray(gather_predictions(run, examples), dtype=np.int64)
 
 
 def task_metrics(task: str, union_preds, labels, offset: int) -> dict[str, float]:
@@ -205,17 +206,7 @@ def train_router(
     granularity: str = "sequence",
     mode: str = "output",
     backend: str = "auto",
-    model_dir: str | None = None,
-    glue_dir: str | None = None,
-    data: str = "glue",
-    data_dir: str | None = None,
-    lr: float = ROUTER_LR,
-    max_train_samples: int | None = None,
-    max_eval_samples: int | None = None,
-    log: Callable[[str], None] | None = None,
-    device: str | None = None,
-    overwrite: bool = False,
-    **train_kwargs: Any,
+    **options: Any,
 ) -> dict[str, Any]:
     """Train routers as L2R does over ``tasks`` (in order) with ``adapters`` (one train-adapter
     folder per task); writes ``output_dir/step{t}-{task}/`` per step (a ``save_router`` folder
@@ -224,36 +215,35 @@ def train_router(
     ``memory``: training examples kept per seen task. ``gate``, ``k``, ``granularity``, ``mode``,
     ``backend`` are ``attach_router``'s (``k`` is capped at the number of adapters of a step).
     ``max_train_samples`` subsets each training set before the memory is drawn (pass the value
-    the adapters were trained with to draw the memory from what they saw); the rest is
-    ``train_adapter``'s. ``output_dir`` is written only when the whole sequence succeeds."""
+    the adapters were trained with to draw the memory from what they saw); the rest of
+    ``options`` is ``train_adapter``'s (``lr`` defaults to ``ROUTER_LR``).
+    ``output_dir`` is written only when the whole sequence succeeds."""
     from safetensors.torch import load_file
 
-    if data_dir is not None:
-        raise ValueError("--data-dir is for --task translation; train-router trains GLUE tasks (--glue-dir)")
-    log = log or log_line
+    run, cfg = RunOptions.split("", ROUTER_LR, options)
+    run.glue_only("train-router")
     names = check_sequence(tasks, adapters, memory, composition)
     check_router_options(gate, k, granularity, mode, max(k or 1, 1))
-    cfg = TrainConfig(task=names[0], lr=lr, **train_kwargs)
-    device = check_run_options(device, model_dir, output_dir, max_train_samples, max_eval_samples, overwrite)
+    cfg = replace(cfg, task=names[0])
+    device = run.check(output_dir)
     resolve_backend(backend, torch.device(device))
     folders = [str(Path(a).absolute()) for a in adapters]
     sources = [load_adapterhub_sources([f])[0] for f in folders]  # a bad folder fails before any work
     heads = [load_file(str(Path(f) / HEAD_FILE)) for f in folders]
-    load_config(model_dir)
+    load_config(run.model_dir)
     method = method_name(composition, mode)
-    with staged_output(output_dir, overwrite) as out:
+    log = run.log
+    with staged_output(output_dir, run.overwrite) as out:
         set_seed(cfg.seed)
-        splits = {
-            t: _load_data(t, glue_dir, data, max_train_samples, max_eval_samples, cfg.seed) for t in names
-        }
+        splits = {t: run.load_data(t, cfg.seed) for t in names}
         memories = {t: memory_sample(splits[t][0], t, memory, cfg.seed) for t in names}
-        log(f"[l2r] data: {describe_data(glue_dir, data)}; {method} over {names}, memory {memory} per task")
+        log(f"[l2r] data: {run.describe_data()}; {method} over {names}, memory {memory} per task")
         steps: list[dict[str, Any]] = []
         for index, task in enumerate(names, start=1):
             seen = names[:index]
             labels, offsets = union_labels(seen)
             set_seed(cfg.seed)
-            model, tokenizer = load_model(model_dir, seen[0], num_labels=len(labels))
+            model, tokenizer = load_model(run.model_dir, seen[0], num_labels=len(labels))
             model.to(device)
             init_union_head(model, heads[:index], seen, offsets)
             used = sources[:index] if composition != "last" else [sources[index - 1]]
@@ -263,7 +253,7 @@ def train_router(
             )
             params = step_parameters(model, train_routers=composition == "router")
             mem = [Example(e.text_a, e.text_b, offsets[t] + int(e.label)) for t in seen for e in memories[t]]
-            step_cfg = TrainConfig(**{**asdict(cfg), "task": task})
+            step_cfg = replace(cfg, task=task)
             memory_accuracy = union_accuracy(mem, tokenizer, step_cfg.max_length)
 
             log(
@@ -271,7 +261,11 @@ def train_router(
                 f"{len(mem)} memory examples, {len(labels)} union labels, "
                 f"{sum(p.numel() for p in params)} trainable"
             )
-            result = fit(model, params, mem, mem, tokenizer, step_cfg, log=log, evaluate_fn=memory_accuracy)
+            folder = out / STEP_FOLDER.format(index=index, task=task)
+            result = fit(
+                model, params, mem, mem, tokenizer, step_cfg, log=log, evaluate_fn=memory_accuracy,
+                logging_dir=folder / "logs",
+            )  # fmt: skip
             per_task = {}
             for t in seen:
                 dev = splits[t][1]
@@ -279,8 +273,6 @@ def train_router(
                 per_task[t] = task_metrics(t, preds, [int(e.label) for e in dev], offsets[t])
                 log(f"[l2r] step {index} dev {t}: main {per_task[t]['main']:.4f} "
                     f"task-id {per_task[t]['task_id_accuracy']:.4f}")  # fmt: skip
-            folder = out / STEP_FOLDER.format(index=index, task=task)
-            save_router(model, folder, source_paths=[s.path for s in used])
             summary = {
                 "method": method,
                 "task": task,
@@ -307,12 +299,14 @@ def train_router(
                     "backend": backend,
                 },  # fmt: skip
                 "config": asdict(step_cfg),
-                "model": model_dir or default_model_dir(),
+                "model": run.model_dir or default_model_dir(),
                 "device": device_name(device),
-                "data": describe_data(glue_dir, data),
+                "data": run.describe_data(),
                 "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             }
-            atomic_write_json(folder / RESULTS_FILE, summary)
+            if is_main_process():
+                save_router(model, folder, source_paths=[s.path for s in used])
+                atomic_write_json(folder / RESULTS_FILE, summary)
             steps.append(summary)
         final = steps[-1]
         total = {
@@ -335,7 +329,8 @@ def train_router(
             "data": final["data"],
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        atomic_write_json(out / RESULTS_FILE, total)
+        if is_main_process():
+            atomic_write_json(out / RESULTS_FILE, total)
     return total
 
 
@@ -362,27 +357,10 @@ def add_arguments(
         help="one train-adapter --output folder per task, in the order of --tasks (required)",
     )
     p.add_argument("--memory", type=int, required=True, help="examples kept per seen task (required)")
-    p.add_argument(
-        "--composition",
-        choices=COMPOSITIONS,
-        default="router",
-        help="router: train the routers (and head); uniform: equal fixed weights over the seen adapters; "
-        "last: the newest adapter alone (the head trains in all three)",
-    )
-    p.add_argument("--gate", choices=("softmax", "sigmoid", "topk"), default="softmax", help="router gate")
+    for flag, choices, default, what in CHOICE_OPTIONS:
+        p.add_argument(flag, choices=choices, default=default, help=what)
     p.add_argument("--k", type=int, default=None, help="sources kept by --gate topk (capped at the step's N)")
-    p.add_argument(
-        "--granularity",
-        choices=("token", "sequence"),
-        default="sequence",
-        help="a gate per token, or per sequence (from the mean over its real tokens)",
-    )
-    p.add_argument(
-        "--mode", choices=("output", "merge"), default="output", help="weight the outputs or merge parameters"
-    )
-    p.add_argument(
-        "--backend", choices=("auto", "torch", "triton", "reference"), default="auto", help="the op's backend"
-    )
+    add_backend_argument(p)
 
 
 def run(a: argparse.Namespace, train_kwargs: dict[str, Any]) -> int:
@@ -399,8 +377,8 @@ def run(a: argparse.Namespace, train_kwargs: dict[str, Any]) -> int:
         backend=a.backend,
         **train_kwargs,
     )
-    brief = {k: summary[k] for k in ("method", "task", "matrix", "train_seconds")}
-    print(json.dumps(brief))
+    if is_main_process():
+        print(json.dumps({k: summary[k] for k in ("method", "task", "matrix", "train_seconds")}))
     return 0
 
 

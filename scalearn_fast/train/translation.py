@@ -17,6 +17,9 @@ from typing import Any, Protocol
 
 import torch
 
+from .data import batch_order
+from .distributed import gather_predictions
+
 TRANSLATION = "translation"
 SPLITS = ("train", "dev")
 
@@ -63,21 +66,13 @@ def read_pairs(
 
 
 def pair_batches(
-    pairs: Sequence[Pair],
-    tokenizer,
-    *,
-    batch_size: int = 32,
-    max_length: int = 128,
-    shuffle: bool = False,
-    seed: int = 0,
+    pairs: Sequence[Pair], tokenizer, *, max_length: int = 128, **order: Any
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Tokenised batches: ``input_ids``, ``attention_mask`` and ``labels`` (the target ids, padding
-    set to -100 so the loss skips it); the model makes its decoder inputs from the labels."""
-    order = list(range(len(pairs)))
-    if shuffle:
-        random.Random(seed).shuffle(order)
-    for start in range(0, len(order), batch_size):
-        chunk = [pairs[i] for i in order[start : start + batch_size]]
+    set to -100 so the loss skips it); the model makes its decoder inputs from the labels.
+    ``order``: ``batch_size`` (32), ``shuffle``, ``seed`` as ``data.batch_order`` takes them."""
+    for rows in batch_order(len(pairs), order.pop("batch_size", 32), **order):
+        chunk = [pairs[i] for i in rows]
         enc = tokenizer(
             [p.source for p in chunk],
             text_target=[p.target for p in chunk],
@@ -137,7 +132,8 @@ def evaluate_translation(
     model, pairs: Sequence[Pair], tokenizer, *, max_length: int = 128
 ) -> dict[str, float]:
     """Dev BLEU and chrF of greedy translations of ``pairs``' sources against their targets."""
-    hyps = translate(model, [p.source for p in pairs], tokenizer, max_length=max_length)
+    sources = [p.source for p in pairs]
+    hyps = gather_predictions(lambda part: translate(model, part, tokenizer, max_length=max_length), sources)
     return translation_metrics(hyps, [p.target for p in pairs])
 
 
