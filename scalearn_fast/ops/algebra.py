@@ -67,9 +67,35 @@ def hidden_units(
     hidden = activation_fn(activation, pre, inplace=overwrite)
     if row_scale is None:
         return hidden
-    scale_cols = row_scale.index_select(-1, source_index)
     in_place = overwrite or (hidden is not pre and not hidden.requires_grad)
-    return hidden.mul_(scale_cols) if in_place else hidden * scale_cols
+    return scale_by_source(hidden, row_scale, source_index, inplace=in_place)
+
+
+def unit_blocks(source_index: Tensor, num_sources: int) -> int | None:
+    """r when the R units are N consecutive blocks of r units (equal ranks, laid out as
+    ``pack_sources`` does), else ``None``. One host sync per ``source_index`` tensor, cached
+    (``bank.source_columns``)."""
+    total = source_index.numel()
+    if num_sources == 0 or total % num_sources:
+        return None
+    from .bank import source_columns
+
+    r = total // num_sources
+    columns = source_columns(source_index, num_sources)
+    return r if all(isinstance(c, slice) and c.stop - c.start == r for c in columns) else None
+
+
+def scale_by_source(x: Tensor, row_scale: Tensor, source_index: Tensor, *, inplace: bool) -> Tensor:
+    """x ⊙ w[:, s] for ``x [T, R]`` and per-row source weights ``w [T, N]``: a broadcast over x
+    viewed as [T, N, r] when the sources have equal ranks (no [T, R] copy of w's columns),
+    else w's columns gathered; ``inplace`` overwrites x."""
+    n = row_scale.shape[-1]
+    r = unit_blocks(source_index, n) if x.is_contiguous() else None
+    if r is not None:
+        units, weights = x.view(*x.shape[:-1], n, r), row_scale.unsqueeze(-1)
+        return (units.mul_(weights) if inplace else units * weights).view(x.shape)
+    columns = row_scale.index_select(-1, source_index)
+    return x.mul_(columns) if inplace else x * columns
 
 
 def down_projection_grads(
@@ -84,8 +110,8 @@ def down_projection_grads(
     """(dz, dD, db_D) from the gradient of the hidden units ``g_hidden`` = ∂L/∂act(P)·w [T, R]:
     dP = g_hidden ⊙ w[:, s] ⊙ act'(P), dz = dP·D, dD = dPᵀ·z, db_D = Σ_t dP; ``needs`` flags
     which of the three to compute."""
-    if activation == "relu":  # one pass, same NaN rule as activation_grad (NaN > 0 is False)
-        d_pre = torch.where(pre > 0, g_hidden, 0.0)
+    if activation == "relu":  # one pass (torch.where with a scalar is several times slower)
+        d_pre = torch.ops.aten.threshold_backward(g_hidden, pre, 0)
     else:
         d_pre = g_hidden * activation_grad(activation, pre)
     if scale_cols is not None:
@@ -100,6 +126,9 @@ def down_projection_grads(
 
 def segment_sum(values: Tensor, source_index: Tensor, num_sources: int) -> Tensor:
     """Sum the columns of ``values [T, R]`` that belong to the same source -> [T, N]."""
+    r = unit_blocks(source_index, num_sources) if values.is_contiguous() else None
+    if r is not None:  # equal ranks: a reduction over the [T, N, r] view
+        return values.view(values.shape[0], num_sources, r).sum(-1)
     return values.new_zeros(values.shape[0], num_sources).index_add_(1, source_index, values)
 
 
