@@ -140,7 +140,9 @@ def backward(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients)
             pre, g_u, call.activation, None, call.z, call.w_down, (needs.z, needs.w_down, needs.b_down)
         )
     if needs.omega or needs.w_up:
-        hidden = act if row_scale is None else algebra.scale_by_source(act, row_scale, source_index, inplace=False)
+        hidden = act
+        if row_scale is not None:
+            hidden = algebra.scale_by_source(act, row_scale, source_index, inplace=False)
         m = hidden.T @ g  # [R, d]: the one GEMM
         if needs.omega:
             d_omega = algebra.omega_gradient(call.w_up, m, call.b_up, g_rows, source_index, omega)
