@@ -116,6 +116,13 @@ def down_projection_grads(
         d_pre = g_hidden * activation_grad(activation, pre)
     if scale_cols is not None:
         d_pre = d_pre * scale_cols
+    return unit_grads(d_pre, z, w_down, needs)
+
+
+def unit_grads(
+    d_pre: Tensor, z: Tensor, w_down: Tensor, needs: tuple[bool, bool, bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dz, dD, db_D) = (dP·D, dPᵀ·z, Σ_t dP) from dP [T, R]; ``needs`` flags which to compute."""
     need_z, need_wd, need_bd = needs
     return (
         d_pre @ w_down if need_z else None,
@@ -130,6 +137,16 @@ def segment_sum(values: Tensor, source_index: Tensor, num_sources: int) -> Tenso
     if r is not None:  # equal ranks: a reduction over the [T, N, r] view
         return values.view(values.shape[0], num_sources, r).sum(-1)
     return values.new_zeros(values.shape[0], num_sources).index_add_(1, source_index, values)
+
+
+def segment_dot(a: Tensor, b: Tensor, source_index: Tensor, num_sources: int) -> Tensor:
+    """Σ_{c: s(c)=i} a[t, c]·b[t, c] for ``a, b [T, R]`` -> [T, N] (one pass when the sources
+    have equal ranks)."""
+    r = unit_blocks(source_index, num_sources) if a.is_contiguous() and b.is_contiguous() else None
+    if r is not None:
+        shape = (a.shape[0], num_sources, r)
+        return torch.linalg.vecdot(a.view(shape), b.view(shape))
+    return segment_sum(a * b, source_index, num_sources)
 
 
 def omega_gradient(

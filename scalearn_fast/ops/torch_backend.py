@@ -124,7 +124,9 @@ def backward(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients)
     g = grad_out
     omega, row_scale, source_index = call.omega, call.row_scale, call.source_index
     n = call.num_sources
-    act = activation_fn(call.activation, pre) if needs.row_scale or needs.omega or needs.w_up else None
+    relu_gates = needs.row_scale and call.activation == "relu"  # their gradient reads P, not act(P)
+    need_act = needs.omega or needs.w_up or (needs.row_scale and not relu_gates)
+    act = activation_fn(call.activation, pre) if need_act else None
     if needs.omega or needs.b_up:
         g_rows = algebra.source_rows_of_grad(g, row_scale, n)
 
@@ -132,13 +134,21 @@ def backward(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients)
     if needs.z or needs.w_down or needs.b_down or needs.row_scale:
         u, _ = algebra.scale_up_projections(call.w_up, call.b_up, omega, source_index)
         g_u = g @ u  # G = g·U  [T, R]
-        if needs.row_scale:
-            d_rs = algebra.segment_sum(act * g_u, source_index, n).addmm_(g, (omega * call.b_up).T)
-        if row_scale is not None:  # G ⊙ w[:, s], then dP = that ⊙ act'(P)
-            g_u = algebra.scale_by_source(g_u, row_scale, source_index, inplace=not torch.is_grad_enabled())
-        d_z, d_wd, d_bd = algebra.down_projection_grads(
-            pre, g_u, call.activation, None, call.z, call.w_down, (needs.z, needs.w_down, needs.b_down)
-        )
+        unit_needs = (needs.z, needs.w_down, needs.b_down)
+        in_place = not torch.is_grad_enabled()
+        if relu_gates:  # act(P)·G = P·(G where P > 0): one mask pass
+            d_pre = torch.ops.aten.threshold_backward(g_u, pre, 0)
+            d_rs = algebra.segment_dot(pre, d_pre, source_index, n).addmm_(g, (omega * call.b_up).T)
+            d_pre = algebra.scale_by_source(d_pre, row_scale, source_index, inplace=in_place)
+            d_z, d_wd, d_bd = algebra.unit_grads(d_pre, call.z, call.w_down, unit_needs)
+        else:
+            if needs.row_scale:
+                d_rs = algebra.segment_dot(act, g_u, source_index, n).addmm_(g, (omega * call.b_up).T)
+            if row_scale is not None:  # G ⊙ w[:, s], then dP = that ⊙ act'(P)
+                g_u = algebra.scale_by_source(g_u, row_scale, source_index, inplace=in_place)
+            d_z, d_wd, d_bd = algebra.down_projection_grads(
+                pre, g_u, call.activation, None, call.z, call.w_down, unit_needs
+            )
     if needs.omega or needs.w_up:
         hidden = act
         if row_scale is not None:
