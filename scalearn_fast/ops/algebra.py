@@ -18,6 +18,8 @@ The torch backend uses every function here; the triton backend uses the O(R·d +
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -38,13 +40,25 @@ def scale_up_projections(
     if w_up.dtype in (torch.float16, torch.bfloat16):
         u, bias = scale_up_projections(w_up.float(), b_up.float(), omega.float(), source_index)
         return u.to(w_up.dtype), bias.to(w_up.dtype)
-    return w_up * omega.index_select(0, source_index).T, (omega * b_up).sum(0)
+    return scale_by_omega(w_up, omega, source_index), (omega * b_up).sum(0)
+
+
+def scale_by_omega(w: Tensor, omega: Tensor, source_index: Tensor) -> Tensor:
+    """W ⊙ ω[s]ᵀ for ``w [d, R]`` (unit c's column scaled by its source's ω, ``[N, d]`` or
+    ``[N, 1]``), written in w's layout: a broadcast over w viewed as [d, N, r] when the sources
+    have equal ranks, else ω's rows gathered as columns. (Multiplying by the transposed gather
+    ``ω[s]ᵀ`` instead walks one operand across its strides: ~20x slower at R·d = 8M.)"""
+    n = omega.shape[0]
+    r = unit_blocks(source_index, n) if w.is_contiguous() else None
+    if r is not None:
+        return (w.view(w.shape[0], n, r) * omega.T.unsqueeze(-1)).view(w.shape)
+    return w * omega.T.index_select(1, source_index)
 
 
 def fp16_fold_overflows(w_up: Tensor, omega: Tensor, source_index: Tensor) -> bool:
     """Whether U = W ⊙ ω[s]ᵀ leaves fp16's finite range while W and ω are finite (a host sync:
     called only for fp16 operands)."""
-    u = w_up.float() * omega.float().index_select(0, source_index).T
+    u = scale_by_omega(w_up.float(), omega.float(), source_index)
     finite_inputs = torch.isfinite(w_up).all() & torch.isfinite(omega).all()
     return bool(finite_inputs & (u.abs() > torch.finfo(torch.float16).max).any())
 
@@ -71,18 +85,31 @@ def hidden_units(
     return scale_by_source(hidden, row_scale, source_index, inplace=in_place)
 
 
+_BLOCKS: dict[int, tuple[weakref.ref, int, int | None]] = {}  # id(source_index) -> (ref, version, r)
+
+
 def unit_blocks(source_index: Tensor, num_sources: int) -> int | None:
     """r when the R units are N consecutive blocks of r units (equal ranks, laid out as
     ``pack_sources`` does), else ``None``. One host sync per ``source_index`` tensor, cached
-    (``bank.source_columns``)."""
+    while it is alive and unmodified; ``None`` while tracing (the gather forms serve there)."""
     total = source_index.numel()
-    if num_sources == 0 or total % num_sources:
+    if num_sources == 0 or total % num_sources or torch.compiler.is_compiling():
         return None
-    from .bank import source_columns
+    if source_index.is_inference():  # no version counter to key a cache on
+        return _equal_blocks(source_index, total // num_sources)
+    cached = _BLOCKS.get(id(source_index))
+    if cached is not None and cached[0]() is source_index and cached[1] == source_index._version:
+        return cached[2]
+    r = _equal_blocks(source_index, total // num_sources)
+    if len(_BLOCKS) > 256:
+        _BLOCKS.clear()
+    _BLOCKS[id(source_index)] = (weakref.ref(source_index), source_index._version, r)
+    return r
 
-    r = total // num_sources
-    columns = source_columns(source_index, num_sources)
-    return r if all(isinstance(c, slice) and c.stop - c.start == r for c in columns) else None
+
+def _equal_blocks(source_index: Tensor, r: int) -> int | None:
+    expect = torch.arange(source_index.numel(), device=source_index.device) // r
+    return r if torch.equal(source_index, expect) else None
 
 
 def scale_by_source(x: Tensor, row_scale: Tensor, source_index: Tensor, *, inplace: bool) -> Tensor:
@@ -153,12 +180,13 @@ def omega_gradient(
     w_up: Tensor, m: Tensor, b_up: Tensor, g_rows: Tensor, source_index: Tensor, omega: Tensor
 ) -> Tensor:
     """dω from M = Sᵀ·g [R, d] and g_rows[i] = Σ_t w[t, i]·g[t, :] [N, d], reduced in ≥ fp32,
-    summed over d for a uniform ω [N, 1]; in ω's dtype."""
+    summed over d for a uniform ω [N, 1]; in ω's dtype. W ⊙ Mᵀ is formed in W's [d, R] layout
+    (free when M is the transposed view of a GEMM's [d, R] output, as the torch backend makes
+    it; one blocked transpose otherwise)."""
     acc = torch.promote_types(m.dtype, torch.float32)
-    per_unit = w_up.T.to(acc) * m.to(acc)  # [R, d]
-    d_omega = torch.zeros(omega.shape[0], m.shape[1], dtype=acc, device=m.device)
-    d_omega.index_add_(0, source_index, per_unit)
-    d_omega += b_up.to(acc) * g_rows.to(acc)
+    per_unit = w_up.to(acc) * m.T.contiguous().to(acc)  # [d, R]
+    d_omega = segment_sum(per_unit, source_index, omega.shape[0]).T  # [N, d]
+    d_omega = d_omega + b_up.to(acc) * g_rows.to(acc)
     if omega.shape[1] == 1:
         d_omega = d_omega.sum(1, keepdim=True)
     return d_omega.to(omega.dtype)

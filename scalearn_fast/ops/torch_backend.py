@@ -153,11 +153,11 @@ def backward(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients)
         hidden = act
         if row_scale is not None:
             hidden = algebra.scale_by_source(act, row_scale, source_index, inplace=False)
-        m = hidden.T @ g  # [R, d]: the one GEMM
+        m_t = g.T @ hidden  # Mᵀ [d, R]: the one GEMM, in W's layout
         if needs.omega:
-            d_omega = algebra.omega_gradient(call.w_up, m, call.b_up, g_rows, source_index, omega)
+            d_omega = algebra.omega_gradient(call.w_up, m_t.T, call.b_up, g_rows, source_index, omega)
         if needs.w_up:
-            d_wu = (m * omega.index_select(0, source_index)).T
+            d_wu = algebra.scale_by_omega(m_t, omega, source_index)
     if needs.b_up:
         d_bu = omega * g_rows
     return Gradients(d_z, d_wd, d_bd, d_wu, d_bu, d_omega, d_rs)
