@@ -21,7 +21,9 @@ Four T·d·R GEMMs and a few passes over [T, R], against autograd's recording of
 forward (a copy of the scaled hidden units per row for the product's backward, separate
 multiply-and-sum passes for each gradient). What is kept for the backward follows
 ``ops/saved_state.py``: P [T, R] when R <= d, else nothing of size T·R (P is recomputed).
-Sources that require a gradient go through ``merged_rows_autograd`` (autograd's own form).
+Sources that require a gradient go through ``merged_rows_autograd`` (autograd's own form). A
+backward that builds a graph (``create_graph=True``) recomputes P and P̄ from z and g, so that
+it differentiates again.
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ class _MergedRows(torch.autograd.Function):
         need_rows, need_g = ctx.needs_input_grad[:2]
         need_res = ctx.needs_input_grad[6]
         t, n = g.shape
+        if torch.is_grad_enabled():  # create_graph: P and P̄ again, as functions of z and g
+            pre = torch.addmm(b_down, rows, w_down.T)
+            merged = torch.bmm(g.unsqueeze(1), pre.view(t, n, ctx.r)).squeeze(1)
         d_rows = d_g = None
         if need_rows or need_g:
             d_s = (grad @ w_up).view(t, n, ctx.r)  # dS [T, N, r]
