@@ -20,9 +20,10 @@ It is computed without building any merged weight:
     S  = [g_1 act(P̄), ..., g_N act(P̄)]   block i of S                        [T, N·r]
     out = S·Wᵀ + g·B + residual           one GEMM                            [T, d]
 
-``merged_adapter_sum`` is that form (differentiable by autograd, gradients for z, the sources
-and the gates); ``merged_adapter_sum_reference`` builds the merged weights row by row, the
-oracle the tests compare against.
+``merged_adapter_sum`` is that form (gradients for z, the gates and, when they require one, the
+sources; the backward for frozen sources is written out in ``ops/routing_merge.py``);
+``merged_adapter_sum_reference`` builds the merged weights row by row, the oracle the tests
+compare against. The three forms share one signature and their checks (``_merge_form``).
 
 With one gate vector per sequence (``gates [B, N]`` for ``z [B, L, d]``) the B merged adapters
 are cheaper to build than the rank-N·r GEMMs are to run once L is larger than a few tokens
