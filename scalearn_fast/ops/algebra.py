@@ -18,6 +18,8 @@ The torch backend uses every function here; the triton backend uses the O(R·d +
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -38,13 +40,25 @@ def scale_up_projections(
     if w_up.dtype in (torch.float16, torch.bfloat16):
         u, bias = scale_up_projections(w_up.float(), b_up.float(), omega.float(), source_index)
         return u.to(w_up.dtype), bias.to(w_up.dtype)
-    return w_up * omega.index_select(0, source_index).T, (omega * b_up).sum(0)
+    return scale_by_omega(w_up, omega, source_index), (omega * b_up).sum(0)
+
+
+def scale_by_omega(w: Tensor, omega: Tensor, source_index: Tensor) -> Tensor:
+    """W ⊙ ω[s]ᵀ for ``w [d, R]`` (unit c's column scaled by its source's ω, ``[N, d]`` or
+    ``[N, 1]``), written in w's layout: a broadcast over w viewed as [d, N, r] when the sources
+    have equal ranks, else ω's rows gathered as columns. (Multiplying by the transposed gather
+    ``ω[s]ᵀ`` instead walks one operand across its strides: ~20x slower at R·d = 8M.)"""
+    n = omega.shape[0]
+    r = unit_blocks(source_index, n) if w.is_contiguous() else None
+    if r is not None:
+        return (w.view(w.shape[0], n, r) * omega.T.unsqueeze(-1)).view(w.shape)
+    return w * omega.T.index_select(1, source_index)
 
 
 def fp16_fold_overflows(w_up: Tensor, omega: Tensor, source_index: Tensor) -> bool:
     """Whether U = W ⊙ ω[s]ᵀ leaves fp16's finite range while W and ω are finite (a host sync:
     called only for fp16 operands)."""
-    u = w_up.float() * omega.float().index_select(0, source_index).T
+    u = scale_by_omega(w_up.float(), omega.float(), source_index)
     finite_inputs = torch.isfinite(w_up).all() & torch.isfinite(omega).all()
     return bool(finite_inputs & (u.abs() > torch.finfo(torch.float16).max).any())
 
@@ -67,9 +81,48 @@ def hidden_units(
     hidden = activation_fn(activation, pre, inplace=overwrite)
     if row_scale is None:
         return hidden
-    scale_cols = row_scale.index_select(-1, source_index)
     in_place = overwrite or (hidden is not pre and not hidden.requires_grad)
-    return hidden.mul_(scale_cols) if in_place else hidden * scale_cols
+    return scale_by_source(hidden, row_scale, source_index, inplace=in_place)
+
+
+_BLOCKS: dict[int, tuple[weakref.ref, int, int | None]] = {}  # id(source_index) -> (ref, version, r)
+
+
+def unit_blocks(source_index: Tensor, num_sources: int) -> int | None:
+    """r when the R units are N consecutive blocks of r units (equal ranks, laid out as
+    ``pack_sources`` does), else ``None``. One host sync per ``source_index`` tensor, cached
+    while it is alive and unmodified; ``None`` while tracing (the gather forms serve there)."""
+    total = source_index.numel()
+    if num_sources == 0 or total % num_sources or torch.compiler.is_compiling():
+        return None
+    if source_index.is_inference():  # no version counter to key a cache on
+        return _equal_blocks(source_index, total // num_sources)
+    cached = _BLOCKS.get(id(source_index))
+    if cached is not None and cached[0]() is source_index and cached[1] == source_index._version:
+        return cached[2]
+    r = _equal_blocks(source_index, total // num_sources)
+    if len(_BLOCKS) > 256:
+        _BLOCKS.clear()
+    _BLOCKS[id(source_index)] = (weakref.ref(source_index), source_index._version, r)
+    return r
+
+
+def _equal_blocks(source_index: Tensor, r: int) -> int | None:
+    expect = torch.arange(source_index.numel(), device=source_index.device) // r
+    return r if torch.equal(source_index, expect) else None
+
+
+def scale_by_source(x: Tensor, row_scale: Tensor, source_index: Tensor, *, inplace: bool) -> Tensor:
+    """x ⊙ w[:, s] for ``x [T, R]`` and per-row source weights ``w [T, N]``: a broadcast over x
+    viewed as [T, N, r] when the sources have equal ranks (no [T, R] copy of w's columns),
+    else w's columns gathered; ``inplace`` overwrites x."""
+    n = row_scale.shape[-1]
+    r = unit_blocks(source_index, n) if x.is_contiguous() else None
+    if r is not None:
+        units, weights = x.view(*x.shape[:-1], n, r), row_scale.unsqueeze(-1)
+        return (units.mul_(weights) if inplace else units * weights).view(x.shape)
+    columns = row_scale.index_select(-1, source_index)
+    return x.mul_(columns) if inplace else x * columns
 
 
 def down_projection_grads(
@@ -84,12 +137,19 @@ def down_projection_grads(
     """(dz, dD, db_D) from the gradient of the hidden units ``g_hidden`` = ∂L/∂act(P)·w [T, R]:
     dP = g_hidden ⊙ w[:, s] ⊙ act'(P), dz = dP·D, dD = dPᵀ·z, db_D = Σ_t dP; ``needs`` flags
     which of the three to compute."""
-    if activation == "relu":  # one pass, same NaN rule as activation_grad (NaN > 0 is False)
-        d_pre = torch.where(pre > 0, g_hidden, 0.0)
+    if activation == "relu":  # one pass (torch.where with a scalar is several times slower)
+        d_pre = torch.ops.aten.threshold_backward(g_hidden, pre, 0)
     else:
         d_pre = g_hidden * activation_grad(activation, pre)
     if scale_cols is not None:
         d_pre = d_pre * scale_cols
+    return unit_grads(d_pre, z, w_down, needs)
+
+
+def unit_grads(
+    d_pre: Tensor, z: Tensor, w_down: Tensor, needs: tuple[bool, bool, bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dz, dD, db_D) = (dP·D, dPᵀ·z, Σ_t dP) from dP [T, R]; ``needs`` flags which to compute."""
     need_z, need_wd, need_bd = needs
     return (
         d_pre @ w_down if need_z else None,
@@ -100,19 +160,33 @@ def down_projection_grads(
 
 def segment_sum(values: Tensor, source_index: Tensor, num_sources: int) -> Tensor:
     """Sum the columns of ``values [T, R]`` that belong to the same source -> [T, N]."""
+    r = unit_blocks(source_index, num_sources) if values.is_contiguous() else None
+    if r is not None:  # equal ranks: a reduction over the [T, N, r] view
+        return values.view(values.shape[0], num_sources, r).sum(-1)
     return values.new_zeros(values.shape[0], num_sources).index_add_(1, source_index, values)
+
+
+def segment_dot(a: Tensor, b: Tensor, source_index: Tensor, num_sources: int) -> Tensor:
+    """Σ_{c: s(c)=i} a[t, c]·b[t, c] for ``a, b [T, R]`` -> [T, N] (one pass when the sources
+    have equal ranks)."""
+    r = unit_blocks(source_index, num_sources) if a.is_contiguous() and b.is_contiguous() else None
+    if r is not None:
+        shape = (a.shape[0], num_sources, r)
+        return torch.linalg.vecdot(a.view(shape), b.view(shape))
+    return segment_sum(a * b, source_index, num_sources)
 
 
 def omega_gradient(
     w_up: Tensor, m: Tensor, b_up: Tensor, g_rows: Tensor, source_index: Tensor, omega: Tensor
 ) -> Tensor:
     """dω from M = Sᵀ·g [R, d] and g_rows[i] = Σ_t w[t, i]·g[t, :] [N, d], reduced in ≥ fp32,
-    summed over d for a uniform ω [N, 1]; in ω's dtype."""
+    summed over d for a uniform ω [N, 1]; in ω's dtype. W ⊙ Mᵀ is formed in W's [d, R] layout
+    (free when M is the transposed view of a GEMM's [d, R] output, as the torch backend makes
+    it; one blocked transpose otherwise)."""
     acc = torch.promote_types(m.dtype, torch.float32)
-    per_unit = w_up.T.to(acc) * m.to(acc)  # [R, d]
-    d_omega = torch.zeros(omega.shape[0], m.shape[1], dtype=acc, device=m.device)
-    d_omega.index_add_(0, source_index, per_unit)
-    d_omega += b_up.to(acc) * g_rows.to(acc)
+    per_unit = w_up.to(acc) * m.T.contiguous().to(acc)  # [d, R]
+    d_omega = segment_sum(per_unit, source_index, omega.shape[0]).T  # [N, d]
+    d_omega = d_omega + b_up.to(acc) * g_rows.to(acc)
     if omega.shape[1] == 1:
         d_omega = d_omega.sum(1, keepdim=True)
     return d_omega.to(omega.dtype)

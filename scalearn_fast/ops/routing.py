@@ -20,9 +20,10 @@ It is computed without building any merged weight:
     S  = [g_1 act(P̄), ..., g_N act(P̄)]   block i of S                        [T, N·r]
     out = S·Wᵀ + g·B + residual           one GEMM                            [T, d]
 
-``merged_adapter_sum`` is that form (differentiable by autograd, gradients for z, the sources
-and the gates); ``merged_adapter_sum_reference`` builds the merged weights row by row, the
-oracle the tests compare against.
+``merged_adapter_sum`` is that form (gradients for z, the gates and, when they require one, the
+sources; the backward for frozen sources is written out in ``ops/routing_merge.py``);
+``merged_adapter_sum_reference`` builds the merged weights row by row, the oracle the tests
+compare against. The three forms share one signature and their checks (``_merge_form``).
 
 With one gate vector per sequence (``gates [B, N]`` for ``z [B, L, d]``) the B merged adapters
 are cheaper to build than the rank-N·r GEMMs are to run once L is larger than a few tokens
@@ -32,11 +33,15 @@ are cheaper to build than the rank-N·r GEMMs are to run once L is larger than a
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Protocol
+
 import torch
-import torch.nn.functional as F
 
 from .activations import activation_fn, check_activation
 from .packing import PackedSources
+from .routing_merge import merged_rows
 
 Tensor = torch.Tensor
 
@@ -137,44 +142,46 @@ def _check_merge(
     return r
 
 
-def merged_adapter_sum(
-    z: Tensor,
-    packed: PackedSources,
-    gates_: Tensor,
-    residual: Tensor | None = None,
-    *,
-    activation: str = "relu",
-) -> Tensor:
-    """``act(z·D̄ᵀ + b̄)·Ūᵀ + B̄ + residual`` per row, with the merged parameters ``Σ_i g_i θ_i``
-    of the row's gates ``gates_ [..., N]``, for ``z [..., d]``; no merged weight is built
-    (two GEMMs over the packed sources)."""
-    r = _check_merge(z, packed, gates_, residual, activation)
-    n, d = packed.num_sources, packed.hidden_size
-    rows = z.reshape(-1, d)
-    g = gates_.reshape(-1, n)
-    pre = F.linear(rows, packed.w_down, packed.b_down).view(-1, n, r)  # [T, N, r]
-    merged_pre = torch.bmm(g.unsqueeze(1), pre).squeeze(1)  # P̄ [T, r]
-    hidden = activation_fn(activation, merged_pre)
-    s = (g.unsqueeze(-1) * hidden.unsqueeze(1)).reshape(-1, n * r)  # block i: g_i·act(P̄)
-    out = torch.addmm(g @ packed.b_up, s, packed.w_up.T) if rows.shape[0] else rows.new_zeros(0, d)
-    out = out.reshape(z.shape)
-    return out if residual is None else out + residual
+class MergeForm(Protocol):
+    """What the merge forms below share: ``(z, packed, gates, residual=None, *, activation)``."""
+
+    def __call__(
+        self, z: Tensor, packed: PackedSources, gates_: Tensor, residual: Tensor | None = None, *,
+        activation: str = "relu",
+    ) -> Tensor: ...  # fmt: skip
 
 
-def merged_adapter_sum_per_sequence(
-    z: Tensor,
-    packed: PackedSources,
-    gates_: Tensor,
-    residual: Tensor | None = None,
-    *,
-    activation: str = "relu",
-) -> Tensor:
-    """``merged_adapter_sum`` for one gate vector per sequence: ``gates_ [B, N]``, ``z [B, L, d]``.
-    Builds each sequence's merged ``D̄ [r, d]``, ``b̄``, ``Ū [d, r]``, ``B̄`` (``[B, ...]`` tensors,
-    one weighted sum each) and applies them with two batched GEMMs; differentiable by autograd."""
+MergeCore = Callable[[Tensor, PackedSources, Tensor, "Tensor | None", int, str], Tensor]
+
+
+def _merge_form(core: MergeCore, *, per_sequence: bool = False) -> MergeForm:
+    """The public form of a merge ``core``: the checks, then ``core(z, packed, gates, residual,
+    r, activation)`` on rows ``[T, d]`` and gates ``[T, N]`` (z's own layout ``[B, L, d]`` with
+    gates ``[B, N]`` for ``per_sequence``), the output in z's shape."""
+
+    def form(
+        z: Tensor, packed: PackedSources, gates_: Tensor, residual: Tensor | None = None, *,
+        activation: str = "relu",
+    ) -> Tensor:  # fmt: skip
+        if per_sequence:
+            r = _check_per_sequence(z, packed, gates_, residual, activation)
+            return core(z, packed, gates_, residual, r, activation)
+        r = _check_merge(z, packed, gates_, residual, activation)
+        d, n = packed.hidden_size, packed.num_sources
+        res = None if residual is None else residual.reshape(-1, d)
+        return core(z.reshape(-1, d), packed, gates_.reshape(-1, n), res, r, activation).reshape(z.shape)
+
+    form.__name__ = form.__qualname__ = core.__name__
+    form.__doc__ = core.__doc__
+    return form
+
+
+def _check_per_sequence(
+    z: Tensor, packed: PackedSources, gates_: Tensor, residual: Tensor | None, activation: str
+) -> int:
     if z.dim() != 3:
         raise ValueError(f"per-sequence merge needs z as [batch, length, d]; got z of shape {list(z.shape)}")
-    b, n, d = z.shape[0], packed.num_sources, packed.hidden_size
+    b, n = z.shape[0], packed.num_sources
     if tuple(gates_.shape) != (b, n):
         raise ValueError(
             f"gates has shape {list(gates_.shape)}, expected {[b, n]} (one gate vector per sequence of "
@@ -185,6 +192,27 @@ def merged_adapter_sum_per_sequence(
     )
     if residual is not None and residual.shape != z.shape:
         raise ValueError(f"residual has shape {list(residual.shape)}, expected z's {list(z.shape)}")
+    return r
+
+
+@_merge_form
+def merged_adapter_sum(
+    rows: Tensor, packed: PackedSources, g: Tensor, residual: Tensor | None, r: int, activation: str
+) -> Tensor:
+    """``act(z·D̄ᵀ + b̄)·Ūᵀ + B̄ + residual`` per row, with the merged parameters ``Σ_i g_i θ_i``
+    of the row's gates ``gates_ [..., N]``, for ``z [..., d]``; no merged weight is built
+    (two GEMMs over the packed sources, ``ops/routing_merge.py``)."""
+    return merged_rows(rows, packed, g, residual, r, activation)
+
+
+@functools.partial(_merge_form, per_sequence=True)
+def merged_adapter_sum_per_sequence(
+    z: Tensor, packed: PackedSources, gates_: Tensor, residual: Tensor | None, r: int, activation: str
+) -> Tensor:
+    """``merged_adapter_sum`` for one gate vector per sequence: ``gates_ [B, N]``, ``z [B, L, d]``.
+    Builds each sequence's merged ``D̄ [r, d]``, ``b̄``, ``Ū [d, r]``, ``B̄`` (``[B, ...]`` tensors,
+    one weighted sum each) and applies them with two batched GEMMs; differentiable by autograd."""
+    b, n, d = z.shape[0], packed.num_sources, packed.hidden_size
     w_down = (gates_ @ packed.w_down.reshape(n, r * d)).view(b, r, d)
     b_down = gates_ @ packed.b_down.view(n, r)
     w_up = (gates_ @ packed.w_up.view(d, n, r).transpose(0, 1).reshape(n, d * r)).view(b, d, r)
@@ -194,19 +222,13 @@ def merged_adapter_sum_per_sequence(
     return out if residual is None else out + residual
 
 
+@_merge_form
 def merged_adapter_sum_reference(
-    z: Tensor,
-    packed: PackedSources,
-    gates_: Tensor,
-    residual: Tensor | None = None,
-    *,
-    activation: str = "relu",
+    rows: Tensor, packed: PackedSources, g: Tensor, residual: Tensor | None, r: int, activation: str
 ) -> Tensor:
     """The oracle: for every row, build D̄, b̄, Ū, B̄ = Σ_i g_i·(D_i, b_i, U_i, B_i) and run that
     one adapter (slow on purpose; differentiable by autograd)."""
-    r = _check_merge(z, packed, gates_, residual, activation)
-    n, d = packed.num_sources, packed.hidden_size
-    rows, g = z.reshape(-1, d), gates_.reshape(-1, n)
+    n = packed.num_sources
     outs = []
     for t in range(rows.shape[0]):
         w_down = sum(g[t, i] * packed.w_down[i * r : (i + 1) * r] for i in range(n))
@@ -214,5 +236,5 @@ def merged_adapter_sum_reference(
         w_up = sum(g[t, i] * packed.w_up[:, i * r : (i + 1) * r] for i in range(n))
         b_up = sum(g[t, i] * packed.b_up[i] for i in range(n))
         outs.append(activation_fn(activation, rows[t] @ w_down.T + b_down) @ w_up.T + b_up)
-    out = torch.stack(outs).reshape(z.shape) if outs else torch.zeros_like(z)
+    out = torch.stack(outs) if outs else torch.zeros_like(rows)
     return out if residual is None else out + residual

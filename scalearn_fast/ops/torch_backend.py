@@ -71,7 +71,12 @@ def output(call: Composition) -> tuple[Tensor, Tensor | None]:
     if omega is None:
         u, bias = call.scaled_up, call.scaled_bias
     else:
-        u, _ = algebra.scale_up_projections(call.w_up, call.b_up, omega, call.source_index)
+        u, bias = algebra.scale_up_projections(call.w_up, call.b_up, omega, call.source_index)
+    if row_scale is not None and omega is not None and z.dim() == 2:
+        # the per-row bias w·(ω ⊙ B) and the residual accumulate into the GEMM's output
+        out = torch.mm(hidden, u.T) if call.residual is None else torch.addmm(call.residual, hidden, u.T)
+        return out.addmm_(row_scale, omega * call.b_up), (pre if call.save_for_backward else None)
+    if row_scale is not None:
         bias = algebra.scaled_bias_rows(call.b_up, omega, row_scale)
     out = F.linear(hidden, u, bias)
     if call.residual is not None:
@@ -119,8 +124,9 @@ def backward(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients)
     g = grad_out
     omega, row_scale, source_index = call.omega, call.row_scale, call.source_index
     n = call.num_sources
-    act = activation_fn(call.activation, pre)
-    scale_cols = None if row_scale is None else row_scale.index_select(1, source_index)
+    relu_gates = needs.row_scale and call.activation == "relu"  # their gradient reads P, not act(P)
+    need_act = needs.omega or needs.w_up or (needs.row_scale and not relu_gates)
+    act = activation_fn(call.activation, pre) if need_act else None
     if needs.omega or needs.b_up:
         g_rows = algebra.source_rows_of_grad(g, row_scale, n)
 
@@ -128,18 +134,30 @@ def backward(call: Composition, pre: Tensor, grad_out: Tensor, needs: Gradients)
     if needs.z or needs.w_down or needs.b_down or needs.row_scale:
         u, _ = algebra.scale_up_projections(call.w_up, call.b_up, omega, source_index)
         g_u = g @ u  # G = g·U  [T, R]
-        if needs.row_scale:
-            d_rs = algebra.segment_sum(act * g_u, source_index, n) + g @ (omega * call.b_up).T
-        d_z, d_wd, d_bd = algebra.down_projection_grads(
-            pre, g_u, call.activation, scale_cols, call.z, call.w_down, (needs.z, needs.w_down, needs.b_down)
-        )
+        unit_needs = (needs.z, needs.w_down, needs.b_down)
+        in_place = not torch.is_grad_enabled()
+        if relu_gates:  # act(P)·G = P·(G where P > 0): one mask pass
+            d_pre = torch.ops.aten.threshold_backward(g_u, pre, 0)
+            d_rs = algebra.segment_dot(pre, d_pre, source_index, n).addmm_(g, (omega * call.b_up).T)
+            d_pre = algebra.scale_by_source(d_pre, row_scale, source_index, inplace=in_place)
+            d_z, d_wd, d_bd = algebra.unit_grads(d_pre, call.z, call.w_down, unit_needs)
+        else:
+            if needs.row_scale:
+                d_rs = algebra.segment_dot(act, g_u, source_index, n).addmm_(g, (omega * call.b_up).T)
+            if row_scale is not None:  # G ⊙ w[:, s], then dP = that ⊙ act'(P)
+                g_u = algebra.scale_by_source(g_u, row_scale, source_index, inplace=in_place)
+            d_z, d_wd, d_bd = algebra.down_projection_grads(
+                pre, g_u, call.activation, None, call.z, call.w_down, unit_needs
+            )
     if needs.omega or needs.w_up:
-        hidden = act if scale_cols is None else act * scale_cols
-        m = hidden.T @ g  # [R, d]: the one GEMM
+        hidden = act
+        if row_scale is not None:
+            hidden = algebra.scale_by_source(act, row_scale, source_index, inplace=False)
+        m_t = g.T @ hidden  # Mᵀ [d, R]: the one GEMM, in W's layout
         if needs.omega:
-            d_omega = algebra.omega_gradient(call.w_up, m, call.b_up, g_rows, source_index, omega)
+            d_omega = algebra.omega_gradient(call.w_up, m_t.T, call.b_up, g_rows, source_index, omega)
         if needs.w_up:
-            d_wu = (m * omega.index_select(0, source_index)).T
+            d_wu = algebra.scale_by_omega(m_t, omega, source_index)
     if needs.b_up:
         d_bu = omega * g_rows
     return Gradients(d_z, d_wd, d_bd, d_wu, d_bu, d_omega, d_rs)
