@@ -224,9 +224,9 @@ def _adapter_run(a: argparse.Namespace) -> int:
 
 
 def _scalearn_args(p: argparse.ArgumentParser) -> None:
+    from .cli_options import add_backend_argument
     from .layers import VARIANTS
     from .train.stages import STAGE2_LR
-    from .transfer_stage import add_backend_argument
 
     _common_training_args(p, STAGE2_LR)
     p.add_argument("--sources", nargs="+", required=True, help="AdapterHub adapter folders (stage-1 outputs)")

@@ -27,8 +27,8 @@ def command(
     (passed in by ``scalearn_fast.cli``, which registers it)."""
 
     def add_arguments(p: argparse.ArgumentParser) -> None:
+        from .cli_options import add_backend_argument
         from .train.stages import FUSION_LR
-        from .transfer_stage import add_backend_argument
 
         common_args(p, FUSION_LR)
         p.add_argument(

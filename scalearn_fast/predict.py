@@ -105,7 +105,8 @@ def run(a: argparse.Namespace) -> int:
 
     from .hf_quiet import transformers_errors_only
     from .models.task_bank import attach_task_bank, num_labels
-    from .train.stages import default_device, default_model_dir
+    from .train.options import default_device
+    from .train.stages import default_model_dir
 
     tasks = task_folders(a.tasks)
     with open(a.input, encoding="utf-8") as stream:

@@ -8,16 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 
-def add_backend_argument(p: argparse.ArgumentParser) -> None:
-    """``--backend``: how the stage's fused layers compute."""
-    p.add_argument(
-        "--backend",
-        choices=("auto", "torch", "triton", "reference"),
-        default="auto",
-        help="how the fused layer computes (auto: the fastest measured on the device)",
-    )
-
-
 def run_transfer_stage(
     a: argparse.Namespace,
     recipe: str,

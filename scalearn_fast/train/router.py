@@ -34,13 +34,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..cli_options import add_backend_argument
 from ..formats.adapterhub import load_adapterhub_sources
 from ..io import atomic_write_json
 from ..layers_router import check_router_options
 from ..models.router import attach_router, router_parameters
 from ..models.router_checkpoint import save_router
 from ..ops.backends import resolve_backend
-from ..transfer_stage import add_backend_argument
 from .data import Example, canonical_task, majority_baseline, task_spec
 from .distributed import gather_predictions, is_main_process
 from .loop import fit, predict, set_seed
