@@ -16,9 +16,9 @@
 set -euo pipefail
 OUT=${1:-runs/transfer-study}
 : "${SCALEARN_FAST_GLUE_DIR:?set SCALEARN_FAST_GLUE_DIR to a GLUE folder (TASK/train.tsv, dev.tsv)}"
-SEEDS=${SEEDS:-"0 1 2"}
-SOURCES=${SOURCES:-"cola mnli mrpc qnli rte sst-2 sts-b"}
-TARGETS=${TARGETS:-"rte mrpc"}
+SEEDS=${SEEDS-"0 1 2"}  # set but empty: none (e.g. TARGETS= runs stage 1 only)
+SOURCES=${SOURCES-"cola mnli mrpc qnli rte sst-2 sts-b"}
+TARGETS=${TARGETS-"rte mrpc"}
 MAXLEN=${MAXLEN:-64}
 STEPS1=${STEPS1:-300}
 STEPS2=${STEPS2:-300}
