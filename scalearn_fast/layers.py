@@ -36,23 +36,29 @@ from .layers_base import (
     check_matches_z,
     check_residual_pair,
     check_sublayer_inputs,
-    layer_norm_args,
     layer_norm_of,
+    layer_norm_parts,
 )
 from .ops.algebra import scale_up_projections
 from .ops.backends import resolve_backend
 from .ops.composition import Composition
-from .ops.dispatch import infer
+from .ops.dispatch import inference_runner
 from .ops.packing import TensorOrList, check_inputs
 from .ops.scaled_adapter_sum import scaled_adapter_sum_packed
+from .ops.torch_backend import Runner
 
 
 class _InferencePlan(NamedTuple):
     """What an eval-mode call needs besides z and the residual, checked and cast once."""
 
-    backend: str  # resolved: "torch", "triton" or "auto"
+    run: Runner  # ``ops.dispatch.inference_runner`` over the fields below: run(z, residual)
     sources_and_coefficients: tuple  # Composition's fields from w_down through row_scale
-    hidden_size: int
+
+
+def _plan(fields: tuple, activation: str, backend: str) -> _InferencePlan:
+    """The plan of ``fields`` (Composition's fields from w_down through row_scale, ω applied)."""
+    template = Composition(None, *fields, None, activation)  # type: ignore[arg-type]
+    return _InferencePlan(inference_runner(template, backend), fields)
 
 
 VARIANTS = ("scalearn", "scalearn_uniform", "scalearn++", "scalearn_uniform++")
@@ -138,13 +144,14 @@ class ScaLearnLayer(FrozenSources):
 
     def _inference_plan(self, z: torch.Tensor, *others: torch.Tensor | None) -> _InferencePlan | None:
         """The plan of an eval-mode call with nothing to differentiate (eval mode, a fused
-        backend, no input or parameter needing a gradient, eager), else ``None``: the resolved
-        backend and the sources with ω folded in, in z's dtype, contiguous, built (and checked)
-        once. Rebuilt when ω or the sources change (in place or replaced), after an optimizer
-        step, or when z's dtype or device or the backend does; a call then only checks z and the
-        residual. This keeps the layer's host time per call near that of its two GEMMs (a model
-        at the default shape is host-bound on a GPU): attributes are read from ``__dict__`` and
-        ``_parameters`` (``nn.Module.__getattr__`` costs per access), in one frame."""
+        backend, no input or parameter needing a gradient, eager), else ``None``: the sources
+        with ω folded in, in z's dtype, contiguous, and the inference runner over them on the
+        resolved backend, built (and checked) once. Rebuilt when ω or the sources change (in
+        place or replaced), after an optimizer step, or when z's dtype or device or the backend
+        does; a call then only checks z and the residual. This keeps the layer's host time per
+        call near that of its two GEMMs (a model at the default shape is host-bound on a GPU):
+        attributes are read from ``__dict__`` and ``_parameters`` (``nn.Module.__getattr__``
+        costs per access), in one frame."""
         attrs = self.__dict__
         backend = attrs["backend"]
         if attrs["training"] or backend == "reference" or torch.compiler.is_compiling():
@@ -155,8 +162,6 @@ class ScaLearnLayer(FrozenSources):
             or any(p.requires_grad for p in params.values())
         ):
             return None
-        if not z.is_floating_point():
-            raise ValueError(f"z must be a floating-point tensor; got dtype {z.dtype}")
         # weights_key of the five weights, written out: a loop over them costs several times more
         omega, w_down, b_down, w_up, b_up = (
             params["omega"], params["w_down"], params["b_down"], params["w_up"], params["b_up"],
@@ -176,6 +181,8 @@ class ScaLearnLayer(FrozenSources):
         return folded[1]
 
     def _build_plan(self, z: torch.Tensor) -> _InferencePlan:
+        if not z.is_floating_point():  # checked here: z's dtype is part of the plan's key
+            raise ValueError(f"z must be a floating-point tensor; got dtype {z.dtype}")
         omega = self._parameters["omega"]
         backend = resolve_backend(self.backend, z.device)
         packed = self.packed().to(z.dtype)
@@ -187,18 +194,7 @@ class ScaLearnLayer(FrozenSources):
             packed.w_up.detach(), packed.b_up.detach(), self.source_index,
             None, up.to(z.dtype).contiguous(), bias.to(z.dtype).contiguous(), None,
         )  # fmt: skip
-        return _InferencePlan(backend, fields, self.hidden_size)
-
-    def _infer(self, plan: _InferencePlan, z: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """``compose`` on ``plan``: ω applied once, one call of the inference entry point. The
-        caller checked the residual against z (or made z from it)."""
-        if z.shape[-1] != plan.hidden_size:
-            raise ValueError(
-                f"z has shape {list(z.shape)}: its last dim must equal the sources' hidden size "
-                f"d={plan.hidden_size}"
-            )
-        call = Composition(z, *plan.sources_and_coefficients, residual, self.__dict__["activation"])
-        return infer(call, plan.backend)
+        return _plan(fields, self.activation, backend)
 
     def compose(self, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``Σ_i ω_i ⊙ A_i(z) + residual`` for ``z [..., d]``."""
@@ -209,7 +205,7 @@ class ScaLearnLayer(FrozenSources):
         plan = self._inference_plan(z, residual)
         if plan is not None:
             check_matches_z("residual", residual, z)
-            return self._infer(plan, z, residual)
+            return plan.run(z, residual)
         packed = self.packed().to(z.dtype)
         omega = self.effective_omega().to(z.dtype)
         return scaled_adapter_sum_packed(
@@ -239,15 +235,14 @@ class ScaLearnLayer(FrozenSources):
         if self.__dict__["pre_ln"]:
             plan = self._inference_plan(s)
             if plan is not None:
-                return self._infer(plan, s, s)
+                return plan.run(s, s)
             return self.compose(s, residual=s)
-        layer_norm = layer_norm_of(self)
+        layer_norm, ln = layer_norm_parts(self)
         if layer_norm is None:
             check_sublayer_inputs("ScaLearnLayer", layer_norm, s, s)  # raises: names what is missing
-        ln = layer_norm_args(layer_norm)
         z = layer_norm(s) if ln is None else torch.layer_norm(s, *ln)
         plan = self._inference_plan(z)  # of z: the LayerNorm's weights may train
-        out = self._infer(plan, z, s) if plan is not None else self.compose(z, residual=s)
+        out = plan.run(z, s) if plan is not None else self.compose(z, residual=s)
         return layer_norm(out) if ln is None else torch.layer_norm(out, *ln)
 
     def extra_repr(self) -> str:

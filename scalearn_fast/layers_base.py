@@ -90,6 +90,21 @@ def layer_norm_of(sublayer: nn.Module) -> Any:
     return layer_norm if layer_norm is not None else sublayer.__dict__.get("layer_norm")
 
 
+def layer_norm_parts(sublayer: nn.Module) -> tuple[Any, tuple | None]:
+    """``(layer_norm_of(sublayer), layer_norm_args(...))`` in one frame: the eval path reads both
+    on every call."""
+    layer_norm = sublayer._modules.get("layer_norm")
+    if layer_norm is None:
+        layer_norm = sublayer.__dict__.get("layer_norm")
+    module: Any = layer_norm
+    if type(module) is not nn.LayerNorm:
+        module = getattr(module, "__dict__", _NO_ATTRIBUTES).get("module", module)
+        if type(module) is not nn.LayerNorm:
+            return layer_norm, None
+    params = module._parameters
+    return layer_norm, (module.normalized_shape, params["weight"], params["bias"], module.eps)
+
+
 def check_pre_ln(owner: str, pre_ln: bool, layer_norm: object) -> None:
     """A pre-LN sub-layer has no LayerNorm around the composition: refuse one passed to it."""
     if not isinstance(pre_ln, bool):
@@ -191,6 +206,13 @@ class FrozenSources(nn.Module):
         pre_ln = hidden_states + input_tensor
         z = apply_layer_norm(layer_norm, pre_ln)
         return apply_layer_norm(layer_norm, self.compose(z, residual=pre_ln))  # type: ignore[attr-defined]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The state without the eval-mode cache (its runners are closures over the folded
+        weights: rebuilt on the first eval call of a copy or an unpickled layer)."""
+        state = dict(self.__dict__)
+        state["_folded"] = None
+        return state
 
     def invalidate_cache(self) -> None:
         """Drop the eval-mode cache of folded weights. Needed only after in-place edits through

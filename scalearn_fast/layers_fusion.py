@@ -35,8 +35,7 @@ from .layers_base import (
     check_matches_z,
     check_residual_pair,
     check_sublayer_inputs,
-    layer_norm_args,
-    layer_norm_of,
+    layer_norm_parts,
     weights_key,
 )
 from .ops.backends import resolve_backend
@@ -316,11 +315,10 @@ class AdapterFusionLayer(FrozenSources):
         s = summed
         if attrs["pre_ln"]:
             return self._compose(s, s, None, residual_checked=True)
-        layer_norm = layer_norm_of(self)
+        layer_norm, ln = layer_norm_parts(self)
         if layer_norm is None:
             check_sublayer_inputs("AdapterFusionLayer", layer_norm, s, s)  # raises: names what is missing
         flat = s.reshape(-1, s.shape[-1])  # [T, d] throughout: one view in, one out
-        ln = layer_norm_args(layer_norm)
         z = layer_norm(flat) if ln is None else torch.layer_norm(flat, *ln)
         out = self._compose(z, flat, None, residual_checked=True)
         return (layer_norm(out) if ln is None else torch.layer_norm(out, *ln)).view_as(s)

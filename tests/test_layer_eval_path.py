@@ -147,3 +147,108 @@ def test_shared_site_options_are_checked_in_one_place(cls):
         cls(*sources(), source_names=["a", "b"])
     with pytest.raises(TypeError, match="unexpected keyword argument 'layernorm'"):
         cls(*sources(), layernorm=layer_norm())
+
+
+# ------------------------------------------------------------------ the prepared inference runner
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh", "identity"])
+@pytest.mark.parametrize("rows", [(5,), (2, 3)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_inference_runner_equals_the_reference(activation, rows, with_residual):
+    """The runner a plan keeps (the torch backend's two GEMMs, built once) against the reference
+    loop with ω applied, for z [T, d] and [B, T, d], with and without a residual."""
+    from scalearn_fast.ops.algebra import scale_up_projections
+    from scalearn_fast.ops.composition import Composition
+    from scalearn_fast.ops.dispatch import inference_runner
+
+    layer = ScaLearnLayer(*sources(3), activation=activation, omega_dropout=0.0, backend="torch").eval()
+    packed = layer.packed()
+    up, bias = scale_up_projections(layer.w_up, layer.b_up, layer.omega.detach(), layer.source_index)
+    template = Composition(
+        None, packed.w_down, packed.b_down, packed.w_up, packed.b_up, packed.source_index,
+        None, up.contiguous(), bias.contiguous(), None, None, activation,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(*rows, D, generator=g)
+    residual = torch.randn(*rows, D, generator=g) if with_residual else None
+    want = scaled_adapter_sum_packed(z, packed, layer.omega, residual, activation=activation, backend="reference")
+    for backend in ("torch", "auto"):  # "auto" on CPU resolves to torch; the generic runner below
+        with torch.no_grad():
+            got = inference_runner(template, backend)(z, None if residual is None else residual.clone())
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"last dim must equal the sources' hidden size d=16"):
+        inference_runner(template, "torch")(torch.randn(5, D + 1), None)
+
+
+def test_a_pickled_layer_drops_its_cache_and_replans():
+    """The plan holds closures over the folded weights: a pickled or copied layer leaves the cache
+    behind and builds its own on its first eval call (regression: pickling an evaluated layer
+    failed on the runner)."""
+    import copy
+
+    layer = ScaLearnLayer(*sources(), omega_dropout=0.0, backend="torch").eval()
+    z = torch.randn(5, D)
+    check_compose(layer, z)
+    assert layer._folded is not None
+    for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        assert clone._folded is None
+        with torch.no_grad():
+            clone.omega.mul_(2.0)  # the clone's own weights, not the original's, are folded
+        check_compose(clone, z)
+    check_compose(layer, z)
+
+
+# ------------------------------------------------------------------ the patched output site
+
+
+def _tiny_bert_with_scalearn():
+    import transformers
+
+    from scalearn_fast.models import attach_scalearn, ffn_sites
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        hidden_size=D, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+        vocab_size=50, max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.BertModel(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    srcs = {
+        name: {
+            site.key: (
+                torch.randn(R, D, generator=g) * 0.3, torch.randn(R, generator=g) * 0.3,
+                torch.randn(D, R, generator=g) * 0.3, torch.randn(D, generator=g) * 0.3,
+            )  # fmt: skip
+            for site in ffn_sites(model)
+        }
+        for name in ("a", "b")
+    }
+    attach_scalearn(model, srcs, backend="torch")
+    return model
+
+
+def test_output_site_keeps_hooks_and_training_dropout_of_its_dense_and_dropout():
+    """In eval the patched BERT output site runs its dense layer as one ATen call; a hook on the
+    dense layer or the dropout, or a dropout left in training mode, must still take effect."""
+    model = _tiny_bert_with_scalearn()
+    ids = torch.randint(3, 50, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        base = model(input_ids=ids).last_hidden_state
+    output = model.encoder.layer[0].output
+    for module in (output.dense, output.dropout):
+        calls = []
+        handle = module.register_forward_hook(lambda m, i, o, calls=calls: calls.append(1) or o * 0.5)
+        with torch.no_grad():
+            hooked = model(input_ids=ids).last_hidden_state
+        handle.remove()
+        assert calls, f"the hook on {type(module).__name__} did not run"
+        assert (hooked - base).abs().max() > 1e-3  # its changed output reached the sub-layer
+    output.dropout.p = 0.5
+    output.dropout.train()
+    with torch.no_grad():
+        dropped = model(input_ids=ids).last_hidden_state
+    assert (dropped - base).abs().max() > 1e-3
+    output.dropout.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, base)

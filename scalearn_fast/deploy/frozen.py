@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from ..layers import ScaLearnLayer, _InferencePlan
+from ..layers import ScaLearnLayer, _InferencePlan, _plan
 from ..layers_fusion import AdapterFusionLayer
 from ..ops.fusion_infer import FusionFold, adapter_fusion_folded, fold_fusion
 
@@ -45,17 +45,16 @@ class ExportScaLearn(nn.Module):
         for name, value in zip(_SCALEARN_FIELDS, plan.sources_and_coefficients, strict=True):
             if name is not None:
                 self.register_buffer(name, value.detach().clone().contiguous())
-        self.hidden_size = plan.hidden_size
         self.activation = layer.activation
         self.pre_ln = layer.pre_ln
         self.layer_norm = layer.layer_norm  # a reference to the model's own LayerNorm (not registered)
 
-    _infer = ScaLearnLayer._infer
-
     def _inference_plan(self, z: torch.Tensor, *others: torch.Tensor | None) -> _InferencePlan:
+        """A plan over the buffers, made per call (traced by ``torch.export``: the buffers are
+        the package's constants), always on the torch backend (ATen only)."""
         b = self._buffers
         fields = tuple(b[name] if name is not None else None for name in _SCALEARN_FIELDS)
-        return _InferencePlan("torch", fields, self.hidden_size)
+        return _plan(fields, self.activation, "torch")
 
 
 class ExportFusion(nn.Module):

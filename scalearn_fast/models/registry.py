@@ -118,8 +118,10 @@ def _bert_like(model: nn.Module) -> list[FFNSite]:
     def site_of(layer: nn.Module, stack: str, index: int) -> tuple[nn.Module, nn.Module]:
         out = getattr(layer, "output", None)
         ln = getattr(out, "LayerNorm", None)
-        if out is None or ln is None or getattr(out, "dense", None) is None:
-            raise ValueError(f"layer {index} of {type(model).__name__} has no output.dense/LayerNorm")
+        if out is None or ln is None or not {"dense", "dropout"} <= out._modules.keys():
+            raise ValueError(
+                f"layer {index} of {type(model).__name__} has no output.dense/dropout/LayerNorm submodules"
+            )
         return out, ln
 
     return _collect_sites(model, ("encoder",), ("layer", "layers"), "output", site_of)

@@ -8,6 +8,8 @@ kernel id (``activation_id``). The `adapters` library's names map onto these in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +27,25 @@ def check_activation(activation: str) -> str:
 def activation_id(activation: str) -> int:
     """The constexpr id the Triton kernels switch on (the index in ``ACTIVATIONS``)."""
     return _IDS[check_activation(activation)]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _silu_(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x, inplace=True)
+
+
+_OVERWRITING = {
+    "relu": torch.relu_, "gelu": F.gelu, "silu": _silu_, "tanh": torch.tanh_, "identity": _identity,
+}  # fmt: skip
+
+
+def overwriting_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``act`` as one callable that may overwrite its input (in place where ATen has the op),
+    looked up once: the inference runners call it on a pre-activation nothing else reads."""
+    return _OVERWRITING[check_activation(name)]
 
 
 def activation_fn(name: str, x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:

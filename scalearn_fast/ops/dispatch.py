@@ -31,6 +31,7 @@ import torch
 from . import algebra, saved_state
 from .backends import backend_module
 from .composition import GRAD_FIELDS, TENSOR_FIELDS, Composition, Gradients, op_schema
+from .torch_backend import Runner, folded_runner
 from .torch_backend import forward as _torch_forward
 from .torch_backend import output as _torch_output
 
@@ -214,3 +215,30 @@ def infer(call: Composition, backend: str) -> Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.scalearn_fast.scaled_adapter_sum(*call, backend)[0]
     return backend_module(backend).forward(call)[0]
+
+
+def inference_runner(call: Composition, backend: str) -> Runner:
+    """``infer`` prepared once for calls that differ only in z and the residual:
+    ``run(z, residual)`` equals ``infer(call._replace(z=z, residual=residual), backend)`` (``call.z``
+    and ``call.residual`` are not read). The layers' eval path keeps one per cached plan. On the
+    torch backend with ω applied beforehand and no per-row scale it is the torch backend's
+    ``folded_runner``, the two GEMMs themselves: no ``Composition`` is made per call."""
+    if (
+        backend == "torch"
+        and call.scaled_up is not None
+        and call.row_scale is None
+        and call.omega_bank is None
+        and not call.save_for_backward
+    ):
+        return folded_runner(call.w_down, call.b_down, call.scaled_up, call.scaled_bias, call.activation)
+    d = call.w_down.shape[1]
+    replace = call._replace
+
+    def run(z: Tensor, residual: Tensor | None) -> Tensor:
+        if z.shape[-1] != d:
+            raise ValueError(
+                f"z has shape {list(z.shape)}: its last dim must equal the sources' hidden size d={d}"
+            )
+        return infer(replace(z=z, residual=residual), backend)
+
+    return run

@@ -26,14 +26,17 @@ penalty) differentiates through these formulas.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from . import algebra, bank
-from .activations import activation_fn
+from .activations import activation_fn, overwriting_activation
 from .composition import Composition, Gradients
 
 Tensor = torch.Tensor
+Runner = Callable[[Tensor, Tensor | None], Tensor]
 
 
 def forward(call: Composition) -> tuple[Tensor, Tensor]:
@@ -55,9 +58,8 @@ def output(call: Composition) -> tuple[Tensor, Tensor | None]:
         return bank.vector_forward(call)
     z, omega, row_scale = call.z, call.omega, call.row_scale
     if omega is None and row_scale is None and not call.save_for_backward:  # inference, ω applied
-        hidden = activation_fn(call.activation, F.linear(z, call.w_down, call.b_down), inplace=True)
-        out = F.linear(hidden, call.scaled_up, call.scaled_bias)
-        return (out if call.residual is None else out.add_(call.residual)), None
+        run = folded_runner(call.w_down, call.b_down, call.scaled_up, call.scaled_bias, call.activation)
+        return run(z, call.residual), None
     if (
         z.dtype == torch.float16
         and omega is not None
@@ -82,6 +84,29 @@ def output(call: Composition) -> tuple[Tensor, Tensor | None]:
     if call.residual is not None:
         out = out + call.residual if out.requires_grad else out.add_(call.residual)
     return out, (pre if call.save_for_backward else None)
+
+
+def folded_runner(w_down: Tensor, b_down: Tensor, up: Tensor, bias: Tensor, activation: str) -> Runner:
+    """Inference with ω applied beforehand, as a function of z [..., d] and the residual:
+
+        run(z, residual) = act(z·Dᵀ + b_D)·Uᵀ + Σ_i ω_i ⊙ B_i (+ residual)
+
+    two GEMMs, the activation in place on P and the residual added in place. Built once per
+    set of weights (``dispatch.inference_runner``), a call is these four ATen calls and a check
+    of z's last dim: the layers' eval path runs it on every layer of every step."""
+    act = overwriting_activation(activation)
+    d = w_down.shape[1]
+    linear = F.linear
+
+    def run(z: Tensor, residual: Tensor | None) -> Tensor:
+        if z.shape[-1] != d:
+            raise ValueError(
+                f"z has shape {list(z.shape)}: its last dim must equal the sources' hidden size d={d}"
+            )
+        out = linear(act(linear(z, w_down, b_down)), up, bias)
+        return out if residual is None else out.add_(residual)
+
+    return run
 
 
 def forward_in_fp32(call: Composition) -> tuple[Tensor, Tensor]:
