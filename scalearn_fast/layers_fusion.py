@@ -23,11 +23,12 @@ keeps τ outside the state dict.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Unpack
+from typing import Any, NamedTuple, Unpack
 
 import torch
 import torch.nn as nn
 
+from . import layers_base
 from .layers_base import (
     FrozenSources,
     SiteOptions,
@@ -36,17 +37,23 @@ from .layers_base import (
     check_residual_pair,
     check_sublayer_inputs,
     layer_norm_parts,
-    weights_key,
 )
 from .ops.backends import resolve_backend
 from .ops.fusion import adapter_fusion_weights
 from .ops.fusion_args import FusionWeights, scaling_as_omega
-from .ops.fusion_infer import FusionFold, adapter_fusion_folded, fold_fusion
+from .ops.fusion_infer import FusionFold, FusionRunner, fold_fusion, folded_runner
 from .ops.packing import TensorOrList, check_inputs
 
 _PROJECTIONS = ("query", "key", "value")
 _FOLDING_BACKENDS = ("auto", "torch")  # the backends whose eval path runs on the cached fold
 START_TEMPERATURE = 50.0  # the library's annealing start; it falls by START / 1000 per call
+
+
+class _FusionPlan(NamedTuple):
+    """The eval path's cache: the inference fold and the runner over it (``ops.fusion_infer``)."""
+
+    fold: FusionFold
+    run: FusionRunner
 
 
 def _bert_linear(d: int, bias: bool, like: torch.Tensor) -> nn.Linear:
@@ -179,47 +186,52 @@ class AdapterFusionLayer(FrozenSources):
 
     def _eval_fold(
         self, z: torch.Tensor, residual: torch.Tensor | None, query_input: torch.Tensor | None
-    ) -> FusionFold | None:
-        """The cached inference fold when this call may use it (eval, backend ``torch`` or
-        ``auto``, nothing to differentiate, not under ``torch.compile``), else ``None``. Rebuilt
-        when a source or fusion weight changes (in place or replaced), after an optimizer step,
-        when the scaling, ``residual_before``, the activation or z's dtype or device changes."""
+    ) -> _FusionPlan | None:
+        """The cached inference fold and its runner when this call may use it (eval, backend
+        ``torch`` or ``auto``, nothing to differentiate, not under ``torch.compile``), else
+        ``None``. Rebuilt when a source or fusion weight changes (in place or replaced), after an
+        optimizer step, when the scaling, ``residual_before``, the activation or z's dtype or
+        device changes."""
         attrs = self.__dict__
         if attrs["training"] or attrs["backend"] not in _FOLDING_BACKENDS or torch.compiler.is_compiling():
             return None
         if not z.is_floating_point():
             return None
-        weights = self._weights()
         if torch.is_grad_enabled() and (
             z.requires_grad
             or (residual is not None and residual.requires_grad)
             or (query_input is not None and query_input.requires_grad)
-            or any(w is not None and w.requires_grad for w in weights)
+            or any(w is not None and w.requires_grad for w in self._weights())
         ):
             return None
         merged = query_input is None
-        scaling = attrs.get("scaling")  # a Parameter is in _parameters
-        key = (
-            z.dtype,
-            z.device,
-            merged,
-            None if isinstance(scaling, torch.Tensor) else scaling,
-            attrs["residual_before"],  # the fold depends on both (plain attributes a user may set)
-            attrs["activation"],
-            weights_key(weights),
-        )
+        scaling = attrs.get("scaling")  # a Parameter is in _parameters (and so in the key below)
+        # what the fold is made from (the fold depends on residual_before and the activation,
+        # plain attributes a user may set), then each weight's storage and version: written out
+        # as one flat list (no per-weight tuples, no second walk over the weights)
+        key: list = [
+            z.dtype, z.device, merged, None if isinstance(scaling, torch.Tensor) else scaling,
+            attrs["residual_before"], attrs["activation"], layers_base._optimizer_steps,
+        ]  # fmt: skip
+        try:
+            for t in self._weights():
+                if t is not None:
+                    key += (t.data_ptr(), t._version)
+        except RuntimeError:  # inference tensors have no version counter: nothing is cached
+            return self._build_fold(z, merged)
         folded = attrs["_folded"]
-        if folded is None or folded[0] != key or key[-1] is None:
+        if folded is None or folded[0] != key:
             folded = attrs["_folded"] = (key, self._build_fold(z, merged))
         return folded[1]
 
-    def _build_fold(self, z: torch.Tensor, merged: bool) -> FusionFold:
+    def _build_fold(self, z: torch.Tensor, merged: bool) -> _FusionPlan:
         resolve_backend(self.backend, z.device)  # a bad name fails here as elsewhere
         dtype = z.dtype
         packed = self.packed().to(dtype)
         fusion = self.fusion_weights(z)
         check_inputs(z, packed, fusion.scaling, None)  # devices and dtypes, once
-        return fold_fusion(packed, fusion, merged=merged, dtype=dtype, activation=self.activation)
+        fold = fold_fusion(packed, fusion, merged=merged, dtype=dtype, activation=self.activation)
+        return _FusionPlan(fold, folded_runner(fold))
 
     def compose(
         self,
@@ -249,19 +261,17 @@ class AdapterFusionLayer(FrozenSources):
     ) -> torch.Tensor:
         """``compose`` without the type checks. ``residual_checked``: the caller made z from the
         residual (``forward_summed``), so they match by construction."""
-        fold = self._eval_fold(z, residual, query_input)
+        plan = self._eval_fold(z, residual, query_input)
         attrs = self.__dict__
         temperature = attrs["T"]
-        if fold is not None:
-            if z.shape[-1] != fold.hidden_size:
-                raise ValueError(f"z has shape {list(z.shape)}: its last dim must be d={fold.hidden_size}")
+        if plan is not None:
             if not residual_checked:
                 check_matches_z("residual", residual, z)
             if query_input is not None:
                 check_matches_z("query_input", query_input, z)
-            if residual is None and fold.residual_before:
+            if residual is None and plan.fold.residual_before:
                 raise ValueError("residual_before=True adds the residual to keys and values; pass residual")
-            out = adapter_fusion_folded(z, fold, residual, query_input, temperature)
+            out = plan.run(z, residual, query_input, temperature)
         else:
             out = adapter_fusion_weights(
                 z,
@@ -320,7 +330,11 @@ class AdapterFusionLayer(FrozenSources):
             check_sublayer_inputs("AdapterFusionLayer", layer_norm, s, s)  # raises: names what is missing
         flat = s.reshape(-1, s.shape[-1])  # [T, d] throughout: one view in, one out
         z = layer_norm(flat) if ln is None else torch.layer_norm(flat, *ln)
-        out = self._compose(z, flat, None, residual_checked=True)
+        plan = self._eval_fold(z, flat, None)
+        if plan is not None and attrs["T"] == 1.0:  # ``_compose``'s checks hold by construction
+            out = plan.run(z, flat, None, 1.0)
+        else:
+            out = self._compose(z, flat, None, residual_checked=True)
         return (layer_norm(out) if ln is None else torch.layer_norm(out, *ln)).view_as(s)
 
     def extra_repr(self) -> str:

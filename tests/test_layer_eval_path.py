@@ -4,6 +4,7 @@ and the options every sub-layer shares are checked in one place."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import pickle
 
@@ -191,8 +192,6 @@ def test_a_pickled_layer_drops_its_cache_and_replans():
     """The plan holds closures over the folded weights: a pickled or copied layer leaves the cache
     behind and builds its own on its first eval call (regression: pickling an evaluated layer
     failed on the runner)."""
-    import copy
-
     layer = ScaLearnLayer(*sources(), omega_dropout=0.0, backend="torch").eval()
     z = torch.randn(5, D)
     check_compose(layer, z)
@@ -258,3 +257,38 @@ def test_output_site_keeps_hooks_and_training_dropout_of_its_dense_and_dropout()
     output.dropout.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).last_hidden_state, base)
+
+
+FUSION_WEIGHTS = (
+    "w_down", "b_down", "w_up", "b_up", "query.weight", "query.bias", "key.weight", "value.weight",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", FUSION_WEIGHTS)
+@pytest.mark.parametrize("change", ["in_place", "new_storage"])
+def test_each_fusion_weight_change_invalidates_the_fold(name, change):
+    """AdapterFusion's cached fold (and its runner) against the layer's own train-mode formula
+    without dropout, after each weight changes in place or gets new storage."""
+    layer = AdapterFusionLayer(*sources(), dropout=0.0, backend="torch").eval()
+    with torch.no_grad():
+        layer.value.weight.normal_(0.0, 0.3)  # not the identity: every projection matters
+    z = torch.randn(5, D)
+
+    def check() -> None:
+        with torch.no_grad():
+            got = layer.compose(z, z)
+            want = copy.deepcopy(layer).train().compose(z, z)  # the unfolded path (dropout 0)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    check()
+    cached = layer._folded
+    check()
+    assert layer._folded is cached
+    param = layer.get_parameter(name)
+    if change == "in_place":
+        with torch.no_grad():
+            param.mul_(-1.5).add_(0.25)
+    else:
+        param.data = param.detach() * -1.5 + 0.25
+    check()
+    assert layer._folded is not cached

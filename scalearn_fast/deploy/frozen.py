@@ -85,6 +85,10 @@ class ExportFusion(nn.Module):
     ) -> torch.Tensor:
         return self._compose(z, residual, query_input)
 
+    def _eval_fold(self, *_: torch.Tensor | None) -> None:
+        """No cached plan: every call runs ``_compose`` on the buffers (traced by the export)."""
+        return None
+
     def _compose(
         self, z: torch.Tensor, residual: torch.Tensor | None, query_input: torch.Tensor | None, **_: bool
     ) -> torch.Tensor:  # ``**_``: the layer's ``residual_checked`` (an export form checks nothing)

@@ -21,14 +21,15 @@ a ``[T, N]`` softmax, an in-place scaling and one GEMM; no Q, K or V GEMM, no in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from .activations import activation_fn, overwriting_activation
 from .fusion_args import FusionWeights
 from .fusion_math import fold_weights
 from .packing import PackedSources
-from .reference import activation_fn
 
 _KEEPS_ONE = ("relu", "identity")  # act(1) == 1 and act(0) == 0: applied to whole blocks
 
@@ -111,13 +112,60 @@ def fold_fusion(
     )  # fmt: skip
 
 
-def _activate(hidden: torch.Tensor, activation: str) -> torch.Tensor:
-    """act on the bottleneck units of ``hidden [T, N, b]`` in place; constant units stay 1."""
-    if activation in _KEEPS_ONE:
-        return activation_fn(activation, hidden, inplace=True)
-    units = hidden[..., :-1]
-    units.copy_(activation_fn(activation, units))
-    return hidden
+FusionRunner = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", float], torch.Tensor]
+
+
+def folded_runner(fold: FusionFold) -> FusionRunner:
+    """Inference AdapterFusion on ``fold`` (module docstring) prepared once:
+    ``run(z, residual, query_input, temperature)``. The layers' eval path keeps one per cached
+    fold, so a call is the ATen operations below and nothing else. The caller checks the
+    residual and the query input against z (shapes, dtype, device)."""
+    d, n, b = fold.hidden_size, fold.num_sources, fold.block
+    weight, bias, value = fold.weight, fold.bias, fold.value
+    score_weight, score_bias, residual_value = fold.score_weight, fold.score_bias, fold.residual_value
+    merged, activation = fold.merged, fold.activation
+    whole_blocks = activation in _KEEPS_ONE
+    act = overwriting_activation(activation)
+    softmax, vecdot, addmm = torch.softmax, torch.linalg.vecdot, torch.addmm
+
+    def run(
+        z: torch.Tensor,
+        residual: torch.Tensor | None,
+        query_input: torch.Tensor | None,
+        temperature: float,
+    ) -> torch.Tensor:
+        if z.shape[-1] != d:
+            raise ValueError(f"z has shape {list(z.shape)}: its last dim must be d={d}")
+        flat = z.dim() == 2  # no reshapes in or out
+        z2 = z if flat else z.reshape(-1, d)
+        t = z2.shape[0]
+        y = addmm(bias, z2, weight)
+        if merged:
+            hidden, projected = y.view(t, 2, n, b).unbind(1)
+        else:
+            hidden = y.view(t, n, b)
+            c2 = query_input.reshape(-1, d)  # type: ignore[union-attr]
+            projected = addmm(score_bias, c2, score_weight).view(t, n, b)
+        if whole_blocks:  # act(1) == 1, act(0) == 0: the constant and padding units stay
+            hidden = act(hidden)
+        else:
+            units = hidden[..., :-1]
+            units.copy_(activation_fn(activation, units))
+        scores = vecdot(hidden, projected)  # [T, N]
+        if temperature != 1.0:
+            scores = scores / temperature
+        hidden.mul_(softmax(scores, -1).unsqueeze(-1))  # S ⊙ p[src]
+        mixed = hidden.view(t, n * b)
+        if residual is None:
+            out = mixed @ value
+        else:
+            rho = residual if flat else residual.reshape(-1, d)
+            if residual_value is not None:  # Σ p_i (a_i + ρ) = Σ p_i a_i + ρ, then W_v
+                rho = rho @ residual_value
+            out = addmm(rho, mixed, value)
+        return out if flat else out.view_as(z)
+
+    return run
 
 
 def adapter_fusion_folded(
@@ -127,30 +175,6 @@ def adapter_fusion_folded(
     query_input: torch.Tensor | None = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Inference AdapterFusion on folded weights (module docstring). The caller checks z, the
-    residual and the query input against the fold (shapes, dtype, device)."""
-    d, n, b = fold.hidden_size, fold.num_sources, fold.block
-    flat = z.dim() == 2  # no reshapes in or out
-    z2 = z if flat else z.reshape(-1, d)
-    t = z2.shape[0]
-    y = torch.addmm(fold.bias, z2, fold.weight)
-    if fold.merged:
-        hidden, projected = y.view(t, 2, n, b).unbind(1)
-    else:
-        hidden = y.view(t, n, b)
-        c2 = query_input.reshape(-1, d)  # type: ignore[union-attr]
-        projected = torch.addmm(fold.score_bias, c2, fold.score_weight).view(t, n, b)
-    hidden = _activate(hidden, fold.activation)
-    scores = torch.linalg.vecdot(hidden, projected)  # [T, N]
-    if temperature != 1.0:
-        scores = scores / temperature
-    hidden.mul_(torch.softmax(scores, -1).unsqueeze(-1))  # S ⊙ p[src]
-    mixed = hidden.view(t, n * b)
-    if residual is None:
-        out = mixed @ fold.value
-    else:
-        rho = residual if flat else residual.reshape(-1, d)
-        if fold.residual_value is not None:  # Σ p_i (a_i + ρ) = Σ p_i a_i + ρ, then W_v
-            rho = rho @ fold.residual_value
-        out = torch.addmm(rho, mixed, fold.value)
-    return out if flat else out.view_as(z)
+    """Inference AdapterFusion on folded weights (module docstring): ``folded_runner(fold)``
+    for one call. The caller checks z, the residual and the query input against the fold."""
+    return folded_runner(fold)(z, residual, query_input, temperature)
