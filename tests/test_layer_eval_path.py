@@ -222,8 +222,10 @@ def _tiny_bert_with_scalearn():
     srcs = {
         name: {
             site.key: (
-                torch.randn(R, D, generator=g) * 0.3, torch.randn(R, generator=g) * 0.3,
-                torch.randn(D, R, generator=g) * 0.3, torch.randn(D, generator=g) * 0.3,
+                torch.randn(R, D, generator=g) * 0.3,
+                torch.randn(R, generator=g) * 0.3,
+                torch.randn(D, R, generator=g) * 0.3,
+                torch.randn(D, generator=g) * 0.3,
             )  # fmt: skip
             for site in ffn_sites(model)
         }
