@@ -25,7 +25,7 @@ import torch
 from scalearn_fast.bench.matrix import ModelCase
 from scalearn_fast.bench.model import build_model, inference_step
 
-VARIANTS = ("plain", "aten_floor", "scalearn_naive", "scalearn_fused", "fusion_fused")
+VARIANTS = ("plain", "aten_floor", "scalearn_naive", "scalearn_fused", "fusion_aten_floor", "fusion_fused")
 
 
 class AtenFloor(torch.nn.Module):
@@ -57,6 +57,44 @@ def aten_floor_model(case: ModelCase):
     return m
 
 
+class FusionAtenFloor(torch.nn.Module):
+    """The AdapterFusion sub-layer on its inference fold (``ops/fusion_infer.py``) written as
+    the bare ATen calls the fold needs (linear, add, LayerNorm, one GEMM for the bottleneck
+    units and the scores, relu, the per-source dot, softmax, the scaling, one GEMM, LayerNorm)
+    and nothing else: AdapterFusion's floor, as ``AtenFloor`` is ScaLearn's."""
+
+    def __init__(self, output: torch.nn.Module, fold) -> None:
+        super().__init__()
+        self.dense, ln = output.dense, output.LayerNorm
+        self.ln = (ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        self.weight, self.bias, self.value = fold.weight, fold.bias, fold.value
+        self.n, self.b = fold.num_sources, fold.block
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        pre = torch.nn.functional.linear(hidden_states, self.dense.weight, self.dense.bias) + input_tensor
+        flat = pre.view(-1, pre.shape[-1])
+        t = flat.shape[0]
+        z = torch.layer_norm(flat, *self.ln)
+        hidden, scores_by = torch.addmm(self.bias, z, self.weight).view(t, 2, self.n, self.b).unbind(1)
+        hidden = hidden.relu_()
+        p = torch.softmax(torch.linalg.vecdot(hidden, scores_by), -1)
+        mixed = hidden.mul_(p.unsqueeze(-1)).view(t, -1)
+        return torch.layer_norm(torch.addmm(flat, mixed, self.value), *self.ln).view_as(pre)
+
+
+def fusion_aten_floor_model(case: ModelCase):
+    """The fused AdapterFusion model with each sub-layer replaced by ``FusionAtenFloor`` on that
+    layer's own fold."""
+    m = build_model("fusion_fused", case, torch.device("cpu"))
+    for layer in m.encoder.encoder.layer:
+        sublayer = next(s for s in layer.output.modules() if type(s).__name__ == "AdapterFusionLayer")
+        with torch.no_grad():
+            z = torch.zeros(1, case.d, dtype=case.dtype)
+            fold = sublayer._eval_fold(z, z, None).fold
+        layer.output = FusionAtenFloor(layer.output, fold)
+    return m
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=40)
@@ -71,11 +109,9 @@ def main() -> None:
     ids = torch.randint(3, 1000, (case.batch, case.seq), generator=torch.Generator().manual_seed(0))
     steps = {}
     for variant in variants:
-        model = (
-            aten_floor_model(case)
-            if variant == "aten_floor"
-            else build_model(variant, case, torch.device("cpu"))
-        )
+        builders = {"aten_floor": aten_floor_model, "fusion_aten_floor": fusion_aten_floor_model}
+        build = builders.get(variant)
+        model = build(case) if build else build_model(variant, case, torch.device("cpu"))
         steps[variant] = inference_step(model, ids)
         for _ in range(10):
             steps[variant]()

