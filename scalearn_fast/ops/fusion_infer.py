@@ -112,7 +112,7 @@ def fold_fusion(
     )  # fmt: skip
 
 
-FusionRunner = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", float], torch.Tensor]
+FusionRunner = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float], torch.Tensor]
 
 
 def folded_runner(fold: FusionFold) -> FusionRunner:
