@@ -25,7 +25,10 @@ import torch
 from scalearn_fast.bench.matrix import ModelCase
 from scalearn_fast.bench.model import build_model, inference_step
 
-VARIANTS = ("plain", "aten_floor", "scalearn_naive", "scalearn_fused", "fusion_aten_floor", "fusion_fused")
+VARIANTS = (
+    "plain", "aten_floor", "scalearn_naive", "scalearn_fused",
+    "fusion_aten_floor", "fusion_python", "fusion_fused",
+)  # fmt: skip
 
 
 class AtenFloor(torch.nn.Module):
@@ -95,6 +98,16 @@ def fusion_aten_floor_model(case: ModelCase):
     return m
 
 
+def fusion_python_model(case: ModelCase):
+    """The fused AdapterFusion model kept in Python: no native site (``SiteForward.allow_native``)."""
+    m = build_model("fusion_fused", case, torch.device("cpu"))
+    for module in m.encoder.modules():
+        forward = module.__dict__.get("forward")
+        if type(forward).__name__ == "SiteForward":
+            forward.allow_native = False
+    return m
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=40)
@@ -109,7 +122,11 @@ def main() -> None:
     ids = torch.randint(3, 1000, (case.batch, case.seq), generator=torch.Generator().manual_seed(0))
     steps = {}
     for variant in variants:
-        builders = {"aten_floor": aten_floor_model, "fusion_aten_floor": fusion_aten_floor_model}
+        builders = {
+            "aten_floor": aten_floor_model,
+            "fusion_aten_floor": fusion_aten_floor_model,
+            "fusion_python": fusion_python_model,
+        }
         build = builders.get(variant)
         model = build(case) if build else build_model(variant, case, torch.device("cpu"))
         steps[variant] = inference_step(model, ids)

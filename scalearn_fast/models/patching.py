@@ -19,7 +19,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules import module as _nn_module
+
+from .hooks import has_global_hooks, has_hooks
+from .native_site import NativeSite, build_fusion_output_site
 
 _SAVED = "_scalearn_fast_saved_forward"
 _SITE_ATTR = "_scalearn_fast_site_attr"
@@ -72,27 +74,10 @@ class LayerNormRef:
         return type(self.module).forward(self.module, x)
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has hooks of its own (forward, forward-pre, backward, backward-pre)."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-    )
-
-
 def _direct_call_allowed(sublayer: nn.Module) -> bool:
     """Whether nothing (hooks on ``sublayer``, global hooks, ``torch.compile``) needs the call to
     go through ``nn.Module.__call__``."""
-    return not (
-        _has_hooks(sublayer)
-        or _nn_module._global_forward_hooks
-        or _nn_module._global_forward_pre_hooks
-        or _nn_module._global_backward_hooks
-        or _nn_module._global_backward_pre_hooks
-        or torch.compiler.is_compiling()
-    )
+    return not (has_hooks(sublayer) or has_global_hooks() or torch.compiler.is_compiling())
 
 
 def _call_sublayer(module: nn.Module, h: Any, x: Any) -> Any:
@@ -130,8 +115,8 @@ def _output_forward(self: nn.Module, hidden_states: Any, input_tensor: Any, *arg
             type(dense) is nn.Linear
             and type(dropout) is nn.Dropout
             and not dropout.training
-            and not _has_hooks(dense)
-            and not _has_hooks(dropout)
+            and not has_hooks(dense)
+            and not has_hooks(dropout)
         ):
             params = dense._parameters
             return sublayer.forward(F.linear(hidden_states, params["weight"], params["bias"]), input_tensor)
@@ -173,14 +158,46 @@ _STYLES = {
 
 
 class SiteForward:
-    """The patched forward of one site: copies and pickles along with its module."""
+    """The patched forward of one site: copies and pickles along with its module.
+
+    An ``output`` site whose sub-layer is an eval-mode ``AdapterFusionLayer`` on its inference
+    fold also keeps a native site (``models/native_site.py``) when the C++ extension is built:
+    one C++ call with bitwise the Python path's result, which checks on every call that the
+    Python path would still take that route, and hands the call back to it otherwise. Set
+    ``allow_native = False`` on an instance to keep it in Python."""
+
+    native: NativeSite | None = None  # not pickled or copied: rebuilt on the first call
+    allow_native = True
 
     def __init__(self, module: nn.Module, style: str) -> None:
         self.module = module
         self.style = style
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("native", None)
+        return state
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return _STYLES[self.style](self.module, *args, **kwargs)
+        native = self.native
+        if native is not None and len(args) == 2 and not kwargs and not torch.compiler.is_compiling():
+            out = native[0](args[0], args[1], native[1], native[2])
+            if out is False:  # stale: the Python path runs and a new native site is built
+                self.native = native = None
+            elif out is not None:
+                return out
+        out = _STYLES[self.style](self.module, *args, **kwargs)
+        if native is None and self.style == "output" and self.allow_native and len(args) == 2 and not kwargs:
+            self.native = _native_output_site(self.module, out)
+        return out
+
+
+def _native_output_site(module: nn.Module, out: Any) -> NativeSite | None:
+    if not isinstance(out, torch.Tensor) or torch.compiler.is_compiling():
+        return None
+    modules = module._modules
+    sublayer = modules[module.__dict__[_SITE_ATTR]]
+    return build_fusion_output_site(module, modules["dense"], modules["dropout"], sublayer, out)
 
 
 def patch_site(site: Any, sublayer: nn.Module, attr: str) -> None:

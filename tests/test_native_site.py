@@ -1,0 +1,252 @@
+"""The native AdapterFusion output site (scalearn_fast/native, models/native_site.py) against the
+Python eval path it stands in for: bitwise equal outputs; every change the Python path would see
+(a weight, a mode, a hook, a setting, a replaced module) sends the call back to Python; inputs it
+is not for (something to differentiate, another dtype, a subclass, bad shapes) get the Python
+path's behaviour and errors."""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+
+from scalearn_fast import native
+from scalearn_fast.models import patching
+
+D, R = 16, 4
+
+
+@pytest.fixture(scope="module")
+def extension():
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler: the native site cannot be built here")
+    return native.build()  # must build where a compiler is
+
+
+def _tiny_bert_with_fusion(seed: int = 0):
+    import transformers
+
+    from scalearn_fast.models import attach_fusion, ffn_sites
+
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(
+        hidden_size=D, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+        vocab_size=50, max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.BertModel(cfg).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    srcs = {
+        name: {
+            site.key: (
+                torch.randn(R, D, generator=g) * 0.3,
+                torch.randn(R, generator=g) * 0.3,
+                torch.randn(D, R, generator=g) * 0.3,
+                torch.randn(D, generator=g) * 0.3,
+            )  # fmt: skip
+            for site in ffn_sites(model)
+        }
+        for name in ("a", "b", "c")
+    }
+    attach_fusion(model, srcs, backend="torch", fusion_config={"dropout_prob": 0.0})
+    with torch.no_grad():
+        for layer in _fusion_layers(model):
+            layer.value.weight.normal_(0.0, 0.3)  # not the identity: every projection matters
+    return model.eval()
+
+
+def _fusion_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ == "AdapterFusionLayer"]
+
+
+def _site_forwards(model: nn.Module) -> list[patching.SiteForward]:
+    return [f for m in model.modules() if isinstance(f := m.__dict__.get("forward"), patching.SiteForward)]
+
+
+def _python_output(model: nn.Module, **inputs) -> torch.Tensor:
+    """The model's output with every site in Python (the native sites restored after)."""
+    forwards = _site_forwards(model)
+    saved = [(f.native, f.allow_native) for f in forwards]
+    for f in forwards:
+        f.native, f.allow_native = None, False
+    try:
+        return model(**inputs).last_hidden_state
+    finally:
+        for f, (site, allow) in zip(forwards, saved, strict=True):
+            f.native, f.allow_native = site, allow
+
+
+def _ids(seed: int = 2) -> torch.Tensor:
+    return torch.randint(3, 50, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def python_path_forbidden(monkeypatch):
+    """Make the Python output path raise: a call that still answers went native."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the Python output path ran")
+
+    return lambda: monkeypatch.setitem(patching._STYLES, "output", forbidden)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh", "identity"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_site_is_bitwise_the_python_path(extension, python_path_forbidden, activation, dtype):
+    model = _tiny_bert_with_fusion().to(dtype)
+    for layer in _fusion_layers(model):
+        layer.activation = activation
+    ids = _ids()
+    with torch.no_grad():
+        want = _python_output(model, input_ids=ids)
+        model(input_ids=ids)  # the Python path answers and builds the native sites
+        assert all(f.native is not None for f in _site_forwards(model))
+        python_path_forbidden()
+        got = model(input_ids=ids).last_hidden_state
+    assert torch.equal(got, want)
+
+
+def _dense(model):
+    return model.encoder.layer[0].output.dense
+
+
+def _fusion(model):
+    return _fusion_layers(model)[0]
+
+
+def _scale_(t: torch.Tensor) -> None:
+    with torch.no_grad():
+        t.mul_(-1.5).add_(0.25)
+
+
+CHANGES = {
+    "fusion weight in place": lambda m: _scale_(_fusion(m).query.weight),
+    "fusion weight new storage": lambda m: setattr(
+        _fusion(m).key.weight, "data", _fusion(m).key.weight.detach() * -2.0
+    ),
+    "source weight in place": lambda m: _scale_(_fusion(m).w_down),
+    "dense weight in place": lambda m: _scale_(_dense(m).weight),
+    "dense replaced": lambda m: setattr(m.encoder.layer[0].output, "dense", nn.Linear(24, D)),
+    "layer norm in place": lambda m: _scale_(m.encoder.layer[0].output.LayerNorm.weight),
+    "layer norm eps": lambda m: setattr(m.encoder.layer[0].output.LayerNorm, "eps", 0.5),
+    "activation": lambda m: setattr(_fusion(m), "activation", "tanh"),
+    "temperature": lambda m: (setattr(_fusion(m), "T", 3.0), setattr(_fusion(m), "reduction", 0.0)),
+    "backend": lambda m: setattr(_fusion(m), "backend", "reference"),
+    "hook on dense": lambda m: _dense(m).register_forward_hook(lambda mod, i, o: o * 0.5),
+    "hook on the fusion layer": lambda m: _fusion(m).register_forward_hook(lambda mod, i, o: o * 0.5),
+    "global hook": lambda m: nn.modules.module.register_module_forward_hook(
+        lambda mod, i, o: o * 0.5 if isinstance(mod, nn.Linear) else None
+    ),
+    "dropout in training mode": lambda m: (
+        setattr(m.encoder.layer[0].output.dropout, "p", 0.5),
+        m.encoder.layer[0].output.dropout.train(),
+    ),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_each_change_sends_the_call_back_to_python(extension, change):
+    """After each change the model's output is the Python path's on the changed model (a stale
+    native site would give the old output, which differs)."""
+    model = _tiny_bert_with_fusion()
+    ids = _ids()
+    with torch.no_grad():
+        model(input_ids=ids)
+        before = model(input_ids=ids).last_hidden_state
+        assert all(f.native is not None for f in _site_forwards(model))
+    handle = CHANGES[change](model)
+    try:
+        torch.manual_seed(5)
+        with torch.no_grad():
+            got = model(input_ids=ids).last_hidden_state
+            torch.manual_seed(5)
+            want = _python_output(model, input_ids=ids)
+    finally:
+        if hasattr(handle, "remove"):
+            handle.remove()
+    assert not torch.equal(got, before)
+    assert torch.equal(got, want)
+
+
+def test_an_optimizer_step_makes_it_stale(extension):
+    model = _tiny_bert_with_fusion()
+    ids = _ids()
+    with torch.no_grad():
+        model(input_ids=ids)
+    layer = _fusion(model)
+    layer.query.weight.grad = torch.ones_like(layer.query.weight)
+    torch.optim.SGD([layer.query.weight], lr=0.1).step()  # a version bump, and the step counter
+    forward = _site_forwards(model)[0]
+    with torch.no_grad():
+        got = model(input_ids=ids).last_hidden_state
+        want = _python_output(model, input_ids=ids)
+    assert torch.equal(got, want)
+    assert forward.native is not None  # rebuilt
+
+
+def test_gradients_and_training_take_the_python_path(extension):
+    model = _tiny_bert_with_fusion()
+    ids = _ids()
+    with torch.no_grad():
+        model(input_ids=ids)
+    out = model(input_ids=ids).last_hidden_state  # grad mode: the fusion weights want gradients
+    out.sum().backward()
+    assert _fusion(model).query.weight.grad is not None
+    model.train()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert all(f.native is None for f in _site_forwards(model))  # nothing to build in training
+
+
+def test_inputs_it_is_not_for_get_the_python_path(extension):
+    model = _tiny_bert_with_fusion()
+    output = model.encoder.layer[0].output
+    h, x = torch.randn(2, 7, 24), torch.randn(2, 7, D)
+    with torch.no_grad():
+        want = output(h, x)
+        assert torch.equal(output(h, x), want)  # native
+        with pytest.raises(ValueError, match="hidden_states has shape"):
+            output(h, torch.randn(2, 6, D))  # the Python path's own error
+        with pytest.raises(RuntimeError):
+            output(h.double(), x)
+        with torch.inference_mode():
+            assert torch.equal(output(h.clone(), x.clone()), want)
+    seen = []
+
+    class Traced(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    with torch.no_grad():
+        got = output(h.as_subclass(Traced), x)
+    assert seen  # the subclass saw the calls: they ran in Python
+    torch.testing.assert_close(got.as_subclass(torch.Tensor), want, rtol=0, atol=0)
+    h.requires_grad_(True)
+    output(h, x).sum().backward()
+    assert h.grad is not None
+
+
+def test_copies_and_pickles_drop_the_native_site(extension):
+    model = _tiny_bert_with_fusion()
+    ids = _ids()
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state
+        model(input_ids=ids)
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert all(f.native is None for f in _site_forwards(clone))
+            assert torch.equal(clone(input_ids=ids).last_hidden_state, want)
+            assert all(f.native is not None for f in _site_forwards(clone))
+
+
+def test_mode_setting(monkeypatch):
+    monkeypatch.setenv("SCALEARN_FAST_NATIVE", "0")
+    assert native.extension() is None
+    monkeypatch.setenv("SCALEARN_FAST_NATIVE", "yes")
+    with pytest.raises(ValueError, match="SCALEARN_FAST_NATIVE must be one of"):
+        native.extension()
