@@ -53,12 +53,21 @@ class _InferencePlan(NamedTuple):
 
     run: Runner  # ``ops.dispatch.inference_runner`` over the fields below: run(z, residual)
     sources_and_coefficients: tuple  # Composition's fields from w_down through row_scale
+    backend: str  # the resolved backend ``run`` computes on
+
+    def folded_weights(self) -> tuple[torch.Tensor, ...] | None:
+        """``(D, b_D, U, c)`` when ``run`` is ``torch_backend.folded_runner`` over them (the torch
+        backend, ω applied, no per-row scale), else None: what the native site computes with."""
+        w_down, b_down, _, _, _, _, up, bias, row_scale = self.sources_and_coefficients
+        if self.backend != "torch" or up is None or row_scale is not None:
+            return None
+        return w_down, b_down, up, bias
 
 
 def _plan(fields: tuple, activation: str, backend: str) -> _InferencePlan:
     """The plan of ``fields`` (Composition's fields from w_down through row_scale, ω applied)."""
     template = Composition(None, *fields, None, activation)  # type: ignore[arg-type]
-    return _InferencePlan(inference_runner(template, backend), fields)
+    return _InferencePlan(inference_runner(template, backend), fields, backend)
 
 
 VARIANTS = ("scalearn", "scalearn_uniform", "scalearn++", "scalearn_uniform++")
@@ -147,9 +156,9 @@ class ScaLearnLayer(FrozenSources):
         backend, no input or parameter needing a gradient, eager), else ``None``: the sources
         with ω folded in, in z's dtype, contiguous, and the inference runner over them on the
         resolved backend, built (and checked) once. Rebuilt when ω or the sources change (in
-        place or replaced), after an optimizer step, or when z's dtype or device or the backend
-        does; a call then only checks z and the residual. This keeps the layer's host time per
-        call near that of its two GEMMs (a model at the default shape is host-bound on a GPU):
+        place or replaced), after an optimizer step, or when z's dtype or device, the backend or
+        the activation does; a call then only checks z and the residual. This keeps the layer's
+        host time per call near that of its two GEMMs (a model at the default shape is host-bound on a GPU):
         attributes are read from ``__dict__`` and ``_parameters`` (``nn.Module.__getattr__``
         costs per access), in one frame."""
         attrs = self.__dict__
@@ -168,7 +177,7 @@ class ScaLearnLayer(FrozenSources):
         )  # fmt: skip
         try:
             key = (
-                z.dtype, z.device, backend, layers_base._optimizer_steps,
+                z.dtype, z.device, backend, attrs["activation"], layers_base._optimizer_steps,
                 omega.data_ptr(), omega._version, w_down.data_ptr(), w_down._version,
                 b_down.data_ptr(), b_down._version, w_up.data_ptr(), w_up._version,
                 b_up.data_ptr(), b_up._version,

@@ -49,7 +49,9 @@ class Ref:
 
 
 def oracle(layer: ScaLearnLayer, z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    return scaled_adapter_sum_packed(z, layer.packed(), layer.omega, residual, backend="reference").detach()
+    return scaled_adapter_sum_packed(
+        z, layer.packed(), layer.omega, residual, activation=layer.activation, backend="reference"
+    ).detach()
 
 
 def check_compose(layer: ScaLearnLayer, z: torch.Tensor) -> None:
@@ -75,6 +77,16 @@ def test_each_weight_change_invalidates_the_plan(name, change):
         param.data = param.detach() * -1.5 + 0.25  # new storage
     check_compose(layer, z)
     assert layer._folded is not cached
+
+
+def test_a_changed_activation_replans():
+    """Regression: the plan's key left out the activation, so setting ``layer.activation`` after
+    an eval call kept computing with the old one."""
+    layer = ScaLearnLayer(*sources(), omega_dropout=0.0, backend="torch").eval()
+    z = torch.randn(5, D)
+    check_compose(layer, z)
+    layer.activation = "tanh"
+    check_compose(layer, z)
 
 
 def test_a_moved_layer_and_a_shared_omega_replanned():

@@ -1,8 +1,8 @@
-"""The native AdapterFusion output site (scalearn_fast/native, models/native_site.py) against the
-Python eval path it stands in for: bitwise equal outputs; every change the Python path would see
-(a weight, a mode, a hook, a setting, a replaced module) sends the call back to Python; inputs it
-is not for (something to differentiate, another dtype, a subclass, bad shapes) get the Python
-path's behaviour and errors."""
+"""The native output site (scalearn_fast/native, models/native_site.py), for AdapterFusion and
+ScaLearn, against the Python eval path it stands in for: bitwise equal outputs; every change the
+Python path would see (a weight, a mode, a hook, a setting, a replaced module) sends the call back
+to Python; inputs it is not for (something to differentiate, another dtype, a subclass, bad
+shapes) get the Python path's behaviour and errors."""
 
 from __future__ import annotations
 
@@ -28,10 +28,13 @@ def extension():
     return native.build()  # must build where a compiler is
 
 
-def _tiny_bert_with_fusion(seed: int = 0):
+KINDS = ("fusion", "scalearn")
+
+
+def _tiny_bert(kind: str, seed: int = 0):
     import transformers
 
-    from scalearn_fast.models import attach_fusion, ffn_sites
+    from scalearn_fast.models import attach_fusion, attach_scalearn, ffn_sites
 
     torch.manual_seed(seed)
     cfg = transformers.BertConfig(
@@ -52,15 +55,20 @@ def _tiny_bert_with_fusion(seed: int = 0):
         }
         for name in ("a", "b", "c")
     }
-    attach_fusion(model, srcs, backend="torch", fusion_config={"dropout_prob": 0.0})
+    if kind == "fusion":
+        attach_fusion(model, srcs, backend="torch", fusion_config={"dropout_prob": 0.0})
+    else:
+        attach_scalearn(model, srcs, backend="torch")
     with torch.no_grad():
-        for layer in _fusion_layers(model):
-            layer.value.weight.normal_(0.0, 0.3)  # not the identity: every projection matters
+        for layer in _sublayers(model):
+            # not the identity or ones: every projection and scale matters
+            (layer.value.weight if kind == "fusion" else layer.omega).normal_(0.0, 0.3)
     return model.eval()
 
 
-def _fusion_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if type(m).__name__ == "AdapterFusionLayer"]
+def _sublayers(model: nn.Module) -> list[nn.Module]:
+    names = ("AdapterFusionLayer", "ScaLearnLayer")
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def _site_forwards(model: nn.Module) -> list[patching.SiteForward]:
@@ -94,11 +102,12 @@ def python_path_forbidden(monkeypatch):
     return lambda: monkeypatch.setitem(patching._STYLES, "output", forbidden)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh", "identity"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_native_site_is_bitwise_the_python_path(extension, python_path_forbidden, activation, dtype):
-    model = _tiny_bert_with_fusion().to(dtype)
-    for layer in _fusion_layers(model):
+def test_native_site_is_bitwise_the_python_path(extension, python_path_forbidden, kind, activation, dtype):
+    model = _tiny_bert(kind).to(dtype)
+    for layer in _sublayers(model):
         layer.activation = activation
     ids = _ids()
     with torch.no_grad():
@@ -110,12 +119,8 @@ def test_native_site_is_bitwise_the_python_path(extension, python_path_forbidden
     assert torch.equal(got, want)
 
 
-def _dense(model):
-    return model.encoder.layer[0].output.dense
-
-
-def _fusion(model):
-    return _fusion_layers(model)[0]
+def _sublayer(model):
+    return _sublayers(model)[0]
 
 
 def _scale_(t: torch.Tensor) -> None:
@@ -123,42 +128,62 @@ def _scale_(t: torch.Tensor) -> None:
         t.mul_(-1.5).add_(0.25)
 
 
+def _new_storage(t: torch.Tensor) -> None:
+    t.data = t.detach() * -2.0 + 0.1
+
+
+def _output(model):
+    return model.encoder.layer[0].output
+
+
+def _train_dropout(model) -> None:
+    _output(model).dropout.p = 0.5
+    _output(model).dropout.train()
+
+
+def _fixed_temperature(model) -> None:
+    layer = _sublayer(model)
+    layer.T, layer.reduction = 3.0, 0.0
+
+
+# each change, and the kinds it applies to
 CHANGES = {
-    "fusion weight in place": lambda m: _scale_(_fusion(m).query.weight),
-    "fusion weight new storage": lambda m: setattr(
-        _fusion(m).key.weight, "data", _fusion(m).key.weight.detach() * -2.0
+    "query weight in place": (("fusion",), lambda m: _scale_(_sublayer(m).query.weight)),
+    "key weight new storage": (("fusion",), lambda m: _new_storage(_sublayer(m).key.weight)),
+    "omega in place": (("scalearn",), lambda m: _scale_(_sublayer(m).omega)),
+    "up weights new storage": (KINDS, lambda m: _new_storage(_sublayer(m).w_up)),
+    "down weights in place": (KINDS, lambda m: _scale_(_sublayer(m).w_down)),
+    "dense weight in place": (KINDS, lambda m: _scale_(_output(m).dense.weight)),
+    "dense replaced": (KINDS, lambda m: setattr(_output(m), "dense", nn.Linear(24, D))),
+    "layer norm in place": (KINDS, lambda m: _scale_(_output(m).LayerNorm.weight)),
+    "layer norm eps": (KINDS, lambda m: setattr(_output(m).LayerNorm, "eps", 0.5)),
+    "activation": (KINDS, lambda m: setattr(_sublayer(m), "activation", "tanh")),
+    "temperature": (("fusion",), _fixed_temperature),
+    "backend": (KINDS, lambda m: setattr(_sublayer(m), "backend", "reference")),
+    "hook on dense": (KINDS, lambda m: _output(m).dense.register_forward_hook(lambda mod, i, o: o * 0.5)),
+    "hook on the sub-layer": (KINDS, lambda m: _sublayer(m).register_forward_hook(lambda mod, i, o: o * 0.5)),
+    "global hook": (
+        KINDS,
+        lambda m: nn.modules.module.register_module_forward_hook(
+            lambda mod, i, o: o * 0.5 if isinstance(mod, nn.Linear) else None
+        ),
     ),
-    "source weight in place": lambda m: _scale_(_fusion(m).w_down),
-    "dense weight in place": lambda m: _scale_(_dense(m).weight),
-    "dense replaced": lambda m: setattr(m.encoder.layer[0].output, "dense", nn.Linear(24, D)),
-    "layer norm in place": lambda m: _scale_(m.encoder.layer[0].output.LayerNorm.weight),
-    "layer norm eps": lambda m: setattr(m.encoder.layer[0].output.LayerNorm, "eps", 0.5),
-    "activation": lambda m: setattr(_fusion(m), "activation", "tanh"),
-    "temperature": lambda m: (setattr(_fusion(m), "T", 3.0), setattr(_fusion(m), "reduction", 0.0)),
-    "backend": lambda m: setattr(_fusion(m), "backend", "reference"),
-    "hook on dense": lambda m: _dense(m).register_forward_hook(lambda mod, i, o: o * 0.5),
-    "hook on the fusion layer": lambda m: _fusion(m).register_forward_hook(lambda mod, i, o: o * 0.5),
-    "global hook": lambda m: nn.modules.module.register_module_forward_hook(
-        lambda mod, i, o: o * 0.5 if isinstance(mod, nn.Linear) else None
-    ),
-    "dropout in training mode": lambda m: (
-        setattr(m.encoder.layer[0].output.dropout, "p", 0.5),
-        m.encoder.layer[0].output.dropout.train(),
-    ),
+    "dropout in training mode": (KINDS, _train_dropout),
 }
+CASES = [(kind, change) for change, (kinds, _) in sorted(CHANGES.items()) for kind in kinds]
 
 
-@pytest.mark.parametrize("change", sorted(CHANGES))
-def test_each_change_sends_the_call_back_to_python(extension, change):
+@pytest.mark.parametrize(("kind", "change"), CASES)
+def test_each_change_sends_the_call_back_to_python(extension, kind, change):
     """After each change the model's output is the Python path's on the changed model (a stale
     native site would give the old output, which differs)."""
-    model = _tiny_bert_with_fusion()
+    model = _tiny_bert(kind)
     ids = _ids()
     with torch.no_grad():
         model(input_ids=ids)
         before = model(input_ids=ids).last_hidden_state
         assert all(f.native is not None for f in _site_forwards(model))
-    handle = CHANGES[change](model)
+    handle = CHANGES[change][1](model)
     try:
         torch.manual_seed(5)
         with torch.no_grad():
@@ -172,14 +197,15 @@ def test_each_change_sends_the_call_back_to_python(extension, change):
     assert torch.equal(got, want)
 
 
-def test_an_optimizer_step_makes_it_stale(extension):
-    model = _tiny_bert_with_fusion()
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_optimizer_step_makes_it_stale(extension, kind):
+    model = _tiny_bert(kind)
     ids = _ids()
     with torch.no_grad():
         model(input_ids=ids)
-    layer = _fusion(model)
-    layer.query.weight.grad = torch.ones_like(layer.query.weight)
-    torch.optim.SGD([layer.query.weight], lr=0.1).step()  # a version bump, and the step counter
+    weight = _sublayer(model).query.weight if kind == "fusion" else _sublayer(model).omega
+    weight.grad = torch.ones_like(weight)
+    torch.optim.SGD([weight], lr=0.1).step()  # a version bump, and the step counter
     forward = _site_forwards(model)[0]
     with torch.no_grad():
         got = model(input_ids=ids).last_hidden_state
@@ -188,22 +214,25 @@ def test_an_optimizer_step_makes_it_stale(extension):
     assert forward.native is not None  # rebuilt
 
 
-def test_gradients_and_training_take_the_python_path(extension):
-    model = _tiny_bert_with_fusion()
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_and_training_take_the_python_path(extension, kind):
+    model = _tiny_bert(kind)
     ids = _ids()
     with torch.no_grad():
         model(input_ids=ids)
-    out = model(input_ids=ids).last_hidden_state  # grad mode: the fusion weights want gradients
+    out = model(input_ids=ids).last_hidden_state  # grad mode: the trained weights want gradients
     out.sum().backward()
-    assert _fusion(model).query.weight.grad is not None
+    trained = _sublayer(model).query.weight if kind == "fusion" else _sublayer(model).omega
+    assert trained.grad is not None
     model.train()
     with torch.no_grad():
         model(input_ids=ids)
     assert all(f.native is None for f in _site_forwards(model))  # nothing to build in training
 
 
-def test_inputs_it_is_not_for_get_the_python_path(extension):
-    model = _tiny_bert_with_fusion()
+@pytest.mark.parametrize("kind", KINDS)
+def test_inputs_it_is_not_for_get_the_python_path(extension, kind):
+    model = _tiny_bert(kind)
     output = model.encoder.layer[0].output
     h, x = torch.randn(2, 7, 24), torch.randn(2, 7, D)
     with torch.no_grad():
@@ -232,8 +261,9 @@ def test_inputs_it_is_not_for_get_the_python_path(extension):
     assert h.grad is not None
 
 
-def test_copies_and_pickles_drop_the_native_site(extension):
-    model = _tiny_bert_with_fusion()
+@pytest.mark.parametrize("kind", KINDS)
+def test_copies_and_pickles_drop_the_native_site(extension, kind):
+    model = _tiny_bert(kind)
     ids = _ids()
     with torch.no_grad():
         want = model(input_ids=ids).last_hidden_state

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .hooks import has_global_hooks, has_hooks
-from .native_site import NativeSite, build_fusion_output_site
+from .native_site import NativeSite, build_output_site
 
 _SAVED = "_scalearn_fast_saved_forward"
 _SITE_ATTR = "_scalearn_fast_site_attr"
@@ -197,7 +197,7 @@ def _native_output_site(module: nn.Module, out: Any) -> NativeSite | None:
         return None
     modules = module._modules
     sublayer = modules[module.__dict__[_SITE_ATTR]]
-    return build_fusion_output_site(module, modules["dense"], modules["dropout"], sublayer, out)
+    return build_output_site(module, modules["dense"], modules["dropout"], sublayer, out)
 
 
 def patch_site(site: Any, sublayer: nn.Module, attr: str) -> None:

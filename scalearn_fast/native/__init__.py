@@ -1,5 +1,5 @@
 """The optional C++ extension: the eval-mode AdapterFusion output site as one call
-(``fusion_site.cpp``; docs/architecture.md, "The native site").
+(``output_site.cpp``; docs/architecture.md, "The native site").
 
 Nothing here is needed: without the extension every path runs in Python, with bitwise the same
 results. It is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into a cache
@@ -25,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-SOURCE = Path(__file__).with_name("fusion_site.cpp")
+SOURCE = Path(__file__).with_name("output_site.cpp")
 _MODES = ("auto", "0", "1")
 _loaded: dict[str, ModuleType | None] = {}
 
