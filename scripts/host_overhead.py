@@ -5,7 +5,9 @@ every microsecond of Python, dispatch and launch a patched layer adds shows up a
 overhead. This measures that host cost on any machine: a 12-layer RoBERTa-shaped encoder at a
 tiny width (d=64, one sequence of 8 tokens), each variant's inference step timed with
 ``time.thread_time`` (CPU time of this thread: insensitive to other jobs' scheduling),
-variants interleaved, best of many repeats.
+variants interleaved, best of many repeats. ``scalearn_fused`` and ``fusion_fused`` use the
+native output site when it is built (``scalearn_fast/native``); ``scalearn_python`` and
+``fusion_python`` are the same models kept in Python.
 
     PYTHONPATH=. python scripts/host_overhead.py [--repeats 40] [--variants plain,aten_floor,...]
 
@@ -26,7 +28,7 @@ from scalearn_fast.bench.matrix import ModelCase
 from scalearn_fast.bench.model import build_model, inference_step
 
 VARIANTS = (
-    "plain", "aten_floor", "scalearn_naive", "scalearn_fused",
+    "plain", "aten_floor", "scalearn_naive", "scalearn_python", "scalearn_fused",
     "fusion_aten_floor", "fusion_python", "fusion_fused",
 )  # fmt: skip
 
@@ -98,14 +100,18 @@ def fusion_aten_floor_model(case: ModelCase):
     return m
 
 
-def fusion_python_model(case: ModelCase):
-    """The fused AdapterFusion model kept in Python: no native site (``SiteForward.allow_native``)."""
-    m = build_model("fusion_fused", case, torch.device("cpu"))
-    for module in m.encoder.modules():
-        forward = module.__dict__.get("forward")
-        if type(forward).__name__ == "SiteForward":
-            forward.allow_native = False
-    return m
+def in_python(variant: str):
+    """A fused model kept in Python: no native site (``SiteForward.allow_native = False``)."""
+
+    def build(case: ModelCase):
+        m = build_model(variant, case, torch.device("cpu"))
+        for module in m.encoder.modules():
+            forward = module.__dict__.get("forward")
+            if type(forward).__name__ == "SiteForward":
+                forward.allow_native = False
+        return m
+
+    return build
 
 
 def main() -> None:
@@ -125,7 +131,8 @@ def main() -> None:
         builders = {
             "aten_floor": aten_floor_model,
             "fusion_aten_floor": fusion_aten_floor_model,
-            "fusion_python": fusion_python_model,
+            "scalearn_python": in_python("scalearn_fused"),
+            "fusion_python": in_python("fusion_fused"),
         }
         build = builders.get(variant)
         model = build(case) if build else build_model(variant, case, torch.device("cpu"))
