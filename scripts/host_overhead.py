@@ -6,7 +6,7 @@ overhead. This measures that host cost on any machine: a 12-layer RoBERTa-shaped
 tiny width (d=64, one sequence of 8 tokens), each variant's inference step timed with
 ``time.thread_time`` (CPU time of this thread: insensitive to other jobs' scheduling),
 variants interleaved, best of many repeats. ``scalearn_fused`` and ``fusion_fused`` use the
-native output site when it is built (``scalearn_fast/native``); ``scalearn_python`` and
+native output site when it is built (``scalearn_fast/site_extension``); ``scalearn_python`` and
 ``fusion_python`` are the same models kept in Python.
 
     PYTHONPATH=. python scripts/host_overhead.py [--repeats 40] [--variants plain,aten_floor,...]

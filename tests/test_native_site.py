@@ -1,4 +1,4 @@
-"""The native output site (scalearn_fast/native, models/native_site.py), for AdapterFusion and
+"""The native output site (scalearn_fast/site_extension, models/native_site.py), for AdapterFusion and
 ScaLearn, against the Python eval path it stands in for: bitwise equal outputs; every change the
 Python path would see (a weight, a mode, a hook, a setting, a replaced module) sends the call back
 to Python; inputs it is not for (something to differentiate, another dtype, a subclass, bad
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from scalearn_fast import native
+from scalearn_fast import site_extension
 from scalearn_fast.models import patching
 
 D, R = 16, 4
@@ -25,7 +25,7 @@ D, R = 16, 4
 def extension():
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler: the native site cannot be built here")
-    return native.build()  # must build where a compiler is
+    return site_extension.build()  # must build where a compiler is
 
 
 KINDS = ("fusion", "scalearn")
@@ -276,7 +276,21 @@ def test_copies_and_pickles_drop_the_native_site(extension, kind):
 
 def test_mode_setting(monkeypatch):
     monkeypatch.setenv("SCALEARN_FAST_NATIVE", "0")
-    assert native.extension() is None
+    assert site_extension.extension() is None
     monkeypatch.setenv("SCALEARN_FAST_NATIVE", "yes")
     with pytest.raises(ValueError, match="SCALEARN_FAST_NATIVE must be one of"):
-        native.extension()
+        site_extension.extension()
+
+
+def test_torch_compile_traces_the_python_path(extension):
+    """Under ``torch.compile`` the site runs the Python path (dynamo traces it); a native site
+    built by an eager call before stays in place for the eager calls after."""
+    model = _tiny_bert("scalearn")
+    ids = _ids()
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state
+        model(input_ids=ids)
+        compiled = torch.compile(model, backend="aot_eager")
+        torch.testing.assert_close(compiled(input_ids=ids).last_hidden_state, want, rtol=1e-6, atol=1e-6)
+        assert all(f.native is not None for f in _site_forwards(model))
+        assert torch.equal(model(input_ids=ids).last_hidden_state, want)

@@ -1,4 +1,4 @@
-"""The native output site (``scalearn_fast/native``) for a patched BERT-like FFN output module,
+"""The native output site (``scalearn_fast/site_extension``) for a patched BERT-like FFN output module,
 and the guards that say when it no longer does what the Python path would.
 
 ``build_output_site`` runs after the Python path answered a call. It returns
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .. import layers_base, native
+from .. import layers_base, site_extension
 from ..layers import ScaLearnLayer
 from ..layers_base import layer_norm_parts
 from ..layers_fusion import _FOLDING_BACKENDS, _PROJECTIONS, AdapterFusionLayer
@@ -80,7 +80,7 @@ def build_output_site(
         or any(has_hooks(m) for m in (dense, dropout, sublayer))
     ):
         return None
-    extension = native.extension()
+    extension = site_extension.extension()
     layer_norm, ln = layer_norm_parts(sublayer)
     if extension is None or ln is None:
         return None

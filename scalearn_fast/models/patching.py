@@ -160,11 +160,11 @@ _STYLES = {
 class SiteForward:
     """The patched forward of one site: copies and pickles along with its module.
 
-    An ``output`` site whose sub-layer is an eval-mode ``AdapterFusionLayer`` on its inference
-    fold also keeps a native site (``models/native_site.py``) when the C++ extension is built:
-    one C++ call with bitwise the Python path's result, which checks on every call that the
-    Python path would still take that route, and hands the call back to it otherwise. Set
-    ``allow_native = False`` on an instance to keep it in Python."""
+    An ``output`` site whose sub-layer runs a prepared eval path (AdapterFusion's fold,
+    ScaLearn's torch runner) also keeps a native site (``models/native_site.py``) when the C++
+    extension is built: one C++ call with bitwise the Python path's result, which checks on every
+    call that the Python path would still take that route and hands the call back otherwise.
+    Set ``allow_native = False`` on an instance to keep it in Python."""
 
     native: NativeSite | None = None  # not pickled or copied: rebuilt on the first call
     allow_native = True
@@ -179,21 +179,22 @@ class SiteForward:
         return state
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        eager_pair = len(args) == 2 and not kwargs and not torch.compiler.is_compiling()
         native = self.native
-        if native is not None and len(args) == 2 and not kwargs and not torch.compiler.is_compiling():
+        if native is not None and eager_pair:
             out = native[0](args[0], args[1], native[1], native[2])
             if out is False:  # stale: the Python path runs and a new native site is built
                 self.native = native = None
             elif out is not None:
                 return out
         out = _STYLES[self.style](self.module, *args, **kwargs)
-        if native is None and self.style == "output" and self.allow_native and len(args) == 2 and not kwargs:
+        if native is None and eager_pair and self.style == "output" and self.allow_native:
             self.native = _native_output_site(self.module, out)
         return out
 
 
 def _native_output_site(module: nn.Module, out: Any) -> NativeSite | None:
-    if not isinstance(out, torch.Tensor) or torch.compiler.is_compiling():
+    if not isinstance(out, torch.Tensor):
         return None
     modules = module._modules
     sublayer = modules[module.__dict__[_SITE_ATTR]]

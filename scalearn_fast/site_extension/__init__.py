@@ -1,5 +1,6 @@
-"""The optional C++ extension: the eval-mode AdapterFusion output site as one call
-(``output_site.cpp``; docs/architecture.md, "The native site").
+"""The optional C++ extension: the eval-mode BERT-like output site with an AdapterFusion or a
+ScaLearn sub-layer as one call (``output_site.cpp``; docs/architecture.md, "The native output
+site"). Not to be confused with the top-level ``native/`` (the C++ runner of exported packages).
 
 Nothing here is needed: without the extension every path runs in Python, with bitwise the same
 results. It is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into a cache
@@ -10,8 +11,8 @@ a compiler. ``SCALEARN_FAST_NATIVE`` chooses:
 * ``1``: build it if needed (the first time takes about a minute) and fail if that fails;
 * ``0``: never use it.
 
-``python -m scalearn_fast.native`` builds it (``scripts/setup.sh`` does, where a compiler is
-found). ``SCALEARN_FAST_CACHE`` moves the cache folder (default ``~/.cache/scalearn_fast``).
+``python -m scalearn_fast.site_extension`` builds it (``scripts/setup.sh`` does, where a
+compiler is found). ``SCALEARN_FAST_CACHE`` moves the cache folder (default ``~/.cache/scalearn_fast``).
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ def build_directory() -> Path:
         SOURCE.read_bytes() + f"{torch.__version__}|{sys.version_info[:2]}".encode()
     ).hexdigest()[:16]
     root = Path(os.environ.get("SCALEARN_FAST_CACHE", Path.home() / ".cache" / "scalearn_fast"))
-    return root / "native" / tag
+    return root / "site_extension" / tag
 
 
 def _name() -> str:
-    return "scalearn_fast_native_" + build_directory().name
+    return "scalearn_fast_site_extension_" + build_directory().name
 
 
 def _import_built() -> ModuleType | None:
