@@ -220,31 +220,9 @@ def test_a_pickled_layer_drops_its_cache_and_replans():
 
 
 def _tiny_bert_with_scalearn():
-    import transformers
+    from tiny_attached_bert import tiny_bert_with
 
-    from scalearn_fast.models import attach_scalearn, ffn_sites
-
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        hidden_size=D, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-        vocab_size=50, max_position_embeddings=32,
-    )  # fmt: skip
-    model = transformers.BertModel(cfg).eval()
-    g = torch.Generator().manual_seed(1)
-    srcs = {
-        name: {
-            site.key: (
-                torch.randn(R, D, generator=g) * 0.3,
-                torch.randn(R, generator=g) * 0.3,
-                torch.randn(D, R, generator=g) * 0.3,
-                torch.randn(D, generator=g) * 0.3,
-            )  # fmt: skip
-            for site in ffn_sites(model)
-        }
-        for name in ("a", "b")
-    }
-    attach_scalearn(model, srcs, backend="torch")
-    return model
+    return tiny_bert_with("scalearn", sources=("a", "b"))
 
 
 def test_output_site_keeps_hooks_and_training_dropout_of_its_dense_and_dropout():

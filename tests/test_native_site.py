@@ -14,11 +14,10 @@ import shutil
 import pytest
 import torch
 import torch.nn as nn
+from tiny_attached_bert import D, tiny_bert_with
 
 from scalearn_fast import site_extension
 from scalearn_fast.models import patching
-
-D, R = 16, 4
 
 
 @pytest.fixture(scope="module")
@@ -31,44 +30,31 @@ def extension():
 KINDS = ("fusion", "scalearn")
 
 
-def _tiny_bert(kind: str, seed: int = 0):
-    import transformers
-
-    from scalearn_fast.models import attach_fusion, attach_scalearn, ffn_sites
-
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
-        hidden_size=D, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-        vocab_size=50, max_position_embeddings=32,
-    )  # fmt: skip
-    model = transformers.BertModel(cfg).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    srcs = {
-        name: {
-            site.key: (
-                torch.randn(R, D, generator=g) * 0.3,
-                torch.randn(R, generator=g) * 0.3,
-                torch.randn(D, R, generator=g) * 0.3,
-                torch.randn(D, generator=g) * 0.3,
-            )  # fmt: skip
-            for site in ffn_sites(model)
-        }
-        for name in ("a", "b", "c")
-    }
-    if kind == "fusion":
-        attach_fusion(model, srcs, backend="torch", fusion_config={"dropout_prob": 0.0})
-    else:
-        attach_scalearn(model, srcs, backend="torch")
+def _tiny_bert(kind: str):
+    model = tiny_bert_with(kind)
     with torch.no_grad():
         for layer in _sublayers(model):
             # not the identity or ones: every projection and scale matters
             (layer.value.weight if kind == "fusion" else layer.omega).normal_(0.0, 0.3)
-    return model.eval()
+    return model
 
 
 def _sublayers(model: nn.Module) -> list[nn.Module]:
     names = ("AdapterFusionLayer", "ScaLearnLayer")
     return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def _trained_weight(model: nn.Module, kind: str) -> nn.Parameter:
+    layer = _sublayers(model)[0]
+    return layer.query.weight if kind == "fusion" else layer.omega
+
+
+def _warmed(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    """A model whose sites hold native sites (one eval call made), and its input ids."""
+    model, ids = _tiny_bert(kind), _ids()
+    with torch.no_grad():
+        model(input_ids=ids)
+    return model, ids
 
 
 def _site_forwards(model: nn.Module) -> list[patching.SiteForward]:
@@ -199,11 +185,8 @@ def test_each_change_sends_the_call_back_to_python(extension, kind, change):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_an_optimizer_step_makes_it_stale(extension, kind):
-    model = _tiny_bert(kind)
-    ids = _ids()
-    with torch.no_grad():
-        model(input_ids=ids)
-    weight = _sublayer(model).query.weight if kind == "fusion" else _sublayer(model).omega
+    model, ids = _warmed(kind)
+    weight = _trained_weight(model, kind)
     weight.grad = torch.ones_like(weight)
     torch.optim.SGD([weight], lr=0.1).step()  # a version bump, and the step counter
     forward = _site_forwards(model)[0]
@@ -216,14 +199,10 @@ def test_an_optimizer_step_makes_it_stale(extension, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradients_and_training_take_the_python_path(extension, kind):
-    model = _tiny_bert(kind)
-    ids = _ids()
-    with torch.no_grad():
-        model(input_ids=ids)
+    model, ids = _warmed(kind)
     out = model(input_ids=ids).last_hidden_state  # grad mode: the trained weights want gradients
     out.sum().backward()
-    trained = _sublayer(model).query.weight if kind == "fusion" else _sublayer(model).omega
-    assert trained.grad is not None
+    assert _trained_weight(model, kind).grad is not None
     model.train()
     with torch.no_grad():
         model(input_ids=ids)
