@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU command: on an H100/H200, in about 8 minutes, into one results folder:
+#   0. native   build the optional native output sites (scalearn_fast/site_extension; a C++ compiler
+#               and ninja; without them, or past its limit, everything runs in Python)
 #   1. tests    the GPU tests (Triton kernels, fused layers, bf16/fp16 cases)
 #   2. bench    the benchmark suite: ScaLearn and AdapterFusion layers at the default shape for every
 #               provider, the 12-layer model (eager inference, inference replayed from a CUDA graph,
@@ -16,7 +18,7 @@
 # <device>.json, <device>.md, <device>-roofline.png, -speedup-vs-n.png, -speedup-vs-t.png. To publish:
 # copy the report files into bench/results/ (or `python -m scalearn_fast.bench report DIR/raw.json --publish`).
 #
-# Time (seconds, environment): GPU_RUN_S=450 in all; GPU_TESTS_S=90; GPU_PROFILE_S=70; GPU_REPORT_S=30;
+# Time (seconds, environment): GPU_RUN_S=450 in all; GPU_NATIVE_S=90; GPU_TESTS_S=90; GPU_PROFILE_S=70; GPU_REPORT_S=30;
 # the bench gets what is left, and starts no new group in its last GPU_BENCH_MARGIN_S=60.
 # GPU_TESTS: the test files (default below); GPU_BENCH_ARGS: extra pytest arguments for the bench.
 set -uo pipefail
@@ -24,7 +26,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 py="${PYTHON:-python}"
 dry=0
-only="tests,bench,profile,report"
+only="native,tests,bench,profile,report"
 out="${OUT:-}"
 while [ "$#" -gt 0 ]; do
   case "$1" in
@@ -37,12 +39,14 @@ while [ "$#" -gt 0 ]; do
   shift
 done
 for s in ${only//,/ }; do
-  case "$s" in tests|bench|profile|report) ;; *)
-    echo "gpu_run.sh: --only takes tests, bench, profile, report (comma-separated); got '$s'" >&2; exit 2 ;;
+  case "$s" in native|tests|bench|profile|report) ;; *)
+    echo "gpu_run.sh: --only takes native, tests, bench, profile, report (comma-separated); got '$s'" >&2
+    exit 2 ;;
   esac
 done
 out="${out:-gpu-out/$(date -u +%Y%m%dT%H%M%SZ)}"
 total="${GPU_RUN_S:-450}"
+native_s="${GPU_NATIVE_S:-90}"
 tests_s="${GPU_TESTS_S:-90}"
 profile_s="${GPU_PROFILE_S:-70}"
 report_s="${GPU_REPORT_S:-30}"
@@ -73,10 +77,13 @@ run_stage() {  # name limit file command...: run it under timeout, its output in
 }
 
 if [ "$dry" = 1 ]; then
-  bench_left=$(( total - tests_s - profile_s - report_s ))
+  bench_left=$(( total - native_s - tests_s - profile_s - report_s ))
   echo "gpu_run.sh --dry-run: stages in order, each with the time limit it gets when the ones before use all of theirs"
   echo "output folder: $out (log.txt, profile.txt, raw.json, the report)"
   n=1
+  if wants native; then
+    echo "$n. native (${native_s}s): $py -m scalearn_fast.site_extension"; n=$((n + 1))
+  fi
   if wants tests; then
     echo "$n. tests (${tests_s}s): $py -m pytest -q -rs -p no:cacheprovider $gpu_tests"; n=$((n + 1))
   fi
@@ -108,6 +115,9 @@ mkdir -p "$out"
   git log -1 --format='commit %h %s' 2>/dev/null || true
 } 2>&1 | tee -a "$log"
 
+if wants native; then
+  run_stage native "$native_s" "$log" "$py" -m scalearn_fast.site_extension
+fi
 if wants tests; then
   # shellcheck disable=SC2086  (the list is word-split on purpose)
   run_stage tests "$tests_s" "$log" "$py" -m pytest -q -rs -p no:cacheprovider $gpu_tests

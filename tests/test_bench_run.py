@@ -229,7 +229,8 @@ def test_gpu_run_dry_run_lists_every_stage_in_order() -> None:
     assert res.returncode == 0, res.stderr
     out = res.stdout
     stages = [
-        out.index(f"{i}. {name} (") for i, name in enumerate(("tests", "bench", "profile", "report"), 1)
+        out.index(f"{i}. {name} (")
+        for i, name in enumerate(("native", "tests", "bench", "profile", "report"), 1)
     ]
     assert stages == sorted(stages)
     assert "tests/test_triton_kernels.py" in out and "scripts/gpu_profile.py" in out
@@ -248,7 +249,7 @@ def test_gpu_run_dry_run_lists_every_stage_in_order() -> None:
 
 def test_gpu_run_and_bench_refuse_bad_arguments() -> None:
     res = _script("scripts/gpu_run.sh", "--only", "tests,nonsense", "--dry-run")
-    assert res.returncode == 2 and "--only takes tests, bench, profile, report" in res.stderr
+    assert res.returncode == 2 and "--only takes native, tests, bench, profile, report" in res.stderr
     res = _script("scripts/bench.sh", "--publish", "--bench-quick")
     assert res.returncode == 2 and "tiny smoke shapes are not results" in res.stderr
 
