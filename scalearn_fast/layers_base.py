@@ -91,18 +91,9 @@ def layer_norm_of(sublayer: nn.Module) -> Any:
 
 
 def layer_norm_parts(sublayer: nn.Module) -> tuple[Any, tuple | None]:
-    """``(layer_norm_of(sublayer), layer_norm_args(...))`` in one frame: the eval path reads both
-    on every call."""
-    layer_norm = sublayer._modules.get("layer_norm")
-    if layer_norm is None:
-        layer_norm = sublayer.__dict__.get("layer_norm")
-    module: Any = layer_norm
-    if type(module) is not nn.LayerNorm:
-        module = getattr(module, "__dict__", _NO_ATTRIBUTES).get("module", module)
-        if type(module) is not nn.LayerNorm:
-            return layer_norm, None
-    params = module._parameters
-    return layer_norm, (module.normalized_shape, params["weight"], params["bias"], module.eps)
+    """``(layer_norm_of(sublayer), its layer_norm_args)``: what the eval path reads on every call."""
+    layer_norm = layer_norm_of(sublayer)
+    return layer_norm, layer_norm_args(layer_norm)
 
 
 def check_pre_ln(owner: str, pre_ln: bool, layer_norm: object) -> None:

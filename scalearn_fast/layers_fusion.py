@@ -261,7 +261,19 @@ class AdapterFusionLayer(FrozenSources):
     ) -> torch.Tensor:
         """``compose`` without the type checks. ``residual_checked``: the caller made z from the
         residual (``forward_summed``), so they match by construction."""
-        plan = self._eval_fold(z, residual, query_input)
+        return self._compose_on(
+            self._eval_fold(z, residual, query_input), z, residual, query_input, residual_checked
+        )
+
+    def _compose_on(
+        self,
+        plan: _FusionPlan | None,
+        z: torch.Tensor,
+        residual: torch.Tensor | None,
+        query_input: torch.Tensor | None,
+        residual_checked: bool,
+    ) -> torch.Tensor:
+        """``_compose`` given this call's ``_eval_fold`` (looked up once per call)."""
         attrs = self.__dict__
         temperature = attrs["T"]
         if plan is not None:
@@ -327,7 +339,7 @@ class AdapterFusionLayer(FrozenSources):
             plan = self._eval_fold(s, s, None)
             if plan is not None and attrs["T"] == 1.0:  # ``_compose``'s checks hold by construction
                 return plan.run(s, s, None, 1.0)
-            return self._compose(s, s, None, residual_checked=True)
+            return self._compose_on(plan, s, s, None, True)
         layer_norm, ln = layer_norm_parts(self)
         if layer_norm is None:
             check_sublayer_inputs("AdapterFusionLayer", layer_norm, s, s)  # raises: names what is missing
@@ -337,7 +349,7 @@ class AdapterFusionLayer(FrozenSources):
         if plan is not None and attrs["T"] == 1.0:  # ``_compose``'s checks hold by construction
             out = plan.run(z, flat, None, 1.0)
         else:
-            out = self._compose(z, flat, None, residual_checked=True)
+            out = self._compose_on(plan, z, flat, None, True)
         return (layer_norm(out) if ln is None else torch.layer_norm(out, *ln)).view_as(s)
 
     def extra_repr(self) -> str:

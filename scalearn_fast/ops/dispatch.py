@@ -31,6 +31,7 @@ import torch
 from . import algebra, saved_state
 from .backends import backend_module
 from .composition import GRAD_FIELDS, TENSOR_FIELDS, Composition, Gradients, op_schema
+from .packing import z_width_error
 from .torch_backend import Runner, folded_runner
 from .torch_backend import forward as _torch_forward
 from .torch_backend import output as _torch_output
@@ -236,9 +237,7 @@ def inference_runner(call: Composition, backend: str) -> Runner:
 
     def run(z: Tensor, residual: Tensor | None) -> Tensor:
         if z.shape[-1] != d:
-            raise ValueError(
-                f"z has shape {list(z.shape)}: its last dim must equal the sources' hidden size d={d}"
-            )
+            raise z_width_error(z, d)
         return infer(replace(z=z, residual=residual), backend)
 
     return run

@@ -29,7 +29,7 @@ import torch
 from .activations import activation_fn, overwriting_activation
 from .fusion_args import FusionWeights
 from .fusion_math import fold_weights
-from .packing import PackedSources
+from .packing import PackedSources, z_width_error
 
 _KEEPS_ONE = ("relu", "identity")  # act(1) == 1 and act(0) == 0: applied to whole blocks
 
@@ -135,7 +135,7 @@ def folded_runner(fold: FusionFold) -> FusionRunner:
         temperature: float,
     ) -> torch.Tensor:
         if z.shape[-1] != d:
-            raise ValueError(f"z has shape {list(z.shape)}: its last dim must be d={d}")
+            raise z_width_error(z, d)
         flat = z.dim() == 2  # no reshapes in or out
         z2 = z if flat else z.reshape(-1, d)
         t = z2.shape[0]

@@ -204,6 +204,14 @@ def _pack_stacked(w_down, b_down, w_up, b_up, hidden_size) -> PackedSources:
     )
 
 
+def z_width_error(z: torch.Tensor, d: int, detail: str = "") -> ValueError:
+    """The error for a z whose last dim is not the sources' hidden size ``d`` (raised by the
+    prepared runners after their own inline check, and by the checks here)."""
+    return ValueError(
+        f"z has shape {_shape(z)}: its last dim must equal the sources' hidden size d={d}{detail}"
+    )
+
+
 def check_inputs(
     z: torch.Tensor,
     packed: PackedSources,
@@ -223,10 +231,7 @@ def check_inputs(
     d = packed.hidden_size
     n = packed.num_sources
     if z.shape[-1] != d:
-        raise ValueError(
-            f"z has shape {_shape(z)}: its last dim must equal the sources' hidden size d={d} "
-            f"(w_down is [R={packed.total_rank}, d={d}])"
-        )
+        raise z_width_error(z, d, f" (w_down is [R={packed.total_rank}, d={d}])")
     if omega is not None:
         if not isinstance(omega, torch.Tensor):
             raise ValueError(f"omega must be a tensor; got {type(omega).__name__}")

@@ -40,7 +40,7 @@ from typing import Protocol
 import torch
 
 from .activations import activation_fn, check_activation
-from .packing import PackedSources
+from .packing import PackedSources, z_width_error
 from .routing_merge import merged_rows
 
 Tensor = torch.Tensor
@@ -130,10 +130,7 @@ def _check_merge(
     check_activation(activation)
     r = check_equal_ranks(packed)
     if z.shape[-1] != packed.hidden_size:
-        raise ValueError(
-            f"z has shape {list(z.shape)}: its last dim must equal the sources' hidden size "
-            f"d={packed.hidden_size}"
-        )
+        raise z_width_error(z, packed.hidden_size)
     check_gates(g, z, packed.num_sources)
     if residual is not None and (residual.shape != z.shape or residual.dtype != z.dtype):
         raise ValueError(

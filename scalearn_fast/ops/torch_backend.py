@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from . import algebra, bank
 from .activations import activation_fn, overwriting_activation
 from .composition import Composition, Gradients
+from .packing import z_width_error
 
 Tensor = torch.Tensor
 Runner = Callable[[Tensor, Tensor | None], Tensor]
@@ -100,9 +101,7 @@ def folded_runner(w_down: Tensor, b_down: Tensor, up: Tensor, bias: Tensor, acti
 
     def run(z: Tensor, residual: Tensor | None) -> Tensor:
         if z.shape[-1] != d:
-            raise ValueError(
-                f"z has shape {list(z.shape)}: its last dim must equal the sources' hidden size d={d}"
-            )
+            raise z_width_error(z, d)
         out = linear(act(linear(z, w_down, b_down)), up, bias)
         return out if residual is None else out.add_(residual)
 
