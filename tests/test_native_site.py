@@ -273,3 +273,24 @@ def test_torch_compile_traces_the_python_path(extension):
         torch.testing.assert_close(compiled(input_ids=ids).last_hidden_state, want, rtol=1e-6, atol=1e-6)
         assert all(f.native is not None for f in _site_forwards(model))
         assert torch.equal(model(input_ids=ids).last_hidden_state, want)
+
+
+def test_a_broken_build_warns_and_python_serves(monkeypatch, tmp_path):
+    """Under ``auto`` a library in the cache that does not load is not used, with a warning;
+    under ``1`` the error is raised."""
+    monkeypatch.setenv("SCALEARN_FAST_CACHE", str(tmp_path))
+    monkeypatch.setattr(site_extension, "_loaded", {})
+    folder = site_extension.build_directory()
+    folder.mkdir(parents=True)
+    (folder / f"{site_extension._name()}.so").write_bytes(b"not a shared library")
+    monkeypatch.setenv("SCALEARN_FAST_NATIVE", "auto")
+    with pytest.warns(RuntimeWarning, match="do not load"):
+        assert site_extension.extension() is None
+    model, ids = tiny_bert_with("fusion"), _ids()
+    with torch.no_grad():
+        want = _python_output(model, input_ids=ids)
+        assert torch.equal(model(input_ids=ids).last_hidden_state, want)
+    assert all(f.native is None for f in _site_forwards(model))
+    monkeypatch.setenv("SCALEARN_FAST_NATIVE", "1")
+    with pytest.raises(ImportError):
+        site_extension.extension()

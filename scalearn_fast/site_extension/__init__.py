@@ -7,7 +7,8 @@ results. It is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninj
 folder keyed by the source, the torch version and the Python version, and then loaded without
 a compiler. ``SCALEARN_FAST_NATIVE`` chooses:
 
-* unset or ``auto``: use the extension if it has been built; never compile on a model's call;
+* unset or ``auto``: use the extension if it has been built (a build that does not load warns
+  once and is not used); never compile on a model's call;
 * ``1``: build it if needed (the first time takes about a minute) and fail if that fails;
 * ``0``: never use it.
 
@@ -21,6 +22,7 @@ import hashlib
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -93,6 +95,16 @@ def extension() -> ModuleType | None:
     elif current == "1":
         module = _import_built() or build()
     else:
-        module = _import_built()
+        try:
+            module = _import_built()
+        except ImportError as error:  # a library that does not load here: Python serves, and says so
+            warnings.warn(
+                f"scalearn_fast: the built native output sites in {build_directory()} do not load "
+                f"({error}); every site runs in Python (same results). Rebuild with "
+                "`python -m scalearn_fast.site_extension`, or set SCALEARN_FAST_NATIVE=0.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            module = None
     _loaded[current] = module
     return module
