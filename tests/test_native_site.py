@@ -294,3 +294,99 @@ def test_a_broken_build_warns_and_python_serves(monkeypatch, tmp_path):
     monkeypatch.setenv("SCALEARN_FAST_NATIVE", "1")
     with pytest.raises(ImportError):
         site_extension.extension()
+
+
+# ------------------------------------------------------------------ summed sites (translation)
+
+SEQ2SEQ = ("marian", "mbart")  # post-LN (final_layer_norm) and pre-LN (the whole layer)
+
+
+def _seq2seq(family: str, kind: str) -> nn.Module:
+    import transformers as tf
+
+    from scalearn_fast.models import attach_fusion, attach_scalearn, ffn_sites
+
+    torch.manual_seed(0)
+    d = 16
+    shape = dict(
+        d_model=d, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=40, max_position_embeddings=32,
+    )  # fmt: skip
+    if family == "mbart":
+        model = tf.MBartForConditionalGeneration(tf.MBartConfig(**shape))
+    else:
+        model = tf.MarianMTModel(tf.MarianConfig(**shape, decoder_vocab_size=40, pad_token_id=1))
+    g = torch.Generator().manual_seed(1)
+    shapes = ((4, d), (4,), (d, 4), (d,))
+    srcs = {
+        name: {s.key: tuple(torch.randn(*sh, generator=g) * 0.3 for sh in shapes) for s in ffn_sites(model)}
+        for name in ("a", "b", "c")
+    }
+    if kind == "fusion":
+        attach_fusion(model, srcs, backend="torch", fusion_config={"dropout_prob": 0.0})
+    else:
+        attach_scalearn(model, srcs, backend="torch")
+    with torch.no_grad():
+        for layer in _sublayers(model):
+            (layer.value.weight if kind == "fusion" else layer.omega).normal_(0.0, 0.3)
+    return model.eval()
+
+
+def _seq2seq_inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {
+        "input_ids": torch.randint(3, 40, (2, 6), generator=g),
+        "decoder_input_ids": torch.randint(3, 40, (2, 4), generator=g),
+    }
+
+
+def _logits_in_python(model: nn.Module, inputs: dict) -> torch.Tensor:
+    forwards = _site_forwards(model)
+    saved = [(f.native, f.allow_native) for f in forwards]
+    for f in forwards:
+        f.native, f.allow_native = None, False
+    try:
+        return model(**inputs).logits
+    finally:
+        for f, (site, allow) in zip(forwards, saved, strict=True):
+            f.native, f.allow_native = site, allow
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_summed_sites_are_bitwise_the_python_path(extension, monkeypatch, family, kind):
+    model = _seq2seq(family, kind)
+    inputs = _seq2seq_inputs()
+    with torch.no_grad():
+        want = _logits_in_python(model, inputs)
+        model(**inputs)  # builds the native sites
+        assert _site_forwards(model) and all(f.native is not None for f in _site_forwards(model))
+        layer_type = type(_sublayers(model)[0])
+
+        def forbidden(*args, **kwargs):
+            raise AssertionError("the Python summed path ran")
+
+        monkeypatch.setattr(layer_type, "forward_summed", forbidden)
+        got = model(**inputs).logits
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_summed_sites_follow_changes_and_decode_like_python(extension, family, kind):
+    model = _seq2seq(family, kind)
+    inputs = _seq2seq_inputs()
+    with torch.no_grad():
+        model(**inputs)
+        before = model(**inputs).logits
+        _scale_(_trained_weight(model, kind))
+        _sublayers(model)[-1].register_forward_hook(lambda mod, i, o: o * 0.5)  # its site goes to Python
+        got = model(**inputs).logits
+        want = _logits_in_python(model, inputs)
+        assert not torch.equal(got, before)
+        assert torch.equal(got, want)
+        kwargs = dict(max_new_tokens=5, do_sample=False, num_beams=1, decoder_start_token_id=2)
+        generated = model.generate(inputs["input_ids"], **kwargs)
+        for f in _site_forwards(model):
+            f.native, f.allow_native = None, False
+        assert torch.equal(generated, model.generate(inputs["input_ids"], **kwargs))

@@ -89,6 +89,17 @@ class ExportFusion(nn.Module):
         """No cached plan: every call runs ``_compose`` on the buffers (traced by the export)."""
         return None
 
+    def _compose_on(
+        self,
+        plan: None,
+        z: torch.Tensor,
+        residual: torch.Tensor | None,
+        query_input: torch.Tensor | None,
+        residual_checked: bool,
+    ) -> torch.Tensor:
+        """The layer's ``_compose_on`` (``forward_summed`` calls it): ``_compose``, no plan."""
+        return self._compose(z, residual, query_input)
+
     def _compose(
         self, z: torch.Tensor, residual: torch.Tensor | None, query_input: torch.Tensor | None, **_: bool
     ) -> torch.Tensor:  # ``**_``: the layer's ``residual_checked`` (an export form checks nothing)

@@ -1,13 +1,18 @@
-"""The native output site (``scalearn_fast/site_extension``) for a patched BERT-like FFN output module,
-and the guards that say when it no longer does what the Python path would.
+"""Native sites (``scalearn_fast/site_extension``) for patched modules, and the guards that say
+when one no longer does what the Python path would.
 
-``build_output_site`` runs after the Python path answered a call. It returns
-``(site, entries, sizes)`` when that path was a prepared eval path: the sub-layer an
-``AdapterFusionLayer`` on its inference fold (post-LN, τ = 1, without ``residual_before`` or
-``query_before_ln``) or a ``ScaLearnLayer`` on its inference plan's torch runner (post-LN), in
-eval mode with nothing to differentiate; the FFN projection a plain ``nn.Linear``; its dropout an
-``nn.Dropout`` in eval mode; no hooks anywhere on the way. Else None. ``SiteForward`` calls
-``site(h, x, entries, sizes)``, which re-checks everything the Python path chose its branch on:
+Two kinds, both built after the Python path answered a call and only where that path was a
+prepared eval path: the sub-layer an ``AdapterFusionLayer`` on its inference fold (τ = 1, without
+``residual_before`` or ``query_before_ln``) or a ``ScaLearnLayer`` on its inference plan's torch
+runner, in eval mode with nothing to differentiate, and no hooks on the way.
+
+* ``build_output_site``: a BERT-like FFN output module (post-LN) whose FFN projection is a plain
+  ``nn.Linear`` and whose dropout an ``nn.Dropout`` in eval mode; called as ``site(h, x, ...)``.
+* ``build_summed_site``: a site that sees ``s = h + x`` only (``_call_summed``: BART's and
+  Marian's final LayerNorm, post-LN; mBART's and M2M100's layer, pre-LN); ``site(s, ...)``.
+
+Each returns ``(call, entries, sizes)`` or None; the caller runs ``call(*inputs, entries, sizes)``,
+which re-checks in C++ everything the Python path chose its branch on:
 
 * every tensor it reads (the FFN projection, the LayerNorm, each weight the prepared weights
   were made from): the same storage and version, and nothing to differentiate under grad mode;
@@ -18,6 +23,7 @@ eval mode with nothing to differentiate; the FFN projection a plain ``nn.Linear`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,115 +66,148 @@ class _Guards:
         for mapping in mappings:
             self.sizes += (mapping, 0)
 
+    def sublayer(self, sublayer: nn.Module, layer_norm: Any) -> None:
+        """The sub-layer's settings, slots and hooks, its LayerNorm (if any), the step counter."""
+        self.empty(hook_dicts(sublayer))
+        self.empty(GLOBAL_HOOKS)
+        for name in _SETTINGS[type(sublayer)]:
+            self.entry(sublayer.__dict__, name)
+        for slots in (sublayer._parameters, sublayer._buffers, sublayer._modules):
+            self.contents(slots)
+        for name in _PROJECTIONS:
+            projection = sublayer._modules.get(name)
+            if projection is not None:
+                self.contents(projection._parameters)
+        if layer_norm is not None:
+            module = layer_norm
+            if type(layer_norm) is not nn.LayerNorm:  # a holder (LayerNormRef): its module slot
+                self.entry(layer_norm.__dict__, "module")
+                module = layer_norm.__dict__["module"]
+            self.contents(module._parameters)
+            for name in ("normalized_shape", "eps"):
+                self.entry(module.__dict__, name)
+        self.entry(layers_base.__dict__, "_optimizer_steps")
+
+    def done(self) -> tuple[tuple, tuple]:
+        return tuple(self.entries), tuple(self.sizes)
+
+
+def _eligible(sublayer: nn.Module) -> bool:
+    """A sub-layer kind with a native form, in eval mode, unobserved."""
+    return (
+        type(sublayer) in _SETTINGS
+        and not sublayer.__dict__["training"]
+        and not has_global_hooks()
+        and not has_hooks(sublayer)
+    )
+
 
 def build_output_site(
     site: nn.Module, dense: nn.Module, dropout: nn.Module, sublayer: nn.Module, like: torch.Tensor
 ) -> NativeSite | None:
-    """The native site for this output module, or None where the Python path is not a prepared
-    eval path or the extension is not there. ``like``: a tensor of the call's dtype and device."""
-    kind = type(sublayer)
-    if kind not in _SETTINGS:
-        return None
-    attrs = sublayer.__dict__
+    """The native site of a BERT-like output module, or None where the Python path is not a
+    prepared eval path or the extension is not there. ``like``: a tensor of the call's dtype
+    and device."""
     if (
-        attrs["training"]
-        or attrs["pre_ln"]
+        not _eligible(sublayer)
+        or sublayer.__dict__["pre_ln"]
         or type(dense) is not nn.Linear
         or type(dropout) is not nn.Dropout
         or dropout.training
-        or has_global_hooks()
-        or any(has_hooks(m) for m in (dense, dropout, sublayer))
+        or has_hooks(dense)
+        or has_hooks(dropout)
     ):
         return None
     extension = site_extension.extension()
     layer_norm, ln = layer_norm_parts(sublayer)
     if extension is None or ln is None:
         return None
-    dense_params = dense._parameters
-    made = (_fusion if kind is AdapterFusionLayer else _scalearn)(extension, sublayer, dense_params, ln, like)
+    dense_weight, dense_bias = dense._parameters["weight"], dense._parameters["bias"]
+    prepared = _prepared(extension, sublayer, like)
+    if prepared is None or prepared[1] != dense_weight.dtype:
+        return None
+    make, _, weights = prepared
+    made = _make(
+        make, extension.Dense(dense_weight, dense_bias), extension, ln, [dense_weight, dense_bias, *weights]
+    )
     if made is None:
         return None
-    make, weights = made
-    watched = [dense_params["weight"], dense_params["bias"], ln[1], ln[2], *weights]
-    watched = [t for t in watched if t is not None]
-    if any(t.is_inference() for t in watched):
-        return None
-    entries, sizes = _guards(site, dense, dropout, sublayer, layer_norm)
-    return make(watched), entries, sizes
-
-
-def _site_args(dense_params: dict, ln: tuple) -> tuple:
-    normalized_shape, ln_weight, ln_bias, eps = ln
-    dense = dense_params["weight"], dense_params["bias"]
-    return *dense, list(normalized_shape), ln_weight, ln_bias, float(eps)
-
-
-def _fusion(extension: Any, layer: AdapterFusionLayer, dense_params: dict, ln: tuple, like: torch.Tensor):
-    """``(make(watched), weights)`` for a fusion layer on its merged fold, else None."""
-    attrs = layer.__dict__
-    if (
-        attrs["residual_before"]
-        or attrs["query_before_ln"]
-        or attrs["T"] != 1.0
-        or attrs["backend"] not in _FOLDING_BACKENDS
-    ):
-        return None
-    probe = like.new_empty(0, layer.hidden_size)
-    plan = layer._eval_fold(probe, probe, None)
-    if plan is None or not plan.fold.merged or plan.fold.residual_value is not None:
-        return None
-    fold = plan.fold
-    if fold.weight.dtype != dense_params["weight"].dtype:
-        return None
-
-    def make(watched: list[torch.Tensor]) -> Any:
-        return extension.fusion_output_site(
-            *_site_args(dense_params, ln), fold.weight, fold.bias, fold.value,
-            fold.num_sources, fold.block, fold.activation, watched,
-        )  # fmt: skip
-
-    return make, layer._weights()
-
-
-def _scalearn(extension: Any, layer: ScaLearnLayer, dense_params: dict, ln: tuple, like: torch.Tensor):
-    """``(make(watched), weights)`` for a ScaLearn layer on its plan's torch runner, else None."""
-    probe = like.new_empty(0, layer.hidden_size)
-    plan = layer._inference_plan(probe)
-    folded = None if plan is None else plan.folded_weights()
-    if folded is None or folded[0].dtype != dense_params["weight"].dtype:
-        return None
-    activation = layer.__dict__["activation"]
-
-    def make(watched: list[torch.Tensor]) -> Any:
-        return extension.scalearn_output_site(*_site_args(dense_params, ln), *folded, activation, watched)
-
-    return make, list(layer._parameters.values())
-
-
-def _guards(
-    site: nn.Module, dense: nn.Module, dropout: nn.Module, sublayer: nn.Module, layer_norm: Any
-) -> tuple[tuple, tuple]:
     guards = _Guards()
     guards.contents(site._modules)  # the same dense, dropout and sub-layer objects
     guards.contents(dense._parameters)
     guards.entry(dropout.__dict__, "training")
-    for module in (dense, dropout, sublayer):
-        guards.empty(hook_dicts(module))
-    guards.empty(GLOBAL_HOOKS)
-    for name in _SETTINGS[type(sublayer)]:
-        guards.entry(sublayer.__dict__, name)
-    for slots in (sublayer._parameters, sublayer._buffers, sublayer._modules):
-        guards.contents(slots)
-    for name in _PROJECTIONS:
-        projection = sublayer._modules.get(name)
-        if projection is not None:
-            guards.contents(projection._parameters)
-    ln_module = layer_norm
-    if type(layer_norm) is not nn.LayerNorm:  # a holder (LayerNormRef): its module slot
-        guards.entry(layer_norm.__dict__, "module")
-        ln_module = layer_norm.__dict__["module"]
-    guards.contents(ln_module._parameters)
-    for name in ("normalized_shape", "eps"):
-        guards.entry(ln_module.__dict__, name)
-    guards.entry(layers_base.__dict__, "_optimizer_steps")
-    return tuple(guards.entries), tuple(guards.sizes)
+    guards.empty(hook_dicts(dense))
+    guards.empty(hook_dicts(dropout))
+    guards.sublayer(sublayer, layer_norm)
+    return made.output, *guards.done()
+
+
+def build_summed_site(module: nn.Module, sublayer: nn.Module, like: torch.Tensor) -> NativeSite | None:
+    """The native site of a module whose sub-layer takes ``s = h + x`` (``forward_summed``),
+    or None as for ``build_output_site``."""
+    attrs = sublayer.__dict__
+    if not _eligible(sublayer) or (type(sublayer) is AdapterFusionLayer and attrs["query_before_ln"]):
+        return None
+    extension = site_extension.extension()
+    if extension is None:
+        return None
+    layer_norm, ln = (None, None) if attrs["pre_ln"] else layer_norm_parts(sublayer)
+    if not attrs["pre_ln"] and ln is None:
+        return None
+    prepared = _prepared(extension, sublayer, like)
+    if prepared is None:
+        return None
+    make, _, weights = prepared
+    made = _make(make, None, extension, ln, weights)
+    if made is None:
+        return None
+    guards = _Guards()
+    guards.contents(module._modules)  # the same sub-layer
+    guards.sublayer(sublayer, layer_norm)
+    return made.summed, *guards.done()
+
+
+def _make(make: Callable, dense: Any, extension: Any, ln: tuple | None, tensors: list) -> Any:
+    """``make(dense, layer_norm, watched)``, or None when a tensor to watch has no version."""
+    layer_norm = None
+    if ln is not None:
+        normalized_shape, ln_weight, ln_bias, eps = ln
+        layer_norm = extension.LayerNorm(list(normalized_shape), ln_weight, ln_bias, float(eps))
+        tensors = [*tensors, ln_weight, ln_bias]
+    watched = [t for t in tensors if t is not None]
+    if any(t.is_inference() for t in watched):
+        return None
+    return make(dense, layer_norm, watched)
+
+
+def _prepared(
+    extension: Any, layer: nn.Module, like: torch.Tensor
+) -> tuple[Callable, torch.dtype, list] | None:
+    """``(make(dense, layer_norm, watched), dtype, weights)`` for the layer's prepared eval path
+    in ``like``'s dtype and device, or None where the Python path would not take it."""
+    probe = like.new_empty(0, layer.hidden_size)
+    if type(layer) is AdapterFusionLayer:
+        attrs = layer.__dict__
+        if attrs["residual_before"] or attrs["T"] != 1.0 or attrs["backend"] not in _FOLDING_BACKENDS:
+            return None
+        plan = layer._eval_fold(probe, probe, None)
+        if plan is None or not plan.fold.merged or plan.fold.residual_value is not None:
+            return None
+        f = plan.fold
+
+        def make_fusion(dense: Any, layer_norm: Any, watched: list) -> Any:
+            return extension.fusion_site(
+                dense, layer_norm, f.weight, f.bias, f.value, f.num_sources, f.block, f.activation, watched
+            )
+
+        return make_fusion, f.weight.dtype, layer._weights()
+    plan = layer._inference_plan(probe)
+    folded = None if plan is None else plan.folded_weights()
+    if folded is None:
+        return None
+    activation = layer.__dict__["activation"]
+
+    def make_scalearn(dense: Any, layer_norm: Any, watched: list) -> Any:
+        return extension.scalearn_site(dense, layer_norm, *folded, activation, watched)
+
+    return make_scalearn, folded[0].dtype, list(layer._parameters.values())

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .hooks import has_global_hooks, has_hooks
-from .native_site import NativeSite, build_output_site
+from .native_site import NativeSite, build_output_site, build_summed_site
 
 _SAVED = "_scalearn_fast_saved_forward"
 _SITE_ATTR = "_scalearn_fast_site_attr"
@@ -95,9 +95,28 @@ def _call_summed(module: nn.Module, summed: Any) -> Any:
     one and may be called directly (no zeros made, none added: a decoding step runs this once
     per layer), else ``sublayer(s, zeros)``."""
     sublayer = module._modules[module.__dict__[_SITE_ATTR]]
+    forward = module.__dict__.get("forward")
+    site = forward if type(forward) is SiteForward else None
+    eager = not torch.compiler.is_compiling()
+    native = None if site is None else site.native
+    if native is not None and eager:
+        out = native[0](summed, native[1], native[2])
+        if out is False:  # stale: the Python path runs and a new native site is built
+            site.native = native = None  # type: ignore[union-attr]
+        elif out is not None:
+            return out
     summed_forward = getattr(type(sublayer), "forward_summed", None)
     if summed_forward is not None and _direct_call_allowed(sublayer):
-        return summed_forward(sublayer, summed)
+        out = summed_forward(sublayer, summed)
+        if (
+            native is None
+            and eager
+            and site is not None
+            and site.allow_native
+            and isinstance(out, torch.Tensor)
+        ):
+            site.native = build_summed_site(module, sublayer, out)
+        return out
     return _call_sublayer(module, summed, summed.new_zeros(()).expand_as(summed))
 
 
@@ -160,11 +179,12 @@ _STYLES = {
 class SiteForward:
     """The patched forward of one site: copies and pickles along with its module.
 
-    An ``output`` site whose sub-layer runs a prepared eval path (AdapterFusion's fold,
-    ScaLearn's torch runner) also keeps a native site (``models/native_site.py``) when the C++
-    extension is built: one C++ call with bitwise the Python path's result, which checks on every
-    call that the Python path would still take that route and hands the call back otherwise.
-    Set ``allow_native = False`` on an instance to keep it in Python."""
+    A site whose sub-layer runs a prepared eval path (AdapterFusion's fold, ScaLearn's torch
+    runner) also keeps a native site (``models/native_site.py``) when the C++ extension is built:
+    an ``output`` site here, the summed styles (``post_ln``, ``pre_ln_layer``) in
+    ``_call_summed``. It is one C++ call with bitwise the Python path's result, which checks on
+    every call that the Python path would still take that route and hands the call back
+    otherwise. Set ``allow_native = False`` on an instance to keep it in Python."""
 
     native: NativeSite | None = None  # not pickled or copied: rebuilt on the first call
     allow_native = True
@@ -179,6 +199,8 @@ class SiteForward:
         return state
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.style != "output":  # the summed styles keep theirs in ``_call_summed``
+            return _STYLES[self.style](self.module, *args, **kwargs)
         eager_pair = len(args) == 2 and not kwargs and not torch.compiler.is_compiling()
         native = self.native
         if native is not None and eager_pair:
@@ -188,7 +210,7 @@ class SiteForward:
             elif out is not None:
                 return out
         out = _STYLES[self.style](self.module, *args, **kwargs)
-        if native is None and eager_pair and self.style == "output" and self.allow_native:
+        if native is None and eager_pair and self.allow_native:
             self.native = _native_output_site(self.module, out)
         return out
 

@@ -1,5 +1,5 @@
 """The optional C++ extension: the eval-mode BERT-like output site with an AdapterFusion or a
-ScaLearn sub-layer as one call (``output_site.cpp``; docs/architecture.md, "The native output
+ScaLearn sub-layer as one call (``sites.cpp``; docs/architecture.md, "The native output
 site"). Not to be confused with the top-level ``native/`` (the C++ runner of exported packages).
 
 Nothing here is needed: without the extension every path runs in Python, with bitwise the same
@@ -28,7 +28,7 @@ from types import ModuleType
 
 import torch
 
-SOURCE = Path(__file__).with_name("output_site.cpp")
+SOURCE = Path(__file__).with_name("sites.cpp")
 _MODES = ("auto", "0", "1")
 _loaded: dict[str, ModuleType | None] = {}
 

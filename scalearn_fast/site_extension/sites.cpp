@@ -1,24 +1,26 @@
-// The eval-mode BERT-like FFN output site in one C++ call, for the two sub-layers whose eval
-// path is plain ATen calls on weights prepared once.
+// The eval-mode adapter sites in one C++ call, for the two sub-layers whose eval path is plain
+// ATen calls on weights prepared once (AdapterFusion's fold, ScaLearn's torch runner).
 //
-// The site computes s = linear(h, W_dense, b_dense) + x and then, with LN its LayerNorm:
+// Two kinds of site, one template over the sub-layer:
+//   * output: a BERT-like FFN output module, called with (h, x): s = linear(h, W_dense, b_dense) + x
+//   * summed: a site that sees s = h + x only (BART's and Marian's final LayerNorm, mBART's layer)
+// and then, with LN the site's LayerNorm at a post-LN site and the identity at a pre-LN one:
 //
-//   AdapterFusion (post-LN, τ = 1, on the inference fold of ops/fusion_infer.py), over s as
-//   [T, d] rows:
+//   AdapterFusion (τ = 1, on the inference fold of ops/fusion_infer.py), over s as [T, d] rows:
 //     z    = LN(s)
 //     y    = bias + z·weight = [pre | Π]                  one GEMM, viewed [T, 2, N, b]
 //     S    = act(pre)                                     (act(1) = 1 keeps the constant unit)
 //     p    = softmax_i(Σ_k S[t, i, k]·Π[t, i, k])         [T, N]
 //     out  = LN(s + (p ⊙ S)·value)                        one GEMM, then the LayerNorm
 //
-//   ScaLearn (post-LN, ω folded into U and c by the layer's inference plan, torch backend):
+//   ScaLearn (ω folded into U and c by the layer's inference plan, torch backend):
 //     z    = LN(s)
 //     out  = LN(act(z·Dᵀ + b_D)·Uᵀ + c + s)               two GEMMs, then the LayerNorm
 //
 // each as the same ATen calls, in the same order and with the same arguments, as the Python
-// eval path (models/patching.py's `_output_forward`, the layer's `forward_summed`, its runner):
-// the two give bitwise equal results. What this saves is the Python between those calls, which
-// on a host-bound model costs more than the calls themselves.
+// eval path (models/patching.py's site forwards, the layer's `forward_summed`, its runner): the
+// two give bitwise equal results. What this saves is the Python between those calls, which on a
+// host-bound model costs more than the calls themselves.
 //
 // A site object is built by the Python path (models/native_site.py) from what that path just
 // used, and answers a call with one of three things:
@@ -54,7 +56,8 @@ Activation parse_activation(const std::string& name) {
   TORCH_CHECK(false, "activation must be relu, gelu, silu, tanh or identity; got ", name);
 }
 
-// The site's LayerNorm as `torch.layer_norm(x, normalized_shape, weight, bias, eps)`.
+// The site's LayerNorm as `torch.layer_norm(x, normalized_shape, weight, bias, eps)`; a pre-LN
+// site has none (the identity).
 struct LayerNorm {
   std::vector<int64_t> shape;
   OptionalTensor weight, bias;
@@ -62,8 +65,11 @@ struct LayerNorm {
 
   Tensor operator()(const Tensor& x) const { return at::layer_norm(x, shape, weight, bias, eps); }
 };
+using MaybeLayerNorm = std::optional<LayerNorm>;
 
-// `fusion_infer.folded_runner` on a merged fold, between the site's two LayerNorms.
+Tensor normalized(const MaybeLayerNorm& layer_norm, const Tensor& x) { return layer_norm ? (*layer_norm)(x) : x; }
+
+// `fusion_infer.folded_runner` on a merged fold, between the site's LayerNorms.
 struct FusionSubLayer {
   Tensor weight;  // [d, 2·N·b]: [pre | Π]
   Tensor bias;    // [2·N·b]
@@ -71,13 +77,14 @@ struct FusionSubLayer {
   int64_t sources, block;
   Activation activation;
 
+  const Tensor& prepared() const { return weight; }
   int64_t hidden_size() const { return weight.size(0); }
 
-  Tensor operator()(const Tensor& s, const LayerNorm& layer_norm) const {
+  Tensor operator()(const Tensor& s, const MaybeLayerNorm& layer_norm) const {
     const int64_t d = hidden_size(), n = sources, b = block;
     Tensor flat = s.reshape({-1, d});
     const int64_t t = flat.size(0);
-    Tensor z = layer_norm(flat);
+    Tensor z = normalized(layer_norm, flat);
     auto halves = at::addmm(bias, z, weight).view({t, 2, n, b}).unbind(1);
     Tensor hidden = halves[0];
     switch (activation) {  // relu and identity keep the constant and padding units as they are
@@ -90,11 +97,11 @@ struct FusionSubLayer {
     Tensor scores = at::linalg_vecdot(hidden, halves[1]);
     hidden.mul_(at::softmax(scores, -1).unsqueeze(-1));
     Tensor out = at::addmm(flat, hidden.view({t, n * b}), value);
-    return layer_norm(out).view_as(s);
+    return normalized(layer_norm, out).view_as(s);
   }
 };
 
-// `torch_backend.folded_runner` (ω already in U and c), between the site's two LayerNorms.
+// `torch_backend.folded_runner` (ω already in U and c), between the site's LayerNorms.
 struct ScaLearnSubLayer {
   Tensor w_down;  // [R, d]
   Tensor b_down;  // [R]
@@ -102,10 +109,11 @@ struct ScaLearnSubLayer {
   Tensor bias;    // [d]: Σ_i ω_i ⊙ B_i
   Activation activation;
 
+  const Tensor& prepared() const { return up; }
   int64_t hidden_size() const { return w_down.size(1); }
 
-  Tensor operator()(const Tensor& s, const LayerNorm& layer_norm) const {
-    Tensor pre = at::linear(layer_norm(s), w_down, b_down);
+  Tensor operator()(const Tensor& s, const MaybeLayerNorm& layer_norm) const {
+    Tensor pre = at::linear(normalized(layer_norm, s), w_down, b_down);
     switch (activation) {  // `activations.overwriting_activation`: in place where ATen has it
       case Activation::relu: at::relu_(pre); break;
       case Activation::gelu: pre = at::gelu(pre); break;
@@ -113,23 +121,23 @@ struct ScaLearnSubLayer {
       case Activation::tanh: at::tanh_(pre); break;
       case Activation::identity: break;
     }
-    return layer_norm(at::linear(pre, up, bias).add_(s));
+    return normalized(layer_norm, at::linear(pre, up, bias).add_(s));
   }
 };
 
+// The FFN's output projection of an output site.
+struct Dense {
+  Tensor weight;  // [d, f]
+  OptionalTensor bias;
+};
+
 template <class SubLayer>
-class OutputSite {
+class Site {
  public:
-  OutputSite(
-      // the FFN output projection and the site's LayerNorm
-      Tensor dense_weight,
-      OptionalTensor dense_bias,
-      LayerNorm layer_norm,
-      SubLayer sublayer,
-      // every tensor the prepared weights and the site read: a change to any one makes it stale
-      std::vector<Tensor> watched)
-      : dense_weight_(std::move(dense_weight)),
-        dense_bias_(std::move(dense_bias)),
+  Site(std::optional<Dense> dense, MaybeLayerNorm layer_norm, SubLayer sublayer,
+       // every tensor the prepared weights and the site read: a change to any one makes it stale
+       std::vector<Tensor> watched)
+      : dense_(std::move(dense)),
         layer_norm_(std::move(layer_norm)),
         sublayer_(std::move(sublayer)),
         watched_(std::move(watched)) {
@@ -140,21 +148,35 @@ class OutputSite {
     }
   }
 
-  py::object call(py::handle h, py::handle x, const py::tuple& entries, const py::tuple& sizes) {
+  // An output site's call: h [..., f] and its residual x [..., d].
+  py::object output(py::handle h, py::handle x, const py::tuple& entries, const py::tuple& sizes) {
+    TORCH_CHECK(dense_.has_value(), "not an output site: call it with s = h + x (`summed`)");
     if (stale(entries, sizes)) return py::bool_(false);
     const Tensor* hp = exact_tensor(h);
     const Tensor* xp = exact_tensor(x);
     if (hp == nullptr || xp == nullptr || at::impl::torch_function_mode_enabled()) return py::none();
-    if (!accepts(*hp, *xp)) return py::none();
-    return py::reinterpret_steal<py::object>(THPVariable_Wrap(run(*hp, *xp)));
+    if (!accepts_pair(*hp, *xp)) return py::none();
+    return wrap(run_output(*hp, *xp));
   }
 
-  // The ATen calls of the Python path, one for one (the header).
-  Tensor run(const Tensor& h, const Tensor& x) const {
-    return sublayer_(at::add(at::linear(h, dense_weight_, dense_bias_), x), layer_norm_);
+  // A summed site's call: s = h + x [..., d].
+  py::object summed(py::handle s, const py::tuple& entries, const py::tuple& sizes) {
+    if (stale(entries, sizes)) return py::bool_(false);
+    const Tensor* sp = exact_tensor(s);
+    if (sp == nullptr || at::impl::torch_function_mode_enabled()) return py::none();
+    if (!accepts(*sp, sublayer_.hidden_size())) return py::none();
+    return wrap(run_summed(*sp));
   }
+
+  // The ATen calls of the Python path, one for one (the header); no guards, no input checks.
+  Tensor run_output(const Tensor& h, const Tensor& x) const {
+    return run_summed(at::add(at::linear(h, dense_->weight, dense_->bias), x));
+  }
+  Tensor run_summed(const Tensor& s) const { return sublayer_(s, layer_norm_); }
 
  private:
+  static py::object wrap(Tensor t) { return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t))); }
+
   // entries: (missing, dict, key, expected, ...), expected `missing` for a key that must stay
   // absent; sizes: (dict, size, ...). Identity, not equality: a new object is a change.
   bool stale(const py::tuple& entries, const py::tuple& sizes) const {
@@ -184,78 +206,77 @@ class OutputSite {
     return &THPVariable_Unpack(obj.ptr());
   }
 
-  // h [..., f] and x [..., d] as the Python path takes them, in the prepared dtype and device,
-  // with nothing to differentiate.
-  bool accepts(const Tensor& h, const Tensor& x) const {
-    const int64_t dims = h.dim();
-    if (dims < 1 || x.dim() != dims) return false;
-    if (h.size(-1) != dense_weight_.size(1) || x.size(-1) != sublayer_.hidden_size()) return false;
-    for (int64_t i = 0; i + 1 < dims; ++i)
-      if (h.size(i) != x.size(i)) return false;
-    const auto dtype = dense_weight_.scalar_type();
-    const auto device = dense_weight_.device();
-    if (h.scalar_type() != dtype || x.scalar_type() != dtype) return false;
-    if (h.device() != device || x.device() != device) return false;
+  // t [..., width] in the prepared dtype and device, with nothing to differentiate.
+  bool accepts(const Tensor& t, int64_t width) const {
+    const Tensor& prepared = sublayer_.prepared();
+    if (t.dim() < 1 || t.size(-1) != width) return false;
+    if (t.scalar_type() != prepared.scalar_type() || t.device() != prepared.device()) return false;
     if (at::GradMode::is_enabled()) {
-      if (h.requires_grad() || x.requires_grad()) return false;
-      for (const auto& t : watched_)
-        if (t.requires_grad()) return false;
+      if (t.requires_grad()) return false;
+      for (const auto& w : watched_)
+        if (w.requires_grad()) return false;
     }
     return true;
   }
 
-  Tensor dense_weight_;
-  OptionalTensor dense_bias_;
-  LayerNorm layer_norm_;
+  // h [..., f] and x [..., d] as the Python path takes them: the same leading dims.
+  bool accepts_pair(const Tensor& h, const Tensor& x) const {
+    const int64_t dims = h.dim();
+    if (x.dim() != dims) return false;
+    for (int64_t i = 0; i + 1 < dims; ++i)
+      if (h.size(i) != x.size(i)) return false;
+    return accepts(h, dense_->weight.size(1)) && accepts(x, sublayer_.hidden_size());
+  }
+
+  std::optional<Dense> dense_;
+  MaybeLayerNorm layer_norm_;
   SubLayer sublayer_;
   std::vector<Tensor> watched_;
   std::vector<int64_t> versions_;
   std::vector<const void*> storage_;
 };
 
-using FusionOutputSite = OutputSite<FusionSubLayer>;
-using ScaLearnOutputSite = OutputSite<ScaLearnSubLayer>;
+using FusionSite = Site<FusionSubLayer>;
+using ScaLearnSite = Site<ScaLearnSubLayer>;
 
-FusionOutputSite make_fusion_site(
-    Tensor dense_weight, OptionalTensor dense_bias, std::vector<int64_t> ln_shape, OptionalTensor ln_weight,
-    OptionalTensor ln_bias, double ln_eps, Tensor weight, Tensor bias, Tensor value, int64_t sources,
-    int64_t block, const std::string& activation, std::vector<Tensor> watched) {
+FusionSite make_fusion_site(std::optional<Dense> dense, MaybeLayerNorm layer_norm, Tensor weight, Tensor bias,
+                            Tensor value, int64_t sources, int64_t block, const std::string& activation,
+                            std::vector<Tensor> watched) {
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == 2 * sources * block,
               "weight must be [d, 2·N·b]; got ", weight.sizes());
   FusionSubLayer sublayer{std::move(weight), std::move(bias), std::move(value), sources, block,
                           parse_activation(activation)};
-  return FusionOutputSite(std::move(dense_weight), std::move(dense_bias),
-                          LayerNorm{std::move(ln_shape), std::move(ln_weight), std::move(ln_bias), ln_eps},
-                          std::move(sublayer), std::move(watched));
+  return FusionSite(std::move(dense), std::move(layer_norm), std::move(sublayer), std::move(watched));
 }
 
-ScaLearnOutputSite make_scalearn_site(
-    Tensor dense_weight, OptionalTensor dense_bias, std::vector<int64_t> ln_shape, OptionalTensor ln_weight,
-    OptionalTensor ln_bias, double ln_eps, Tensor w_down, Tensor b_down, Tensor up, Tensor bias,
-    const std::string& activation, std::vector<Tensor> watched) {
+ScaLearnSite make_scalearn_site(std::optional<Dense> dense, MaybeLayerNorm layer_norm, Tensor w_down,
+                                Tensor b_down, Tensor up, Tensor bias, const std::string& activation,
+                                std::vector<Tensor> watched) {
   ScaLearnSubLayer sublayer{std::move(w_down), std::move(b_down), std::move(up), std::move(bias),
                             parse_activation(activation)};
-  return ScaLearnOutputSite(std::move(dense_weight), std::move(dense_bias),
-                            LayerNorm{std::move(ln_shape), std::move(ln_weight), std::move(ln_bias), ln_eps},
-                            std::move(sublayer), std::move(watched));
+  return ScaLearnSite(std::move(dense), std::move(layer_norm), std::move(sublayer), std::move(watched));
 }
 
-template <class Site>
+template <class S>
 void bind_site(py::module_& m, const char* name) {
-  py::class_<Site>(m, name)
-      .def("__call__", &Site::call)
-      .def("run", &Site::run, "the computation alone, no guards or input checks");
+  py::class_<S>(m, name)
+      .def("output", &S::output, "an output site's call (h, x, entries, sizes)")
+      .def("summed", &S::summed, "a summed site's call (s, entries, sizes)")
+      .def("run_output", &S::run_output, "the computation alone, no guards or input checks")
+      .def("run_summed", &S::run_summed, "the computation alone, no guards or input checks");
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  bind_site<FusionOutputSite>(m, "FusionOutputSite");
-  bind_site<ScaLearnOutputSite>(m, "ScaLearnOutputSite");
-  m.def("fusion_output_site", &make_fusion_site,
-        "dense weight and bias; LayerNorm shape, weight, bias, eps; the merged fold's weight, bias, "
-        "value, N, b and activation; the watched tensors");
-  m.def("scalearn_output_site", &make_scalearn_site,
-        "dense weight and bias; LayerNorm shape, weight, bias, eps; the plan's w_down, b_down, U, c "
-        "and activation; the watched tensors");
+  py::class_<Dense>(m, "Dense").def(py::init<Tensor, OptionalTensor>());
+  py::class_<LayerNorm>(m, "LayerNorm").def(py::init<std::vector<int64_t>, OptionalTensor, OptionalTensor, double>());
+  bind_site<FusionSite>(m, "FusionSite");
+  bind_site<ScaLearnSite>(m, "ScaLearnSite");
+  m.def("fusion_site", &make_fusion_site,
+        "dense (output sites) or None; LayerNorm (post-LN) or None; the merged fold's weight, bias, value, "
+        "N, b and activation; the watched tensors");
+  m.def("scalearn_site", &make_scalearn_site,
+        "dense (output sites) or None; LayerNorm (post-LN) or None; the plan's w_down, b_down, U, c and "
+        "activation; the watched tensors");
 }
