@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one GPU command: on an H100/H200, in about 8 minutes, into one results folder:
-#   0. native   build the optional native output sites (scalearn_fast/site_extension; a C++ compiler
+#   0. native   build the optional native sites (scalearn_fast/site_extension; a C++ compiler
 #               and ninja; without them, or past its limit, everything runs in Python)
 #   1. tests    the GPU tests (Triton kernels, fused layers, bf16/fp16 cases)
 #   2. bench    the benchmark suite: ScaLearn and AdapterFusion layers at the default shape for every

@@ -43,13 +43,13 @@ PY
   rm -f "$venv"/.extras-*
   touch "$marker"
 fi
-# The optional native output sites (scalearn_fast/site_extension, C++): built once per source and
+# The optional native sites (scalearn_fast/site_extension, C++): built once per source and
 # torch version where a C++ compiler is found; without it every path runs in Python
 # (SCALEARN_FAST_NATIVE=0 skips it).
 if [ "${SCALEARN_FAST_NATIVE:-auto}" != 0 ] && command -v "${CXX:-c++}" >/dev/null \
    && ! python -c "import sys, scalearn_fast.site_extension as n; sys.exit(not n.built())" 2>/dev/null; then
-  _say "building the native output sites (C++, about a minute, once)"
+  _say "building the native sites (C++, about a minute, once)"
   python -m scalearn_fast.site_extension >&2 \
-    || _say "the native output sites did not build: the Python path runs"
+    || _say "the native sites did not build: the Python path runs"
 fi
 _say "ready: $(python -c 'import sys, torch; print(f"python {sys.version.split()[0]}, torch {torch.__version__}")')"

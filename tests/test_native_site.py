@@ -1,8 +1,8 @@
-"""The native output site (scalearn_fast/site_extension, models/native_site.py), for AdapterFusion and
-ScaLearn, against the Python eval path it stands in for: bitwise equal outputs; every change the
-Python path would see (a weight, a mode, a hook, a setting, a replaced module) sends the call back
-to Python; inputs it is not for (something to differentiate, another dtype, a subclass, bad
-shapes) get the Python path's behaviour and errors."""
+"""The native sites (scalearn_fast/site_extension, models/native_site.py), output and summed,
+for AdapterFusion and ScaLearn, against the Python eval path they stand in for: bitwise equal
+outputs; every change the Python path would see (a weight, a mode, a hook, a setting, a replaced
+module) sends the call back to Python; inputs they are not for (something to differentiate,
+another dtype, a subclass, bad shapes) get the Python path's behaviour and errors."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import copy
 import os
 import pickle
 import shutil
+from typing import Any
 
 import pytest
 import torch
@@ -61,17 +62,21 @@ def _site_forwards(model: nn.Module) -> list[patching.SiteForward]:
     return [f for m in model.modules() if isinstance(f := m.__dict__.get("forward"), patching.SiteForward)]
 
 
-def _python_output(model: nn.Module, **inputs) -> torch.Tensor:
+def _in_python(model: nn.Module, **inputs) -> Any:
     """The model's output with every site in Python (the native sites restored after)."""
     forwards = _site_forwards(model)
     saved = [(f.native, f.allow_native) for f in forwards]
     for f in forwards:
         f.native, f.allow_native = None, False
     try:
-        return model(**inputs).last_hidden_state
+        return model(**inputs)
     finally:
         for f, (site, allow) in zip(forwards, saved, strict=True):
             f.native, f.allow_native = site, allow
+
+
+def _python_output(model: nn.Module, **inputs) -> torch.Tensor:
+    return _in_python(model, **inputs).last_hidden_state
 
 
 def _ids(seed: int = 2) -> torch.Tensor:
@@ -341,15 +346,7 @@ def _seq2seq_inputs() -> dict[str, torch.Tensor]:
 
 
 def _logits_in_python(model: nn.Module, inputs: dict) -> torch.Tensor:
-    forwards = _site_forwards(model)
-    saved = [(f.native, f.allow_native) for f in forwards]
-    for f in forwards:
-        f.native, f.allow_native = None, False
-    try:
-        return model(**inputs).logits
-    finally:
-        for f, (site, allow) in zip(forwards, saved, strict=True):
-            f.native, f.allow_native = site, allow
+    return _in_python(model, **inputs).logits
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,6 +1,7 @@
-"""The optional C++ extension: the eval-mode BERT-like output site with an AdapterFusion or a
-ScaLearn sub-layer as one call (``sites.cpp``; docs/architecture.md, "The native output
-site"). Not to be confused with the top-level ``native/`` (the C++ runner of exported packages).
+"""The optional C++ extension: eval-mode sites with an AdapterFusion or a ScaLearn sub-layer as
+one call — the BERT-like output site and the translation models' summed sites (``sites.cpp``;
+docs/architecture.md, "The native sites"). Not to be confused with the top-level ``native/``
+(the C++ runner of exported packages).
 
 Nothing here is needed: without the extension every path runs in Python, with bitwise the same
 results. It is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into a cache
@@ -99,7 +100,7 @@ def extension() -> ModuleType | None:
             module = _import_built()
         except ImportError as error:  # a library that does not load here: Python serves, and says so
             warnings.warn(
-                f"scalearn_fast: the built native output sites in {build_directory()} do not load "
+                f"scalearn_fast: the built native sites in {build_directory()} do not load "
                 f"({error}); every site runs in Python (same results). Rebuild with "
                 "`python -m scalearn_fast.site_extension`, or set SCALEARN_FAST_NATIVE=0.",
                 RuntimeWarning,
