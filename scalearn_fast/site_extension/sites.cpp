@@ -155,7 +155,7 @@ class Site {
     const Tensor* hp = exact_tensor(h);
     const Tensor* xp = exact_tensor(x);
     if (hp == nullptr || xp == nullptr || at::impl::torch_function_mode_enabled()) return py::none();
-    if (!accepts_pair(*hp, *xp)) return py::none();
+    if (!accepts_pair(*hp, *xp) || !nothing_to_differentiate({hp, xp})) return py::none();
     return wrap(run_output(*hp, *xp));
   }
 
@@ -164,7 +164,7 @@ class Site {
     if (stale(entries, sizes)) return py::bool_(false);
     const Tensor* sp = exact_tensor(s);
     if (sp == nullptr || at::impl::torch_function_mode_enabled()) return py::none();
-    if (!accepts(*sp, sublayer_.hidden_size())) return py::none();
+    if (!accepts(*sp, sublayer_.hidden_size()) || !nothing_to_differentiate({sp})) return py::none();
     return wrap(run_summed(*sp));
   }
 
@@ -206,16 +206,21 @@ class Site {
     return &THPVariable_Unpack(obj.ptr());
   }
 
-  // t [..., width] in the prepared dtype and device, with nothing to differentiate.
+  // t [..., width] in the prepared dtype and device.
   bool accepts(const Tensor& t, int64_t width) const {
     const Tensor& prepared = sublayer_.prepared();
     if (t.dim() < 1 || t.size(-1) != width) return false;
-    if (t.scalar_type() != prepared.scalar_type() || t.device() != prepared.device()) return false;
-    if (at::GradMode::is_enabled()) {
-      if (t.requires_grad()) return false;
-      for (const auto& w : watched_)
-        if (w.requires_grad()) return false;
-    }
+    return t.scalar_type() == prepared.scalar_type() && t.device() == prepared.device();
+  }
+
+  // Under grad mode, no input and no watched tensor requires a gradient (the Python path would
+  // take its differentiable route).
+  bool nothing_to_differentiate(std::initializer_list<const Tensor*> inputs) const {
+    if (!at::GradMode::is_enabled()) return true;
+    for (const Tensor* t : inputs)
+      if (t->requires_grad()) return false;
+    for (const auto& w : watched_)
+      if (w.requires_grad()) return false;
     return true;
   }
 
